@@ -1,0 +1,39 @@
+# The two commands: `make run` serves the default bundle, `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BUNDLE ?= models/bundles/fashion-mnist
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: run test install-serve install-test system-deps bundle clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install-serve: $(BIN)/python
+	$(BIN)/pip install -q -e '.[cpu]'
+
+install-test: $(BIN)/python system-deps
+	$(BIN)/pip install -q -e '.[cpu,train,dev]'
+
+# Debian packages the tests use: the Fashion-MNIST data and a real Prometheus (promtool).
+system-deps:
+	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus >/dev/null; fi; \
+	fi
+
+run: install-serve
+	$(BIN)/oodserve serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+bundle: install-test
+	$(BIN)/oodserve build-bundle --data $(FMNIST_DIR) --out $(BUNDLE)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

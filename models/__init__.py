@@ -1,0 +1,1 @@
+"""Torch side of oodserve: flows, SNGP, training, calibration, export and shipped bundles."""
