@@ -1,0 +1,1 @@
+"""Normalizing flow zoo (NICE, RealNVP/Glow, neural spline, i-ResNet) with exact ONNX export."""

@@ -1,0 +1,130 @@
+"""The one transform contract shared by every flow, a composite chain, and `Flow` = base + chain.
+
+Convention (as in nflows / zuko, Papamakarios et al. 2021 "Normalizing Flows for Probabilistic
+Modeling and Inference"): a transform maps data `x -> (z, logabsdet)` where `logabsdet` has shape
+`(N,)` and equals `log |det dz/dx|` per example; `inverse(z) -> x`. Works for images `(N, C, H, W)`
+and vectors `(N, D)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class Transform(nn.Module):
+    """A bijection with a tractable log-Jacobian-determinant.
+
+    Subclasses implement `forward(x) -> (z, logabsdet (N,))` and `inverse(z) -> x`.
+    Transforms that factor out latents at several scales may also implement
+    `forward_with_levels(x) -> (z, logabsdet, levels)` where `levels` is a list of `(N,)` tensors.
+    """
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, outputs: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def sum_except_batch(values: Tensor) -> Tensor:
+    """Sum every dimension but the first: `(N, ...) -> (N,)`."""
+    return values.reshape(values.shape[0], -1).sum(dim=1)
+
+
+class CompositeTransform(Transform):
+    """Chain `t_K o ... o t_1`; the log-determinants add up."""
+
+    def __init__(self, transforms: list[Transform]) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        outputs, total_logabsdet, _ = self.forward_with_levels(inputs)
+        return outputs, total_logabsdet
+
+    def forward_with_levels(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Like `forward`, also collecting the per-level log-densities of multi-scale members."""
+        total_logabsdet = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        levels: list[Tensor] = []
+        outputs = inputs
+        for transform in self.transforms:
+            if hasattr(transform, "forward_with_levels"):
+                outputs, logabsdet, member_levels = transform.forward_with_levels(outputs)
+                levels.extend(member_levels)
+            else:
+                outputs, logabsdet = transform(outputs)
+            total_logabsdet = total_logabsdet + logabsdet
+        return outputs, total_logabsdet, levels
+
+    def inverse(self, outputs: Tensor) -> Tensor:
+        inputs = outputs
+        for transform in reversed(self.transforms):
+            inputs = transform.inverse(inputs)
+        return inputs
+
+
+class Flatten(Transform):
+    """Reshape `(N, *event_shape) -> (N, D)`; volume preserving."""
+
+    def __init__(self, event_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        zeros = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        return inputs.reshape(inputs.shape[0], -1), zeros
+
+    def inverse(self, outputs: Tensor) -> Tensor:
+        return outputs.reshape((outputs.shape[0], *self.event_shape))
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over all non-batch dims: `(N, ...) -> (N,)`."""
+    return sum_except_batch(-0.5 * z * z) - 0.5 * math.log(2 * math.pi) * z[0].numel()
+
+
+def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """log N(z; mean, diag(exp(log_std))^2) summed over non-batch dims: `(N, ...) -> (N,)`."""
+    standardized = (z - mean) * torch.exp(-log_std)
+    return sum_except_batch(-0.5 * standardized * standardized - log_std - 0.5 * math.log(2 * math.pi))
+
+
+class Flow(nn.Module):
+    """A density `p(x) = N(f(x); 0, I) |det df/dx|` with `f` a `Transform` whose output is `(N, D)`.
+
+    `event_shape` is the shape of one input (e.g. `(1, 28, 28)` or `(D,)`); `f` must map it to a flat
+    latent of `D = prod(event_shape)` dims. For images, the inputs are the continuous values
+    `u in [0, 1]^D` (see `preprocessing.py`): `log_prob` is the log density of `u` in nats.
+    """
+
+    def __init__(self, transform: Transform, event_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.transform = transform
+        self.event_shape = tuple(event_shape)
+        self.dimension = int(math.prod(self.event_shape))
+
+    def log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """`(N, *event_shape) -> (log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""
+        if hasattr(self.transform, "forward_with_levels"):
+            latent, logabsdet, levels = self.transform.forward_with_levels(inputs)
+        else:
+            latent, logabsdet = self.transform(inputs)
+            levels = []
+        return standard_normal_log_prob(latent) + logabsdet, levels
+
+    def log_prob(self, inputs: Tensor) -> Tensor:
+        """Log density in nats, `(N, *event_shape) -> (N,)`."""
+        return self.log_prob_with_levels(inputs)[0]
+
+    def sample_from_noise(self, noise: Tensor) -> Tensor:
+        """Map standard-normal latents `(N, D)` to samples `(N, *event_shape)` by the inverse."""
+        return self.transform.inverse(noise)
+
+    def sample(self, count: int, temperature: float = 1.0) -> Tensor:
+        """Draw `count` samples; `temperature` scales the latent standard deviation."""
+        reference = next(self.parameters())
+        noise = torch.randn(count, self.dimension, dtype=reference.dtype, device=reference.device)
+        return self.sample_from_noise(noise * temperature)

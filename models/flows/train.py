@@ -1,0 +1,242 @@
+"""Maximum-likelihood training of an image flow on 8-bit data, with checkpoints, resume and early stop.
+
+Objective: mean bits/dim of uniformly dequantised training images (Theis et al. 2016), minimised
+with Adam, linear warm-up then cosine decay, gradient clipping and a Polyak/EMA average of the
+weights (used for validation, `best.pt` and the test number). Trains only on `bundle_split().train`,
+early-stops on `.validation`, never touches `.calibration`; the test number is on the t10k file at
+the deterministic centre of each bin (see `preprocessing.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from models.flows.base import Flow
+from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
+from models.flows.zoo import build_flow, preset_config
+
+
+@dataclass
+class TrainSettings:
+    """Everything the `oodserve train flow` command controls."""
+
+    family: str = "glow"
+    data: str = str(DEFAULT_FASHION_MNIST_DIR)
+    out: str = "runs/flow"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    seed: int = 0
+    max_minutes: float | None = None
+    threads: int | None = None
+    resume: bool = False
+    mutation_rate: float = 0.0
+    weight_decay: float = 0.0
+    preset: str = "default"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    patience: int = 3
+    ema_decay: float = 0.999
+    gradient_clip: float = 50.0
+    eval_minutes: float = 10.0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    eval_batch_size: int = 500
+
+
+def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
+    """Ren et al. 2019 background-model perturbation: each pixel is replaced with probability `rate`
+    by a uniform random value in 0..255. `(N, ...)` uint8 -> same shape and dtype."""
+    if rate <= 0:
+        return pixels
+    replace = torch.rand(pixels.shape, generator=generator) < rate
+    random_values = torch.randint(0, 256, pixels.shape, generator=generator, dtype=pixels.dtype)
+    return torch.where(replace, random_values, pixels)
+
+
+@torch.no_grad()
+def evaluate_bits_per_dim(flow: Flow, pixels: Tensor, batch_size: int = 500, progress: str | None = None) -> float:
+    """Mean bits/dim of 8-bit images `(N, 1, H, W)` at the centre of each bin, model in eval mode."""
+    was_training = flow.training
+    flow.eval()
+    total, count = 0.0, 0
+    batches = range(0, pixels.shape[0], batch_size)
+    for start in tqdm(batches, desc=progress, leave=False, disable=progress is None):
+        batch = pixels[start : start + batch_size]
+        log_prob = flow.log_prob(centre_of_bin(batch))
+        total += float(bits_per_dim(log_prob, flow.dimension).sum())
+        count += batch.shape[0]
+    flow.train(was_training)
+    return total / count
+
+
+def _learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
+    warmup = min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    cosine = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return settings.lr * warmup * cosine
+
+
+def _update_ema(ema: Flow, model: Flow, decay: float) -> None:
+    with torch.no_grad():
+        for ema_parameter, parameter in zip(ema.parameters(), model.parameters()):
+            ema_parameter.lerp_(parameter, 1.0 - decay)
+        for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+def load_checkpoint_flow(path: str | Path) -> tuple[Flow, dict[str, Any]]:
+    """Rebuild the flow stored in `checkpoint.pt` / `best.pt` (EMA weights); returns (flow in eval mode, checkpoint)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    flow = build_flow(checkpoint["family"], checkpoint["config"])
+    flow.load_state_dict(checkpoint["ema_state"])
+    flow.eval()
+    return flow, checkpoint
+
+
+def _as_image_tensor(images: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+
+
+def train_flow(settings: TrainSettings) -> dict[str, Any]:
+    """Train, checkpoint, early-stop and evaluate; writes `checkpoint.pt`, `best.pt`, `metrics.json` in `out`."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    training_file = load_images(settings.data, "train")
+    split = bundle_split(training_file.images.shape[0])
+    train_pixels = _as_image_tensor(training_file.images[split.train][: settings.limit_train])
+    validation_pixels = _as_image_tensor(training_file.images[split.validation][: settings.limit_train])
+
+    torch.manual_seed(settings.seed)
+    config = {**preset_config(settings.family, settings.preset), **settings.overrides}
+    model = build_flow(settings.family, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    state = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed_s": 0.0, "best_validation_bpd": math.inf,
+             "epochs_without_improvement": 0, "history": []}
+    checkpoint_path, best_path = out / "checkpoint.pt", out / "best.pt"
+    if settings.resume and checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        config = checkpoint["config"]
+        model = build_flow(settings.family, config)
+        model.load_state_dict(checkpoint["model_state"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        ema = build_flow(settings.family, config)
+        ema.load_state_dict(checkpoint["ema_state"])
+        state = checkpoint["state"]
+        generator.set_state(checkpoint["generator_state"])
+        print(f"resumed from {checkpoint_path} at epoch {state['epoch']} step {state['step']}")
+    else:
+        model.train()
+        with torch.no_grad():  # data-dependent actnorm initialisation (Glow sec. 3.1)
+            init_batch = train_pixels[torch.randperm(train_pixels.shape[0], generator=generator)[:512]]
+            model.log_prob(dequantize_uniform(mutate_pixels(init_batch, settings.mutation_rate, generator), generator))
+        ema = copy.deepcopy(model)
+    ema.eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{settings.family} ({settings.preset}): {parameters:,} parameters, config {config}; "
+          f"{train_pixels.shape[0]} training images, {validation_pixels.shape[0]} validation images")
+
+    steps_per_epoch = math.ceil(train_pixels.shape[0] / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    budget_s = settings.max_minutes * 60.0 if settings.max_minutes else math.inf
+    session_start = time.monotonic() - state["elapsed_s"]
+    last_eval = time.monotonic()
+
+    def elapsed() -> float:
+        return time.monotonic() - session_start
+
+    def save(kind: str) -> None:
+        state["elapsed_s"] = elapsed()
+        checkpoint = {"family": settings.family, "config": config, "settings": asdict(settings),
+                      "model_state": model.state_dict(), "ema_state": ema.state_dict(),
+                      "optimizer_state": optimizer.state_dict(), "generator_state": generator.get_state(),
+                      "state": state, "parameters": parameters}
+        torch.save(checkpoint, out / f"{kind}.tmp")
+        (out / f"{kind}.tmp").replace(out / f"{kind}.pt")
+
+    def validate(reason: str) -> bool:
+        """Evaluate the EMA model; save best.pt on improvement; True when it improved."""
+        validation_bpd = evaluate_bits_per_dim(ema, validation_pixels, settings.eval_batch_size)
+        improved = validation_bpd < state["best_validation_bpd"]
+        state["history"].append({"epoch": state["epoch"], "step": state["step"], "minutes": elapsed() / 60,
+                                 "validation_bpd": validation_bpd, "reason": reason})
+        if improved:
+            state["best_validation_bpd"] = validation_bpd
+            save("best")
+        tqdm.write(f"[{reason}] epoch {state['epoch']} step {state['step']} {elapsed() / 60:.1f} min: "
+                   f"validation {validation_bpd:.4f} bits/dim{' (best)' if improved else ''}")
+        return improved
+
+    stop_reason = "epochs"
+    while state["epoch"] < settings.epochs:
+        order = torch.randperm(train_pixels.shape[0], generator=torch.Generator().manual_seed(settings.seed * 1000 + state["epoch"]))
+        bar = tqdm(range(state["batch_index"], steps_per_epoch), desc=f"epoch {state['epoch'] + 1}/{settings.epochs}",
+                   initial=state["batch_index"], total=steps_per_epoch, dynamic_ncols=True, mininterval=2.0)
+        out_of_time = False
+        for batch_index in bar:
+            batch = train_pixels[order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]]
+            inputs = dequantize_uniform(mutate_pixels(batch, settings.mutation_rate, generator), generator)
+            progress = max(state["step"] / max(1, total_steps), elapsed() / budget_s)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(settings, state["step"], progress)
+            loss = bits_per_dim(model.log_prob(inputs), model.dimension).mean()
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.gradient_clip)
+                optimizer.step()
+                _update_ema(ema, model, min(settings.ema_decay, (1.0 + state["step"]) / (10.0 + state["step"])))
+            state["step"] += 1
+            state["batch_index"] = batch_index + 1
+            bar.set_postfix(loss_bpd=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
+            if elapsed() >= budget_s:
+                out_of_time = True
+                break
+            if time.monotonic() - last_eval >= settings.eval_minutes * 60:
+                last_eval = time.monotonic()
+                validate("periodic")
+                save("checkpoint")
+        bar.close()
+        if out_of_time:
+            stop_reason = "max-minutes"
+            validate("time limit")
+            save("checkpoint")
+            break
+        state["epoch"] += 1
+        state["batch_index"] = 0
+        last_eval = time.monotonic()
+        improved = validate("epoch end")
+        state["epochs_without_improvement"] = 0 if improved else state["epochs_without_improvement"] + 1
+        save("checkpoint")
+        if state["epochs_without_improvement"] >= settings.patience:
+            stop_reason = "early stop"
+            break
+
+    train_minutes = elapsed() / 60
+    best_flow, best_checkpoint = load_checkpoint_flow(best_path)
+    test_pixels = _as_image_tensor(load_images(settings.data, "test").images[: settings.limit_test])
+    test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
+    metrics = {"family": settings.family, "preset": settings.preset, "config": config, "parameters": parameters,
+               "train_minutes": round(train_minutes, 2), "test_bpd": test_bpd,
+               "validation_bpd": state["best_validation_bpd"], "epochs_completed": state["epoch"],
+               "steps": state["step"], "stop_reason": stop_reason, "mutation_rate": settings.mutation_rate,
+               "weight_decay": settings.weight_decay, "test_images": int(test_pixels.shape[0]),
+               "best_checkpoint_step": best_checkpoint["state"]["step"], "seed": settings.seed}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return metrics

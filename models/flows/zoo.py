@@ -1,0 +1,61 @@
+"""Registry of flow families: how to build each from a config dict, and the size presets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from models.flows.base import Flow
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "glow": {
+        "tiny": {"levels": 3, "steps_per_level": 1, "hidden_channels": 8},
+        "small": {"levels": 3, "steps_per_level": 4, "hidden_channels": 32},
+        "default": {"levels": 3, "steps_per_level": 8, "hidden_channels": 64},
+    },
+}
+
+
+def _builders() -> dict[str, Callable[[dict[str, Any]], Flow]]:
+    from models.flows.glow import build_glow
+
+    builders: dict[str, Callable[[dict[str, Any]], Flow]] = {"glow": build_glow}
+    try:
+        from models.flows.nice import build_nice
+
+        builders["nice"] = build_nice
+    except ImportError:
+        pass
+    try:
+        from models.flows.nsf import build_nsf
+
+        builders["nsf"] = build_nsf
+    except ImportError:
+        pass
+    try:
+        from models.flows.iresnet import build_iresnet
+
+        builders["iresnet"] = build_iresnet
+    except ImportError:
+        pass
+    return builders
+
+
+FAMILIES = ("nice", "glow", "nsf", "iresnet")
+
+
+def preset_config(family: str, preset: str) -> dict[str, Any]:
+    """The config dict of `family` at size `preset` (tiny / small / default)."""
+    if family not in PRESETS:
+        raise ValueError(f"unknown or unimplemented flow family {family!r}")
+    return dict(PRESETS[family][preset])
+
+
+def build_flow(family: str, config: dict[str, Any]) -> Flow:
+    """Build an untrained flow of `family` from its config (as stored in a checkpoint)."""
+    builders = _builders()
+    if family not in builders:
+        raise ValueError(f"unknown or unimplemented flow family {family!r}; have {sorted(builders)}")
+    flow = builders[family](dict(config))
+    flow.family = family
+    return flow
