@@ -1,0 +1,60 @@
+"""Pydantic models of the v1 request and responses, used for the OpenAPI docs (responses are built by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ScoreRequest(BaseModel):
+    """Body of POST /v1/score."""
+
+    instances: list[list[Any]] = Field(
+        description="Nested arrays of the input's per-instance shape (with or without a leading channel of 1), raw scale."
+    )
+    alpha: float | None = Field(None, gt=0, lt=1, description="Significance level; default: the bundle's default_alpha.")
+
+
+class Prediction(BaseModel):
+    class_index: int
+    label: str
+    confidence: float
+
+
+class InstanceResult(BaseModel):
+    is_ood: bool = Field(description="p_value < alpha")
+    score: float = Field(description="Fused statistic, higher = more OOD.")
+    p_value: float = Field(description="Conformal p-value of the fused statistic.")
+    signals: dict[str, float]
+    p_values: dict[str, float]
+    prediction: Prediction | None = Field(None, description="Present when the bundle has a classifier.")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    model_version: str
+    alpha: float
+    results: list[InstanceResult]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed body (not JSON).",
+        404: "Unknown model.",
+        413: "Body or batch too large.",
+        415: "Content type is not application/json.",
+        422: "Wrong shape, dtype, NaN/Inf, out-of-range values, empty batch or invalid alpha.",
+        503: "Not ready yet.",
+    }.items()
+}

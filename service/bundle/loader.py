@@ -1,0 +1,131 @@
+"""Loading a bundle: parse the manifest, verify every sha256, refuse missing/altered/extra files, read calibration."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
+from service.bundle.writer import bundle_file_names, sha256_bytes
+from service.scoring.conformal import sort_calibration_scores
+from service.scoring.pipeline import FUSED_CALIBRATION_KEY, Calibration
+
+
+class BundleError(Exception):
+    """The bundle cannot be served; the message names the bundle and the offending file or field."""
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose files all matched their sha256: manifest, verified ONNX bytes, sorted calibration."""
+
+    directory: Path
+    manifest: Manifest
+    model_bytes: dict[str, bytes]
+    calibration: Calibration
+
+
+def parse_manifest(raw: Any, where: str) -> Manifest:
+    """Validate manifest JSON; the schema_version is checked first so a newer bundle gets a clear message."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: manifest must be a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{where}: unsupported schema_version {version!r}; this service reads schema_version {SCHEMA_VERSION}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or 'manifest'}: {issue['msg']}" for issue in error.errors()
+        )
+        raise BundleError(f"{where}: invalid manifest: {problems}") from error
+
+
+def read_manifest(directory: Path | str) -> Manifest:
+    """Read and validate `directory/manifest.json` (no file verification)."""
+    path = Path(directory) / MANIFEST_FILE_NAME
+    if not path.is_file():
+        raise BundleError(f"bundle {Path(directory)}: {MANIFEST_FILE_NAME} not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON: {error}") from error
+    return parse_manifest(raw, str(path))
+
+
+def verify_files(directory: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Read every listed file once and compare its sha256; refuse missing, altered and unlisted files.
+
+    Returns file name -> verified bytes (what is hashed is exactly what gets loaded).
+    """
+    problems: list[str] = []
+    verified: dict[str, bytes] = {}
+    for file_name, expected in manifest.files.items():
+        path = directory / file_name
+        if not path.is_file():
+            problems.append(f"missing file {file_name!r}")
+            continue
+        data = path.read_bytes()
+        actual = sha256_bytes(data)
+        if actual != expected:
+            problems.append(f"altered file {file_name!r}: sha256 is {actual}, manifest says {expected}")
+            continue
+        verified[file_name] = data
+    for file_name in bundle_file_names(directory):
+        if file_name not in manifest.files:
+            problems.append(f"unexpected file {file_name!r} not listed in the manifest")
+    if problems:
+        raise BundleError(f"bundle {directory} refused: " + "; ".join(problems))
+    return verified
+
+
+def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> Calibration:
+    """Parse the calibration .npz (allow_pickle=False): one finite 1-D array per signal and `__fused__`."""
+    expected = [signal.name for signal in manifest.signals] + [FUSED_CALIBRATION_KEY]
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            present = set(archive.files)
+            missing = [name for name in expected if name not in present]
+            unexpected = sorted(present - set(expected))
+            if missing or unexpected:
+                raise BundleError(
+                    f"calibration file {file_name!r}: missing arrays {missing}, unexpected arrays {unexpected}"
+                )
+            arrays = {name: archive[name] for name in expected}
+    except BundleError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any parse failure of an untrusted file is a refusal
+        raise BundleError(f"calibration file {file_name!r} cannot be read without pickle: {error}") from error
+    sorted_arrays: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise BundleError(f"calibration file {file_name!r}: array {name!r} has dtype {array.dtype}, expected float64")
+        try:
+            sorted_arrays[name] = sort_calibration_scores(array)
+        except ValueError as error:
+            raise BundleError(f"calibration file {file_name!r}: array {name!r}: {error}") from error
+    fused = sorted_arrays.pop(FUSED_CALIBRATION_KEY)
+    return Calibration(per_signal=sorted_arrays, fused=fused)
+
+
+def load_bundle(directory: Path | str) -> VerifiedBundle:
+    """Validate the manifest, verify every file's sha256 and read the calibration arrays.
+
+    Raises BundleError naming the file for a missing, altered or unlisted file, an invalid
+    manifest or unreadable calibration. ONNX input/output names are checked when sessions
+    are created (service.runtime.sessions).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory {directory} does not exist")
+    manifest = read_manifest(directory)
+    verified = verify_files(directory, manifest)
+    calibration = load_calibration(verified[manifest.calibration.file], manifest.calibration.file, manifest)
+    model_bytes = {name: verified[spec.file] for name, spec in manifest.models.items()}
+    return VerifiedBundle(directory=directory, manifest=manifest, model_bytes=model_bytes, calibration=calibration)

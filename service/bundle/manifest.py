@@ -1,0 +1,203 @@
+"""The bundle manifest (manifest.json): a pydantic schema, version 1, with cross-reference checks."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.scoring.pipeline import FUSED_CALIBRATION_KEY
+from service.scoring.signals import SIGNAL_KINDS, SignalSource
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE_NAME = "manifest.json"
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class StrictModel(BaseModel):
+    """Base: unknown keys are refused so a typo in a manifest is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(StrictModel):
+    """Per-instance input: shape without the batch axis, dtype of the raw values, value range, layout."""
+
+    shape: list[int] = Field(min_length=1)
+    dtype: Literal["uint8", "float32"]
+    min: float
+    max: float
+    layout: str = "NCHW"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dimensions(cls, shape: list[int]) -> list[int]:
+        if any(dimension <= 0 for dimension in shape):
+            raise ValueError(f"every dimension must be positive, got {shape}")
+        return shape
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> InputSpec:
+        if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
+            raise ValueError(f"input range needs finite min < max, got min={self.min} max={self.max}")
+        return self
+
+
+class ModelSpec(StrictModel):
+    """One ONNX model of the bundle: its file and the exact names of its inputs and outputs."""
+
+    file: str
+    inputs: list[str] = Field(min_length=1, max_length=1)
+    outputs: list[str] = Field(min_length=1)
+
+
+class ClassifierSpec(StrictModel):
+    """Which model output holds the (N, C) class logits used for `prediction`."""
+
+    model: str
+    logits: str
+
+
+class SignalSpec(StrictModel):
+    """One OOD signal: a registered kind applied to a model output (higher = more OOD)."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    kind: str
+    model: str
+    output: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown signal kind {kind!r}; known kinds: {sorted(SIGNAL_KINDS)}")
+        return kind
+
+
+class CalibrationSpec(StrictModel):
+    """The .npz with one 1-D float64 array per signal name plus `__fused__`."""
+
+    file: str
+
+
+class FusionSpec(StrictModel):
+    """The fusion rule: method over the named signals, and why these signals."""
+
+    method: Literal["fisher", "min_p"]
+    signals: list[str] = Field(min_length=1)
+    reason: str = ""
+
+
+class Provenance(BaseModel):
+    """Where the bundle came from; free-form extra keys are allowed."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    seed: int | None = None
+    code_version: str
+    created: str
+
+
+class Manifest(StrictModel):
+    """manifest.json, schema version 1 (see README.md, section "Bundle")."""
+
+    schema_version: int
+    name: str = Field(pattern=_NAME_PATTERN)
+    version: str = Field(min_length=1)
+    description: str = ""
+    input: InputSpec
+    labels: list[str] | None = None
+    files: dict[str, str]
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    classifier: ClassifierSpec | None = None
+    signals: list[SignalSpec] = Field(min_length=1)
+    calibration: CalibrationSpec
+    fusion: FusionSpec
+    default_alpha: float = Field(gt=0.0, lt=1.0)
+    provenance: Provenance
+
+    @field_validator("schema_version")
+    @classmethod
+    def _supported_version(cls, version: int) -> int:
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {version}; this service reads schema_version {SCHEMA_VERSION}")
+        return version
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names_and_hashes(cls, files: dict[str, str]) -> dict[str, str]:
+        for file_name, digest in files.items():
+            path = PurePosixPath(file_name)
+            if path.is_absolute() or ".." in path.parts or "\\" in file_name or file_name in ("", "."):
+                raise ValueError(f"file name {file_name!r} must be a relative path inside the bundle")
+            if file_name == MANIFEST_FILE_NAME:
+                raise ValueError(f"{MANIFEST_FILE_NAME} must not list itself in files")
+            if not _SHA256_PATTERN.match(digest):
+                raise ValueError(f"sha256 of {file_name!r} must be 64 lowercase hex digits, got {digest!r}")
+        return files
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Manifest:
+        def require_output(model: str, output: str, where: str) -> None:
+            if model not in self.models:
+                raise ValueError(f"{where} names model {model!r}, which is not in models {sorted(self.models)}")
+            if output not in self.models[model].outputs:
+                raise ValueError(
+                    f"{where} names output {output!r} of model {model!r}, whose outputs are {self.models[model].outputs}"
+                )
+
+        for model_name, model in self.models.items():
+            if model.file not in self.files:
+                raise ValueError(f"model {model_name!r} file {model.file!r} is not listed in files")
+        if self.calibration.file not in self.files:
+            raise ValueError(f"calibration file {self.calibration.file!r} is not listed in files")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        if self.classifier is not None:
+            require_output(self.classifier.model, self.classifier.logits, "classifier")
+        names = [signal.name for signal in self.signals]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"signal names must be unique, repeated: {duplicates}")
+        if FUSED_CALIBRATION_KEY in names:
+            raise ValueError(f"{FUSED_CALIBRATION_KEY!r} is reserved for the fused calibration array")
+        for signal in self.signals:
+            where = f"signal {signal.name!r}"
+            require_output(signal.model, signal.output, where)
+            kind = SIGNAL_KINDS[signal.kind]
+            missing = [key for key in kind.required_params if key not in signal.params]
+            if missing:
+                raise ValueError(f"{where} of kind {signal.kind!r} needs params {missing}")
+            try:
+                if kind.validate is not None:
+                    kind.validate(signal.params, self.input.shape)
+                extra_sources = kind.extra_sources(signal.params)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+            for source in extra_sources:
+                require_output(source.model, source.output, where)
+        unknown = [name for name in self.fusion.signals if name not in names]
+        if unknown:
+            raise ValueError(f"fusion names unknown signals {unknown}; declared signals: {names}")
+        if len(set(self.fusion.signals)) != len(self.fusion.signals):
+            raise ValueError("fusion signals must be unique")
+        return self
+
+    def signal_sources(self) -> dict[str, list[SignalSource]]:
+        """For each ONNX model the outputs that signals or the classifier read (all declared models appear)."""
+        needed: dict[str, list[SignalSource]] = {name: [] for name in self.models}
+        for signal in self.signals:
+            for source in [SignalSource(signal.model, signal.output), *SIGNAL_KINDS[signal.kind].extra_sources(signal.params)]:
+                if source not in needed[source.model]:
+                    needed[source.model].append(source)
+        if self.classifier is not None:
+            source = SignalSource(self.classifier.model, self.classifier.logits)
+            if source not in needed[source.model]:
+                needed[source.model].append(source)
+        return needed

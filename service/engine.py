@@ -1,0 +1,178 @@
+"""The scoring engine: one verified bundle, its onnxruntime sessions and calibration, and `score_batch`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.bundle.loader import VerifiedBundle, load_bundle
+from service.bundle.manifest import Manifest
+from service.runtime.sessions import ModelRunner, RuntimeOptions
+from service.scoring.pipeline import (
+    BatchScores,
+    FusionRule,
+    InstanceResult,
+    SignalDefinition,
+    score_outputs,
+)
+from service.scoring.inputs import accepted_instance_shapes
+from service.scoring.signals import SIGNAL_KINDS, SignalSource
+
+logger = logging.getLogger("oodserve.engine")
+
+
+class Engine:
+    """Holds one bundle's sessions and sorted calibration scores and turns image batches into verdicts.
+
+    Thread-safe for concurrent `score` calls (onnxruntime sessions are; the rest is pure numpy).
+    """
+
+    def __init__(self, bundle: VerifiedBundle, runner: ModelRunner) -> None:
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
+        self.runner = runner
+        self.signal_definitions = tuple(
+            SignalDefinition(
+                name=signal.name,
+                kind=signal.kind,
+                source=SignalSource(signal.model, signal.output),
+                params=dict(signal.params),
+            )
+            for signal in self.manifest.signals
+        )
+        self.fusion = FusionRule(method=self.manifest.fusion.method, signals=tuple(self.manifest.fusion.signals))
+        classifier = self.manifest.classifier
+        self.classifier_logits = SignalSource(classifier.model, classifier.logits) if classifier is not None else None
+
+    @classmethod
+    def load(cls, directory: Path | str, options: RuntimeOptions | None = None) -> Engine:
+        """Verify the bundle at `directory` (sha256 of every file), create its sessions, build the engine."""
+        bundle = load_bundle(directory)
+        runner = ModelRunner.for_bundle(bundle, options or RuntimeOptions())
+        engine = cls(bundle, runner)
+        logger.info(
+            "bundle %s %s loaded from %s: models %s, signals %s, fusion %s",
+            engine.name,
+            engine.version,
+            directory,
+            engine.runner.active_providers,
+            [definition.name for definition in engine.signal_definitions],
+            engine.fusion.method,
+        )
+        return engine
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def default_alpha(self) -> float:
+        return self.manifest.default_alpha
+
+    def score(self, images: np.ndarray, alpha: float | None = None) -> BatchScores:
+        """images: (N, *input_shape) float32 raw scale, already validated -> BatchScores of arrays (N,)."""
+        level = self.default_alpha if alpha is None else float(alpha)
+        outputs = self.runner.run(images)
+        return score_outputs(
+            self.signal_definitions,
+            self.bundle.calibration,
+            self.fusion,
+            outputs,
+            np.asarray(images, dtype=np.float64),
+            level,
+            self.classifier_logits,
+        )
+
+    def score_batch(self, images: np.ndarray, alpha: float | None = None) -> list[InstanceResult]:
+        """One InstanceResult per image, in input order; alpha defaults to the manifest's default_alpha."""
+        return self.score(images, alpha).to_instance_results(self.manifest.labels)
+
+    def warm_up(self, batch_size: int = 8) -> None:
+        """Run the full scoring path once on a mid-grey batch so the first request pays no set-up cost."""
+        spec = self.manifest.input
+        middle = np.rint((spec.min + spec.max) / 2.0) if spec.dtype == "uint8" else (spec.min + spec.max) / 2.0
+        images = np.full((batch_size, *spec.shape), middle, dtype=np.float32)
+        self.score_batch(images)
+        logger.info("bundle %s warmed up with a batch of %d", self.name, batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        """Summary for /v1/models: manifest facts, signals, labels and the active provider per model."""
+        manifest = self.manifest
+        providers = self.runner.active_providers
+        return {
+            "name": manifest.name,
+            "version": manifest.version,
+            "description": manifest.description,
+            "input": manifest.input.model_dump(mode="json"),
+            "accepted_instance_shapes": accepted_instance_shapes(manifest.input.shape),
+            "labels": manifest.labels,
+            "default_alpha": manifest.default_alpha,
+            "signals": [
+                {
+                    "name": signal.name,
+                    "kind": signal.kind,
+                    "description": SIGNAL_KINDS[signal.kind].description,
+                    "model": signal.model,
+                    "output": signal.output,
+                    "params": signal.params,
+                    "calibration_size": int(self.bundle.calibration.per_signal[signal.name].size),
+                }
+                for signal in manifest.signals
+            ],
+            "fusion": {**manifest.fusion.model_dump(mode="json"), "calibration_size": int(self.bundle.calibration.fused.size)},
+            "classifier": manifest.classifier.model_dump(mode="json") if manifest.classifier is not None else None,
+            "models": {
+                name: {
+                    "file": spec.file,
+                    "inputs": spec.inputs,
+                    "outputs": spec.outputs,
+                    "provider": providers[name],
+                    "sha256": manifest.files[spec.file],
+                }
+                for name, spec in manifest.models.items()
+            },
+            "provider": self.provider_summary,
+            "provenance": manifest.provenance.model_dump(mode="json"),
+        }
+
+    @property
+    def provider_summary(self) -> str:
+        """The active provider of the bundle's sessions (comma-joined when they differ)."""
+        return ",".join(sorted(set(self.runner.active_providers.values())))
+
+
+
+class EngineRegistry:
+    """The engines this process serves, by bundle name; the first one is the default model."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        if not engines:
+            raise ValueError("at least one engine is needed")
+        self.engines: dict[str, Engine] = {}
+        for engine in engines:
+            if engine.name in self.engines:
+                raise ValueError(f"two bundles are named {engine.name!r}; bundle names must be unique")
+            self.engines[engine.name] = engine
+        self.default_name = engines[0].name
+
+    @property
+    def default(self) -> Engine:
+        return self.engines[self.default_name]
+
+    def get(self, name: str) -> Engine | None:
+        return self.engines.get(name)
+
+    def __iter__(self):
+        return iter(self.engines.values())
+
+
+def load_registry(bundle_directories: list[Path], options: RuntimeOptions) -> EngineRegistry:
+    """Load and verify every bundle (the first is the default model)."""
+    return EngineRegistry([Engine.load(directory, options) for directory in bundle_directories])

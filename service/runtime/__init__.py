@@ -1,0 +1,1 @@
+"""onnxruntime side: execution providers, sessions with checked input/output names, batch runs."""

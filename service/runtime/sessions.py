@@ -1,0 +1,119 @@
+"""onnxruntime sessions for a verified bundle: providers, threads, input/output name checks, batch runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.bundle.loader import BundleError, VerifiedBundle
+from service.bundle.manifest import ModelSpec
+from service.runtime.providers import CUDA_PROVIDER, GpuRequiredError, available_providers, resolve_providers
+
+logger = logging.getLogger("oodserve.runtime")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are created: provider order (None = default), GPU requirement, thread counts (0 = default)."""
+
+    providers: tuple[str, ...] | None = None
+    require_gpu: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSession:
+    """One ONNX model ready to run: its session, the provider actually used, and its I/O names."""
+
+    name: str
+    file: str
+    session: object
+    active_provider: str
+    providers: tuple[str, ...]
+    input_name: str
+    output_names: tuple[str, ...]
+
+
+def _check_names(kind: str, declared: list[str], actual: list[str], file_name: str) -> None:
+    if sorted(declared) != sorted(actual):
+        raise BundleError(f"model file {file_name!r}: {kind} names are {actual}, the manifest declares {declared}")
+
+
+def create_model_session(
+    name: str, spec: ModelSpec, model_bytes: bytes, input_shape: list[int], providers: list[str], options: RuntimeOptions
+) -> ModelSession:
+    """Create one InferenceSession from verified bytes and check it against the manifest.
+
+    Refuses (BundleError naming the file) a model whose input or output names differ from the
+    manifest, or whose static per-instance input dimensions differ from the input spec.
+    """
+    import onnxruntime
+
+    session_options = onnxruntime.SessionOptions()
+    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.inter_op_num_threads = options.inter_op_threads
+    session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session_options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(model_bytes, sess_options=session_options, providers=providers)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises several exception types for bad models
+        raise BundleError(f"model file {spec.file!r} cannot be loaded by onnxruntime: {error}") from error
+    inputs = session.get_inputs()
+    _check_names("input", spec.inputs, [node.name for node in inputs], spec.file)
+    _check_names("output", spec.outputs, [node.name for node in session.get_outputs()], spec.file)
+    static_shape = list(inputs[0].shape)[1:]
+    if len(static_shape) != len(input_shape) or any(
+        isinstance(actual, int) and actual != expected for actual, expected in zip(static_shape, input_shape)
+    ):
+        raise BundleError(
+            f"model file {spec.file!r}: input {inputs[0].name!r} has per-instance shape {static_shape}, "
+            f"the manifest input shape is {input_shape}"
+        )
+    active = tuple(session.get_providers())
+    if options.require_gpu and CUDA_PROVIDER not in active:
+        raise GpuRequiredError(f"OODSERVE_REQUIRE_GPU=true but model {name!r} runs on {list(active)} without {CUDA_PROVIDER}")
+    logger.info("model %s (%s): active provider %s (session providers %s)", name, spec.file, active[0], list(active))
+    return ModelSession(
+        name=name,
+        file=spec.file,
+        session=session,
+        active_provider=active[0],
+        providers=active,
+        input_name=inputs[0].name,
+        output_names=tuple(node.name for node in session.get_outputs()),
+    )
+
+
+class ModelRunner:
+    """All sessions of one bundle; runs a batch through every model and returns outputs[model][output]."""
+
+    def __init__(self, sessions: Mapping[str, ModelSession]) -> None:
+        self.sessions = dict(sessions)
+
+    @classmethod
+    def for_bundle(cls, bundle: VerifiedBundle, options: RuntimeOptions) -> ModelRunner:
+        """Create a session per manifest model with the resolved providers and thread settings."""
+        providers = resolve_providers(options.providers, available_providers(), options.require_gpu)
+        sessions = {
+            name: create_model_session(name, spec, bundle.model_bytes[name], bundle.manifest.input.shape, providers, options)
+            for name, spec in bundle.manifest.models.items()
+        }
+        return cls(sessions)
+
+    @property
+    def active_providers(self) -> dict[str, str]:
+        """Model name -> the provider onnxruntime actually uses for it."""
+        return {name: model.active_provider for name, model in self.sessions.items()}
+
+    def run(self, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """images: (N, *input_shape) float32 raw scale -> outputs[model][output], each with leading axis N."""
+        batch = np.ascontiguousarray(images, dtype=np.float32)
+        outputs: dict[str, dict[str, np.ndarray]] = {}
+        for name, model in self.sessions.items():
+            values = model.session.run(list(model.output_names), {model.input_name: batch})
+            outputs[name] = dict(zip(model.output_names, values))
+        return outputs

@@ -1,0 +1,112 @@
+"""Turning JSON instances (nested lists) into a validated (N, *input_shape) float32 batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_NUMBER_TYPES = (int, float)
+
+
+class InputError(ValueError):
+    """An instance batch that does not fit the input spec; `code` is machine-readable, the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def accepted_instance_shapes(input_shape: Sequence[int]) -> list[list[int]]:
+    """The instance shape itself and, when it has a leading channel of 1, the shape without it."""
+    shape = list(input_shape)
+    if len(shape) > 1 and shape[0] == 1:
+        return [shape, shape[1:]]
+    return [shape]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_bad_shape(instances: list[Any], accepted: list[list[int]]) -> str:
+    """Message for the first instance whose nesting is ragged or of the wrong shape."""
+    wanted = " or ".join(str(shape) for shape in accepted)
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, list):
+            return f"instance {index} must be a nested array of shape {wanted}, got {type(instance).__name__} {_describe(instance)}"
+        array = np.asarray(instance, dtype=object)
+        ragged = any(isinstance(value, list) for value in array.reshape(-1).tolist())
+        if ragged:
+            return f"instance {index} must be a nested array of shape {wanted}, got ragged nesting (rows of different lengths)"
+        if list(array.shape) not in accepted:
+            return f"instance {index} must be a nested array of shape {wanted}, got shape {list(array.shape)}"
+    return f"instances must all have shape {wanted}, got mixed shapes"
+
+
+def _position(flat_index: int, instance_shape: tuple[int, ...]) -> tuple[int, list[int]]:
+    batch_index, *rest = np.unravel_index(flat_index, instance_shape)
+    return int(batch_index), [int(value) for value in rest]
+
+
+def instances_to_array(
+    instances: Any, input_shape: Sequence[int], dtype: str, minimum: float, maximum: float
+) -> np.ndarray:
+    """Validate JSON instances and return a (N, *input_shape) float32 batch in the raw scale.
+
+    Accepts each instance in the input shape or, for a leading channel of 1, without it.
+    Raises InputError for: not a list, an empty batch, wrong or ragged shape, non-numeric
+    values (strings, booleans, null), NaN/Inf, values outside [minimum, maximum], and
+    non-integer values when dtype is uint8.
+    """
+    if not isinstance(instances, list):
+        raise InputError("invalid_request", f"`instances` must be a JSON array of instances, got {type(instances).__name__}")
+    if len(instances) == 0:
+        raise InputError("empty_batch", "`instances` is empty; send at least one instance")
+    accepted = accepted_instance_shapes(input_shape)
+    values = np.asarray(instances, dtype=object)
+    if list(values.shape[1:]) not in accepted or any(isinstance(value, list) for value in values.reshape(-1)[:1]):
+        raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
+    flat_objects = values.reshape(-1).tolist()
+    if not all(type(value) in _NUMBER_TYPES for value in flat_objects):
+        flat_index = next(index for index, value in enumerate(flat_objects) if type(value) not in _NUMBER_TYPES)
+        batch_index, where = _position(flat_index, values.shape)
+        bad = flat_objects[flat_index]
+        raise InputError(
+            "invalid_value",
+            f"instance {batch_index} has a non-numeric value {_describe(bad)} ({type(bad).__name__}) at {where}; "
+            f"expected numbers in [{minimum:g}, {maximum:g}]",
+        )
+    try:
+        numbers = values.astype(np.float64)
+    except OverflowError as error:
+        raise InputError("out_of_range", f"a value is too large for float64: {error}; expected numbers in [{minimum:g}, {maximum:g}]") from error
+    finite = np.isfinite(numbers)
+    if not finite.all():
+        flat_index = int(np.argmin(finite.reshape(-1)))
+        batch_index, where = _position(flat_index, numbers.shape)
+        raise InputError(
+            "invalid_value",
+            f"instance {batch_index} has {numbers.reshape(-1)[flat_index]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]",
+        )
+    outside = (numbers < minimum) | (numbers > maximum)
+    if outside.any():
+        flat_index = int(np.argmax(outside.reshape(-1)))
+        batch_index, where = _position(flat_index, numbers.shape)
+        raise InputError(
+            "out_of_range",
+            f"instance {batch_index} has value {numbers.reshape(-1)[flat_index]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]",
+        )
+    if dtype == "uint8":
+        fractional = numbers != np.floor(numbers)
+        if fractional.any():
+            flat_index = int(np.argmax(fractional.reshape(-1)))
+            batch_index, where = _position(flat_index, numbers.shape)
+            raise InputError(
+                "invalid_dtype",
+                f"instance {batch_index} has value {numbers.reshape(-1)[flat_index]:g} at {where}; input dtype uint8 expects integers",
+            )
+    return numbers.reshape((numbers.shape[0], *input_shape)).astype(np.float32)

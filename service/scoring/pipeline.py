@@ -1,0 +1,177 @@
+"""From model outputs to verdicts: signals -> conformal p-values -> fused statistic -> fused p-value -> is_ood."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.scoring.conformal import conformal_p_values
+from service.scoring.fusion import fused_statistic
+from service.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
+
+FUSED_CALIBRATION_KEY = "__fused__"
+"""Name of the calibration array holding fused statistics of the second calibration split."""
+
+
+@dataclass(frozen=True)
+class SignalDefinition:
+    """One declared signal: its name, registered kind, source output and parameters."""
+
+    name: str
+    kind: str
+    source: SignalSource
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """How per-signal p-values combine: method in `FUSION_METHODS`, over the named signals."""
+
+    method: str
+    signals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Sorted in-distribution calibration scores: (n_k,) per signal and (m,) fused statistics."""
+
+    per_signal: Mapping[str, np.ndarray]
+    fused: np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The classifier's answer for one instance."""
+
+    class_index: int
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """The verdict for one instance; `score` is the fused statistic (higher = more OOD)."""
+
+    is_ood: bool
+    score: float
+    p_value: float
+    signals: dict[str, float]
+    p_values: dict[str, float]
+    prediction: Prediction | None
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """Scores of a batch of N instances, as arrays (N,) keyed like the manifest."""
+
+    signals: dict[str, np.ndarray]
+    p_values: dict[str, np.ndarray]
+    fused_score: np.ndarray
+    fused_p_value: np.ndarray
+    is_ood: np.ndarray
+    alpha: float
+    predicted_class: np.ndarray | None
+    confidence: np.ndarray | None
+
+    def to_instance_results(self, labels: Sequence[str] | None) -> list[InstanceResult]:
+        """One `InstanceResult` per instance, in batch order; labels default to the class index as text."""
+        names = list(self.signals)
+        signal_rows = {name: self.signals[name].tolist() for name in names}
+        p_value_rows = {name: self.p_values[name].tolist() for name in names}
+        fused_scores = self.fused_score.tolist()
+        fused_p_values = self.fused_p_value.tolist()
+        verdicts = self.is_ood.tolist()
+        classes = self.predicted_class.tolist() if self.predicted_class is not None else None
+        confidences = self.confidence.tolist() if self.confidence is not None else None
+        results: list[InstanceResult] = []
+        for index in range(len(verdicts)):
+            prediction = None
+            if classes is not None and confidences is not None:
+                class_index = int(classes[index])
+                label = labels[class_index] if labels is not None and class_index < len(labels) else str(class_index)
+                prediction = Prediction(class_index=class_index, label=label, confidence=float(confidences[index]))
+            results.append(
+                InstanceResult(
+                    is_ood=bool(verdicts[index]),
+                    score=float(fused_scores[index]),
+                    p_value=float(fused_p_values[index]),
+                    signals={name: float(signal_rows[name][index]) for name in names},
+                    p_values={name: float(p_value_rows[name][index]) for name in names},
+                    prediction=prediction,
+                )
+            )
+        return results
+
+
+def compute_signals(definitions: Sequence[SignalDefinition], outputs: ModelOutputs, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Evaluate every declared signal on a batch. images: (N, *input_shape) raw scale. -> name -> (N,) float64."""
+    batch_size = images.shape[0]
+    values: dict[str, np.ndarray] = {}
+    for definition in definitions:
+        kind = SIGNAL_KINDS[definition.kind]
+        signal = np.asarray(kind.compute(outputs, images, definition.source, definition.params), dtype=np.float64)
+        if signal.shape != (batch_size,):
+            raise ValueError(f"signal {definition.name!r} returned shape {list(signal.shape)}, expected [{batch_size}]")
+        values[definition.name] = signal
+    return values
+
+
+def classifier_predictions(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """argmax class (N,) int64 and its softmax probability (N,) float64 from (N, C) logits."""
+    probabilities = softmax(np.asarray(logits, dtype=np.float64).reshape(logits.shape[0], -1))
+    predicted = np.argmax(probabilities, axis=1)
+    return predicted, probabilities[np.arange(predicted.size), predicted]
+
+
+def score_outputs(
+    definitions: Sequence[SignalDefinition],
+    calibration: Calibration,
+    fusion: FusionRule,
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    alpha: float,
+    classifier_logits: SignalSource | None = None,
+) -> BatchScores:
+    """The full verdict for a batch whose model outputs are already computed.
+
+    p_k = conformal p-value of signal k against its calibration scores; the fused statistic
+    (fusion.method over fusion.signals) gets its own conformal p-value against the fused
+    calibration; is_ood = fused p-value < alpha.
+    """
+    signals = compute_signals(definitions, outputs, images)
+    p_values = {name: conformal_p_values(calibration.per_signal[name], values) for name, values in signals.items()}
+    fused_score = fused_statistic(fusion.method, p_values, fusion.signals)
+    fused_p_value = conformal_p_values(calibration.fused, fused_score)
+    predicted_class = confidence = None
+    if classifier_logits is not None:
+        logits = np.asarray(outputs[classifier_logits.model][classifier_logits.output])
+        predicted_class, confidence = classifier_predictions(logits)
+    return BatchScores(
+        signals=signals,
+        p_values=p_values,
+        fused_score=fused_score,
+        fused_p_value=fused_p_value,
+        is_ood=fused_p_value < alpha,
+        alpha=alpha,
+        predicted_class=predicted_class,
+        confidence=confidence,
+    )
+
+
+def fused_calibration_scores(
+    per_signal_calibration: Mapping[str, np.ndarray],
+    second_split_signals: Mapping[str, np.ndarray],
+    fusion: FusionRule,
+) -> np.ndarray:
+    """Fused statistics of a second in-distribution split, for the `__fused__` calibration array.
+
+    per_signal_calibration: sorted (n_k,) scores of the first split; second_split_signals: (m,)
+    raw signal values of the second split. Bundle builders call this; returns (m,) float64.
+    """
+    p_values = {
+        name: conformal_p_values(per_signal_calibration[name], second_split_signals[name]) for name in fusion.signals
+    }
+    return fused_statistic(fusion.method, p_values, fusion.signals)
