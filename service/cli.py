@@ -99,3 +99,7 @@ try:
     register(app)
 except ImportError:
     pass
+
+
+if __name__ == "__main__":
+    app()

@@ -47,6 +47,26 @@ def _first_bad_shape(instances: list[Any], accepted: list[list[int]]) -> str:
     return f"instances must all have shape {wanted}, got mixed shapes"
 
 
+def _mixed_channel_batch(instances: list[Any], accepted: list[list[int]]) -> np.ndarray:
+    """A batch mixing instances with and without the leading channel of 1, as one object array; else InputError."""
+    if len(accepted) < 2 or not all(isinstance(instance, list) for instance in instances):
+        raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
+    full_shape, short_shape = accepted
+    lifted = []
+    for instance in instances:
+        array = np.asarray(instance, dtype=object)
+        if list(array.shape) == full_shape and not isinstance(array.reshape(-1)[0], list):
+            lifted.append(instance)
+        elif list(array.shape) == short_shape and not isinstance(array.reshape(-1)[0], list):
+            lifted.append([instance])
+        else:
+            raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
+    values = np.asarray(lifted, dtype=object)
+    if list(values.shape[1:]) != full_shape:
+        raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
+    return values
+
+
 def _position(flat_index: int, instance_shape: tuple[int, ...]) -> tuple[int, list[int]]:
     batch_index, *rest = np.unravel_index(flat_index, instance_shape)
     return int(batch_index), [int(value) for value in rest]
@@ -69,7 +89,7 @@ def instances_to_array(
     accepted = accepted_instance_shapes(input_shape)
     values = np.asarray(instances, dtype=object)
     if list(values.shape[1:]) not in accepted or any(isinstance(value, list) for value in values.reshape(-1)[:1]):
-        raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
+        values = _mixed_channel_batch(instances, accepted)
     flat_objects = values.reshape(-1).tolist()
     if not all(type(value) in _NUMBER_TYPES for value in flat_objects):
         flat_index = next(index for index, value in enumerate(flat_objects) if type(value) not in _NUMBER_TYPES)

@@ -226,3 +226,9 @@ def make_images(models: dict[str, Any]) -> Callable[[int, int], np.ndarray]:
 @pytest.fixture(scope="session")
 def results_match() -> Callable[..., None]:
     return assert_results_match
+
+
+@pytest.fixture(scope="session")
+def settings_for() -> Callable[..., Settings]:
+    """settings_for(bundle, **overrides) -> small-limit Settings for a test app."""
+    return make_settings
