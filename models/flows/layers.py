@@ -74,9 +74,8 @@ class InvertibleConv1x1(Transform):
     def weight(self) -> Tensor:
         """The `(C, C)` weight matrix built from its LU factors."""
         lower = self.lower * self.lower_mask + self.identity
-        upper = self.upper * self.lower_mask.transpose(0, 1) + torch.diag(
-            self.sign_diagonal * torch.exp(self.log_diagonal)
-        )
+        diagonal = self.identity * (self.sign_diagonal * torch.exp(self.log_diagonal)).unsqueeze(0)
+        upper = self.upper * self.lower_mask.transpose(0, 1) + diagonal
         return self.permutation @ lower @ upper
 
     def freeze_inverse(self) -> None:
