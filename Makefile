@@ -4,10 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-BUNDLE ?= models/bundles/fashion-mnist
+# The trained default bundle; until it exists `make run` serves the closed-form demo bundle (models/demo_bundle.py).
+TRAINED_BUNDLE := models/bundles/fashion-mnist
+DEMO_BUNDLE := models/bundles/demo
+BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(DEMO_BUNDLE))
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test install-serve install-test system-deps bundle clean
+.PHONY: run test install-serve install-test system-deps bundle demo-bundle clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,12 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 bundle: install-test
-	$(BIN)/oodserve build-bundle --data $(FMNIST_DIR) --out $(BUNDLE)
+	$(BIN)/oodserve build-bundle --data $(FMNIST_DIR) --out $(TRAINED_BUNDLE)
+
+# Rebuild the demo bundle (numpy fits on the Fashion-MNIST training split, seconds).
+demo-bundle: install-test
+	rm -rf $(DEMO_BUNDLE)
+	$(BIN)/python -m models.demo_bundle --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) --ood-data ../shared/data/mnist
 
 clean:
 	rm -rf $(VENV) build *.egg-info
