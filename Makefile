@@ -9,6 +9,7 @@ TRAINED_BUNDLE := models/bundles/fashion-mnist
 DEMO_BUNDLE := models/bundles/demo
 BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(DEMO_BUNDLE))
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+MNIST_DIR ?= ../shared/data/mnist
 
 .PHONY: run test install-serve install-test system-deps bundle demo-bundle clean
 
@@ -41,7 +42,7 @@ bundle: install-test
 # Rebuild the demo bundle (numpy fits on the Fashion-MNIST training split, seconds).
 demo-bundle: install-test
 	rm -rf $(DEMO_BUNDLE)
-	$(BIN)/python -m models.demo_bundle --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) --ood-data ../shared/data/mnist
+	$(BIN)/python -m models.demo_bundle --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
