@@ -52,7 +52,7 @@ def parse_json(body: bytes) -> Any:
     except orjson.JSONDecodeError as error:
         try:
             return json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ApiError(400, "malformed_json", f"request body is not valid JSON: {error}") from error
 
 

@@ -41,7 +41,7 @@ def _first_bad_shape(instances: list[Any], accepted: list[list[int]]) -> str:
         array = np.asarray(instance, dtype=object)
         ragged = any(isinstance(value, list) for value in array.reshape(-1).tolist())
         if ragged:
-            return f"instance {index} must be a nested array of shape {wanted}, got ragged nesting (rows of different lengths)"
+            return f"instance {index} must be a nested array of shape {wanted}, got ragged or too deeply nested arrays (rows of different lengths)"
         if list(array.shape) not in accepted:
             return f"instance {index} must be a nested array of shape {wanted}, got shape {list(array.shape)}"
     return f"instances must all have shape {wanted}, got mixed shapes"

@@ -34,6 +34,10 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     response = client.post("/v1/score", content=b'{"instances": [[1, 2', headers={"content-type": "application/json"})
     assert_error(response, 400, "malformed_json", "not valid JSON")
     assert_error(client.post("/v1/score", content=b"", headers={"content-type": "application/json"}), 400, "malformed_json")
+    too_deep = b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert_error(client.post("/v1/score", content=too_deep, headers={"content-type": "application/json"}), 400, "malformed_json")
+    not_utf8 = b'{"instances": "\xff\xfe"}'
+    assert_error(client.post("/v1/score", content=not_utf8, headers={"content-type": "application/json"}), 400, "malformed_json")
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
