@@ -10,6 +10,7 @@ and the per-level log-densities `log p(z_level | kept)` (nats, `(N,)`) are retur
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,7 +19,6 @@ from torch import Tensor, nn
 
 from models.flows.base import (
     CompositeTransform,
-    Flatten,
     Flow,
     Transform,
     gaussian_log_prob,
@@ -59,11 +59,12 @@ class AffineCoupling(Transform):
         return torch.cat([kept, transformed * torch.exp(-log_scale) - shift], dim=1)
 
 
-def glow_step(channels: int, hidden_channels: int) -> CompositeTransform:
-    """One Glow step of flow: actnorm -> invertible 1x1 conv -> affine coupling."""
-    return CompositeTransform(
-        [ActNorm(channels), InvertibleConv1x1(channels), AffineCoupling(channels, hidden_channels)]
-    )
+CouplingFactory = Callable[[int], Transform]
+
+
+def glow_step(channels: int, coupling_factory: CouplingFactory) -> CompositeTransform:
+    """One Glow step of flow: actnorm -> invertible 1x1 conv -> coupling (affine for Glow, spline for NSF)."""
+    return CompositeTransform([ActNorm(channels), InvertibleConv1x1(channels), coupling_factory(channels)])
 
 
 class GlowMultiscale(Transform):
@@ -72,7 +73,13 @@ class GlowMultiscale(Transform):
     Latent order in the output: level 0's factored latent (flattened), level 1's, ..., the final one.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], levels: int, steps_per_level: int, hidden_channels: int):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        levels: int,
+        steps_per_level: int,
+        coupling_factory: CouplingFactory,
+    ) -> None:
         super().__init__()
         channels, height, width = input_shape
         self.squeeze_flags: list[bool] = []
@@ -84,7 +91,9 @@ class GlowMultiscale(Transform):
             if squeeze:
                 channels, height, width = channels * 4, height // 2, width // 2
             self.squeeze_flags.append(squeeze)
-            self.level_steps.append(CompositeTransform([glow_step(channels, hidden_channels) for _ in range(steps_per_level)]))
+            self.level_steps.append(
+                CompositeTransform([glow_step(channels, coupling_factory) for _ in range(steps_per_level)])
+            )
             if level < levels - 1:
                 kept = channels // 2
                 factored = channels - kept
@@ -162,7 +171,12 @@ def build_glow(config: GlowConfig | dict) -> Flow:
     transform = CompositeTransform(
         [
             LogitTransform(config.logit_alpha),
-            GlowMultiscale(tuple(config.input_shape), config.levels, config.steps_per_level, config.hidden_channels),
+            GlowMultiscale(
+                tuple(config.input_shape),
+                config.levels,
+                config.steps_per_level,
+                lambda channels: AffineCoupling(channels, config.hidden_channels),
+            ),
         ]
     )
     flow = Flow(transform, tuple(config.input_shape))

@@ -13,6 +13,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": {"levels": 3, "steps_per_level": 4, "hidden_channels": 32},
         "default": {"levels": 3, "steps_per_level": 8, "hidden_channels": 64},
     },
+    "nice": {
+        "tiny": {"couplings": 2, "hidden_features": 16, "hidden_layers": 1},
+        "small": {"couplings": 4, "hidden_features": 256, "hidden_layers": 3},
+        "default": {"couplings": 4, "hidden_features": 400, "hidden_layers": 4},
+    },
+    "nsf": {
+        "tiny": {"levels": 3, "steps_per_level": 1, "hidden_channels": 8, "bins": 4},
+        "small": {"levels": 3, "steps_per_level": 3, "hidden_channels": 32, "bins": 8},
+        "default": {"levels": 3, "steps_per_level": 4, "hidden_channels": 64, "bins": 8},
+    },
 }
 
 
