@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.bundle.loader import VerifiedBundle, load_bundle
+from service.bundle.loader import BundleError, VerifiedBundle, load_bundle
 from service.bundle.manifest import Manifest
 from service.runtime.sessions import ModelRunner, RuntimeOptions
 from service.scoring.pipeline import (
@@ -158,7 +159,7 @@ class EngineRegistry:
         self.engines: dict[str, Engine] = {}
         for engine in engines:
             if engine.name in self.engines:
-                raise ValueError(f"two bundles are named {engine.name!r}; bundle names must be unique")
+                raise BundleError(f"two bundles are named {engine.name!r}; bundle names must be unique")
             self.engines[engine.name] = engine
         self.default_name = engines[0].name
 
@@ -169,7 +170,7 @@ class EngineRegistry:
     def get(self, name: str) -> Engine | None:
         return self.engines.get(name)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Engine]:
         return iter(self.engines.values())
 
 
