@@ -68,10 +68,21 @@ async def read_json_request(request: Request, max_bytes: int) -> Any:
     return parse_json(await read_body_limited(request, max_bytes))
 
 
+def json_type_name(value: Any) -> str:
+    """The JSON name of a parsed value's type (object, array, string, number, boolean, null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
+
 def parse_score_request(payload: Any, max_instances: int) -> tuple[list[Any], float | None]:
     """Check the request object's fields: `instances` (a list, at most max_instances: else 413) and `alpha`."""
     if not isinstance(payload, dict):
-        raise ApiError(422, "invalid_request", f"request body must be a JSON object with `instances`, got a JSON {type(payload).__name__}")
+        raise ApiError(422, "invalid_request", f"request body must be a JSON object with `instances`, got a JSON {json_type_name(payload)}")
     unknown = sorted(key for key in payload if key not in ALLOWED_REQUEST_KEYS)
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown fields {unknown}; allowed fields are {list(ALLOWED_REQUEST_KEYS)}")

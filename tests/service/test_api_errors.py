@@ -94,7 +94,9 @@ def test_out_of_range_and_non_integer_pixels_are_422(client: TestClient, value: 
 def test_empty_batch_and_missing_or_unknown_fields_are_422(client: TestClient) -> None:
     assert_error(client.post("/v1/score", json={"instances": []}), 422, "empty_batch", "at least one instance")
     assert_error(client.post("/v1/score", json={"alpha": 0.1}), 422, "invalid_request", "needs `instances`")
-    assert_error(client.post("/v1/score", json=[blank()]), 422, "invalid_request", "JSON object", "got a JSON list")
+    assert_error(client.post("/v1/score", json=[blank()]), 422, "invalid_request", "JSON object", "got a JSON array")
+    null_body = client.post("/v1/score", content=b"null", headers={"content-type": "application/json"})
+    assert_error(null_body, 422, "invalid_request", "got a JSON null")
     assert_error(client.post("/v1/score", json={"instances": [blank()], "alhpa": 0.1}), 422, "invalid_request", "alhpa")
 
 
