@@ -68,7 +68,7 @@ class SpectralNormalizedLayer(nn.Module):
         self.right_vector.copy_(right)
 
     @torch.no_grad()
-    def refresh_sigma(self, max_iterations: int = 500, tolerance: float = 1e-7) -> float:
+    def refresh_sigma(self, max_iterations: int = 300, tolerance: float = 1e-6) -> float:
         """Run power iteration to convergence and store `sigma` (call after training, before export)."""
         previous = 0.0
         for _ in range(max_iterations):
