@@ -23,6 +23,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": {"levels": 3, "steps_per_level": 3, "hidden_channels": 32, "bins": 8},
         "default": {"levels": 3, "steps_per_level": 4, "hidden_channels": 64, "bins": 8},
     },
+    "iresnet": {
+        "tiny": {"blocks_per_scale": 1, "scales": 2, "hidden_channels": 8, "training_terms": 2,
+                 "inference_terms": 4, "inference_probes": 1, "inverse_iterations": 30},
+        "small": {"blocks_per_scale": 2, "scales": 2, "hidden_channels": 32},
+        "default": {"blocks_per_scale": 4, "scales": 2, "hidden_channels": 64},
+    },
 }
 
 
