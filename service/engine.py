@@ -40,7 +40,7 @@ class Engine:
                 name=signal.name,
                 kind=signal.kind,
                 source=SignalSource(signal.model, signal.output),
-                params=dict(signal.params),
+                params={**signal.params, **({"arrays": bundle.signal_arrays[signal.name]} if signal.name in bundle.signal_arrays else {})},
             )
             for signal in self.manifest.signals
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from service.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
 from service.bundle.writer import bundle_file_names, sha256_bytes
 from service.scoring.conformal import sort_calibration_scores
 from service.scoring.pipeline import FUSED_CALIBRATION_KEY, Calibration
+from service.scoring.signals import PARAMETERS_FILE_KEY
 
 
 class BundleError(Exception):
@@ -29,6 +30,8 @@ class VerifiedBundle:
     manifest: Manifest
     model_bytes: dict[str, bytes]
     calibration: Calibration
+    signal_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """signal name -> arrays of its verified `parameters_file` (.npz, loaded without pickle)."""
 
 
 def parse_manifest(raw: Any, where: str) -> Manifest:
@@ -128,4 +131,24 @@ def load_bundle(directory: Path | str) -> VerifiedBundle:
     verified = verify_files(directory, manifest)
     calibration = load_calibration(verified[manifest.calibration.file], manifest.calibration.file, manifest)
     model_bytes = {name: verified[spec.file] for name, spec in manifest.models.items()}
-    return VerifiedBundle(directory=directory, manifest=manifest, model_bytes=model_bytes, calibration=calibration)
+    signal_arrays = {
+        signal.name: load_parameter_arrays(verified[signal.params[PARAMETERS_FILE_KEY]], signal.params[PARAMETERS_FILE_KEY])
+        for signal in manifest.signals
+        if PARAMETERS_FILE_KEY in signal.params
+    }
+    return VerifiedBundle(
+        directory=directory, manifest=manifest, model_bytes=model_bytes, calibration=calibration, signal_arrays=signal_arrays
+    )
+
+
+def load_parameter_arrays(data: bytes, file_name: str) -> dict[str, np.ndarray]:
+    """Numeric arrays of a signal's parameters .npz (allow_pickle=False); refuses anything else."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as error:  # noqa: BLE001 - any parse failure of an untrusted file is a refusal
+        raise BundleError(f"parameters file {file_name!r} cannot be read without pickle: {error}") from error
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu" or not np.all(np.isfinite(array)):
+            raise BundleError(f"parameters file {file_name!r}: array {name!r} must be finite numbers, got dtype {array.dtype}")
+    return arrays

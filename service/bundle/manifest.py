@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.scoring.pipeline import FUSED_CALIBRATION_KEY
-from service.scoring.signals import SIGNAL_KINDS, SignalSource
+from service.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, SignalSource
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE_NAME = "manifest.json"
@@ -182,6 +182,9 @@ class Manifest(StrictModel):
                 raise ValueError(f"{where}: {error}") from error
             for source in extra_sources:
                 require_output(source.model, source.output, where)
+            parameters_file = signal.params.get(PARAMETERS_FILE_KEY)
+            if parameters_file is not None and parameters_file not in self.files:
+                raise ValueError(f"{where}: parameters file {parameters_file!r} is not listed in files")
         unknown = [name for name in self.fusion.signals if name not in names]
         if unknown:
             raise ValueError(f"fusion names unknown signals {unknown}; declared signals: {names}")

@@ -242,3 +242,29 @@ def max_softmax_signal(outputs: ModelOutputs, images: np.ndarray, source: Signal
     if logits.ndim != 2:
         raise ValueError(f"{source.model}.{source.output}: expected (N, C) logits, got shape {list(logits.shape)}")
     return 1.0 - np.max(softmax(logits), axis=1)
+
+
+PARAMETERS_FILE_KEY = "parameters_file"
+"""A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it and passes its
+arrays to the kind's compute function as `params["arrays"]` (name -> ndarray)."""
+
+
+def _validate_feature_density(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
+    if not isinstance(params.get(PARAMETERS_FILE_KEY), str):
+        raise ValueError(f"params.{PARAMETERS_FILE_KEY} must name the bundle's .npz of Gaussian parameters")
+
+
+@register_signal_kind(
+    "feature_density",
+    description="-log sum_c pi_c N(f; mu_c, Sigma_c) of classifier features (Mukhoti et al. 2021, DDU)",
+    required_params=(PARAMETERS_FILE_KEY,),
+    validate=_validate_feature_density,
+)
+def feature_density_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+    """Negative log density of the (N, F) feature output under the fitted class-conditional Gaussians."""
+    from service.scoring.feature_density import GaussianMixtureParameters, negative_log_feature_density
+
+    features = np.asarray(read_output(outputs, source), dtype=np.float64)
+    features = features.reshape(features.shape[0], -1)
+    mixture = GaussianMixtureParameters.from_arrays(params["arrays"], prefix=str(params.get("prefix", "")))
+    return negative_log_feature_density(features, mixture)

@@ -1,0 +1,1 @@
+"""Evaluation of a bundle: OOD metrics, verdict false-positive rates, plots and the report."""

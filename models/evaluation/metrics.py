@@ -1,0 +1,55 @@
+"""OOD detection metrics (scikit-learn based) with in-distribution as the negative class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+@dataclass(frozen=True)
+class DetectionMetrics:
+    """AUROC, AUPR (OOD positive) and FPR at 95% TPR of one continuous score."""
+
+    auroc: float
+    aupr: float
+    fpr_at_95_tpr: float
+
+
+def _labels_and_scores(in_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    in_scores = np.asarray(in_scores, dtype=np.float64)
+    ood_scores = np.asarray(ood_scores, dtype=np.float64)
+    labels = np.concatenate([np.zeros(len(in_scores)), np.ones(len(ood_scores))])
+    return labels, np.concatenate([in_scores, ood_scores])
+
+
+def fpr_at_tpr(in_scores: np.ndarray, ood_scores: np.ndarray, tpr_level: float = 0.95) -> float:
+    """Fraction of in-distribution inputs flagged when the threshold catches `tpr_level` of the OOD ones."""
+    labels, scores = _labels_and_scores(in_scores, ood_scores)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(fpr[np.searchsorted(tpr, tpr_level, side="left")])
+
+
+def detection_metrics(in_scores: np.ndarray, ood_scores: np.ndarray) -> DetectionMetrics:
+    """Scores are oriented so that higher means more OOD."""
+    labels, scores = _labels_and_scores(in_scores, ood_scores)
+    return DetectionMetrics(
+        auroc=float(roc_auc_score(labels, scores)),
+        aupr=float(average_precision_score(labels, scores)),
+        fpr_at_95_tpr=fpr_at_tpr(in_scores, ood_scores),
+    )
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017). probabilities: (N, K), labels: (N,)."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bin_index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bin_index == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)

@@ -1,0 +1,93 @@
+"""Self-made out-of-distribution inputs from in-distribution images (numpy only).
+
+Used to choose the fusion rule without real OOD data and as extra OOD sets in the
+evaluation report. Every function maps uint8 images `(N, H, W)` to uint8 images of the
+same shape and is deterministic given `rng`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Perturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def uniform_noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Images of i.i.d. uniform 0..255 pixels (ignores the content)."""
+    return rng.integers(0, 256, size=images.shape, dtype=np.uint8)
+
+
+def gaussian_noise_added(images: np.ndarray, rng: np.random.Generator, sigma: float = 40.0) -> np.ndarray:
+    """Additive Gaussian pixel noise (sigma in 0..255 units), clipped."""
+    noisy = images.astype(np.float64) + rng.normal(0.0, sigma, size=images.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def mutate_pixels(images: np.ndarray, rng: np.random.Generator, rate: float = 0.3) -> np.ndarray:
+    """Ren et al. 2019 mutation: each pixel replaced with probability `rate` by a uniform value."""
+    mask = rng.random(images.shape) < rate
+    replacement = rng.integers(0, 256, size=images.shape, dtype=np.uint8)
+    return np.where(mask, replacement, images).astype(np.uint8)
+
+
+def invert(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photographic negative: 255 - x (bright background, dark object)."""
+    return (255 - images).astype(np.uint8)
+
+
+def flip_vertical(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Upside-down images (Fashion-MNIST objects have a canonical orientation)."""
+    return np.ascontiguousarray(images[:, ::-1, :])
+
+
+def rotate_90(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Images rotated by 90 degrees."""
+    return np.ascontiguousarray(np.rot90(images, k=1, axes=(1, 2)))
+
+
+def pixel_shuffle(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image's pixels permuted at random: same histogram, no spatial structure."""
+    flat = images.reshape(len(images), -1).copy()
+    for row in flat:
+        rng.shuffle(row)
+    return flat.reshape(images.shape)
+
+
+def constant_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flat images of one random grey level each."""
+    levels = rng.integers(0, 256, size=(len(images), 1, 1), dtype=np.uint8)
+    return np.broadcast_to(levels, images.shape).copy()
+
+
+def block_patches(images: np.ndarray, rng: np.random.Generator, block: int = 7) -> np.ndarray:
+    """Coarse random checkerboards of `block`-pixel squares (simple synthetic glyph-like images)."""
+    n, height, width = images.shape
+    coarse = rng.integers(0, 2, size=(n, -(-height // block), -(-width // block))).astype(np.uint8) * 255
+    return np.ascontiguousarray(np.kron(coarse, np.ones((1, block, block), dtype=np.uint8))[:, :height, :width])
+
+
+PERTURBATIONS: dict[str, Perturbation] = {
+    "uniform_noise": uniform_noise,
+    "gaussian_noise": gaussian_noise_added,
+    "mutated_30pct": mutate_pixels,
+    "inverted": invert,
+    "flipped_vertical": flip_vertical,
+    "rotated_90": rotate_90,
+    "pixel_shuffled": pixel_shuffle,
+    "constant": constant_images,
+    "checkerboard": block_patches,
+}
+
+
+def make_perturbed_sets(images: np.ndarray, seed: int = 0, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Apply each named perturbation (default: all) to `images`, with one seeded generator each."""
+    chosen = names if names is not None else list(PERTURBATIONS)
+    unknown = sorted(set(chosen) - set(PERTURBATIONS))
+    if unknown:
+        raise KeyError(f"unknown perturbations {unknown}; known: {sorted(PERTURBATIONS)}")
+    return {
+        name: PERTURBATIONS[name](images, np.random.default_rng([seed, index]))
+        for index, name in enumerate(chosen)
+    }
