@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import health, metrics, v1
+from service.api import generation, health, metrics, v1
 from service.api.errors import install_error_handlers
 from service.api.responses import OrjsonResponse
 from service.config import Settings
@@ -47,7 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry: EngineRegistry = app.state.registry
     for engine in registry:
         await run_in_threadpool(engine.warm_up, settings.warmup_batch_size)
-        service_metrics.model_info.labels(model=engine.name, version=engine.version, provider=engine.provider_summary).set(1)
+    service_metrics.track_registry(registry)
     app.state.ready = True
     service_metrics.ready.set(1)
     logger.info("ready: serving %s (default %s)", sorted(registry.engines), registry.default_name)
@@ -72,12 +72,13 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = ServiceMetrics()
+    app.state.metrics = ServiceMetrics(ood_rate_window=settings.ood_rate_window)
     app.state.registry = registry
     app.state.ready = False
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(generation.router)
     app.include_router(metrics.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     warmup_batch_size: int = Field(8, ge=1, description="Instances in the warm-up run done before readiness.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances one score request may carry (else 413).")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body in bytes (else 413).")
+    ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
 
     @field_validator("extra_bundles", "providers", mode="before")

@@ -19,6 +19,8 @@ from service.scoring.pipeline import (
     SignalDefinition,
     score_outputs,
 )
+from service.generation import Sampler
+from service.scoring.batch_typicality import BatchTypicalityTest
 from service.scoring.inputs import accepted_instance_shapes
 from service.scoring.signals import SIGNAL_KINDS, SignalSource
 
@@ -31,8 +33,9 @@ class Engine:
     Thread-safe for concurrent `score` calls (onnxruntime sessions are; the rest is pure numpy).
     """
 
-    def __init__(self, bundle: VerifiedBundle, runner: ModelRunner) -> None:
+    def __init__(self, bundle: VerifiedBundle, runner: ModelRunner, sampler: Sampler | None = None) -> None:
         self.bundle = bundle
+        self.sampler = sampler
         self.manifest: Manifest = bundle.manifest
         self.runner = runner
         self.signal_definitions = tuple(
@@ -47,13 +50,19 @@ class Engine:
         self.fusion = FusionRule(method=self.manifest.fusion.method, signals=tuple(self.manifest.fusion.signals))
         classifier = self.manifest.classifier
         self.classifier_logits = SignalSource(classifier.model, classifier.logits) if classifier is not None else None
+        test = self.manifest.batch_typicality
+        self.batch_typicality = (
+            BatchTypicalityTest(bundle.batch_reference_bpd, test.entropy_bpd, n_bootstrap=test.n_bootstrap)
+            if test is not None and bundle.batch_reference_bpd is not None
+            else None
+        )
 
     @classmethod
     def load(cls, directory: Path | str, options: RuntimeOptions | None = None) -> Engine:
         """Verify the bundle at `directory` (sha256 of every file), create its sessions, build the engine."""
         bundle = load_bundle(directory)
         runner = ModelRunner.for_bundle(bundle, options or RuntimeOptions())
-        engine = cls(bundle, runner)
+        engine = cls(bundle, runner, Sampler.for_bundle(bundle, options or RuntimeOptions()))
         logger.info(
             "bundle %s %s loaded from %s: models %s, signals %s, fusion %s",
             engine.name,
@@ -79,8 +88,14 @@ class Engine:
 
     def score(self, images: np.ndarray, alpha: float | None = None) -> BatchScores:
         """images: (N, *input_shape) float32 raw scale, already validated -> BatchScores of arrays (N,)."""
+        return self.score_model_outputs(images, self.runner.run(images), alpha)
+
+    def score_model_outputs(
+        self, images: np.ndarray, outputs: dict[str, dict[str, np.ndarray]], alpha: float | None = None
+    ) -> BatchScores:
+        """Verdicts for images (N, *input_shape) whose model outputs (leading axis N) are already computed;
+        the dynamic batcher runs many requests' images at once and scores them here."""
         level = self.default_alpha if alpha is None else float(alpha)
-        outputs = self.runner.run(images)
         return score_outputs(
             self.signal_definitions,
             self.bundle.calibration,
@@ -94,6 +109,21 @@ class Engine:
     def score_batch(self, images: np.ndarray, alpha: float | None = None) -> list[InstanceResult]:
         """One InstanceResult per image, in input order; alpha defaults to the manifest's default_alpha."""
         return self.score(images, alpha).to_instance_results(self.manifest.labels)
+
+    def batch_test(self, scores: BatchScores) -> dict[str, Any] | None:
+        """The batch typicality test (Nalisnick et al. 2019b) on a scored batch of M >= 2, else None."""
+        test = self.manifest.batch_typicality
+        if self.batch_typicality is None or test is None or scores.is_ood.size < 2:
+            return None
+        outcome = self.batch_typicality.test(scores.signals[test.signal], scores.alpha)
+        return {
+            "test": "typicality",
+            "size": outcome.size,
+            "statistic": outcome.statistic,
+            "threshold": outcome.threshold,
+            "alpha": outcome.alpha,
+            "is_ood": outcome.is_ood,
+        }
 
     def warm_up(self, batch_size: int = 8) -> None:
         """Run the full scoring path once on a mid-grey batch so the first request pays no set-up cost."""

@@ -31,11 +31,23 @@ class InstanceResult(BaseModel):
     prediction: Prediction | None = Field(None, description="Present when the bundle has a classifier.")
 
 
+class BatchResult(BaseModel):
+    """Batch typicality test (Nalisnick et al. 2019b), present for M >= 2 instances when the bundle has one."""
+
+    test: str = Field(description="Always 'typicality'.")
+    size: int = Field(description="M, the number of instances in the batch.")
+    statistic: float = Field(description="|mean bits/dim of the batch - training entropy|.")
+    threshold: float = Field(description="Bootstrap (1 - alpha) quantile of the statistic for batches of M in-distribution inputs.")
+    alpha: float
+    is_ood: bool = Field(description="statistic > threshold: the batch as a whole is atypical.")
+
+
 class ScoreResponse(BaseModel):
     model: str
     model_version: str
     alpha: float
     results: list[InstanceResult]
+    batch: BatchResult | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -58,12 +58,16 @@ def _validate_and_score(engine: Engine, instances: list[Any], alpha: float | Non
     scores = engine.score(images, alpha)
     results = scores.to_instance_results(engine.manifest.labels)
     metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
-    return {
+    body = {
         "model": engine.name,
         "model_version": engine.version,
         "alpha": scores.alpha,
         "results": [result_to_json(result) for result in results],
     }
+    batch = engine.batch_test(scores)
+    if batch is not None:
+        body["batch"] = batch
+    return body
 
 
 async def _score(request: Request, engine: Engine, settings: SettingsDep, metrics: MetricsDep) -> OrjsonResponse:

@@ -31,6 +31,8 @@ class VerifiedBundle:
     model_bytes: dict[str, bytes]
     calibration: Calibration
     signal_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    sampler_bytes: bytes | None = None
+    batch_reference_bpd: np.ndarray | None = None
     """signal name -> arrays of its verified `parameters_file` (.npz, loaded without pickle)."""
 
 
@@ -136,8 +138,18 @@ def load_bundle(directory: Path | str) -> VerifiedBundle:
         for signal in manifest.signals
         if PARAMETERS_FILE_KEY in signal.params
     }
+    batch_reference_bpd = None
+    if manifest.batch_typicality is not None:
+        file_name = manifest.batch_typicality.parameters_file
+        arrays = load_parameter_arrays(verified[file_name], file_name)
+        if "reference_bpd" not in arrays or arrays["reference_bpd"].ndim != 1 or arrays["reference_bpd"].size < 2:
+            raise BundleError(f"parameters file {file_name!r} must hold a 1-D array 'reference_bpd' of >= 2 values")
+        batch_reference_bpd = arrays["reference_bpd"].astype(np.float64)
     return VerifiedBundle(
-        directory=directory, manifest=manifest, model_bytes=model_bytes, calibration=calibration, signal_arrays=signal_arrays
+        directory=directory, manifest=manifest, model_bytes=model_bytes, calibration=calibration,
+        signal_arrays=signal_arrays,
+        sampler_bytes=verified[manifest.sampler.file] if manifest.sampler is not None else None,
+        batch_reference_bpd=batch_reference_bpd,
     )
 
 

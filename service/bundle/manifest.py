@@ -93,6 +93,25 @@ class FusionSpec(StrictModel):
     reason: str = ""
 
 
+class SamplerSpec(StrictModel):
+    """The flow's generative graph: standard-normal latents `input` (N, *latent_shape) -> images `output`."""
+
+    file: str
+    input: str
+    output: str
+    latent_shape: list[int] = Field(min_length=1)
+
+
+class BatchTypicalitySpec(StrictModel):
+    """Batch typicality test (Nalisnick et al. 2019b) over a bits/dim signal; `parameters_file` holds
+    `reference_bpd`, held-out in-distribution bits/dim for the bootstrap."""
+
+    signal: str
+    entropy_bpd: float
+    parameters_file: str
+    n_bootstrap: int = Field(2000, ge=100, le=100000)
+
+
 class Provenance(BaseModel):
     """Where the bundle came from; free-form extra keys are allowed."""
 
@@ -121,6 +140,8 @@ class Manifest(StrictModel):
     fusion: FusionSpec
     default_alpha: float = Field(gt=0.0, lt=1.0)
     provenance: Provenance
+    sampler: SamplerSpec | None = None
+    batch_typicality: BatchTypicalitySpec | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -185,6 +206,15 @@ class Manifest(StrictModel):
             parameters_file = signal.params.get(PARAMETERS_FILE_KEY)
             if parameters_file is not None and parameters_file not in self.files:
                 raise ValueError(f"{where}: parameters file {parameters_file!r} is not listed in files")
+        if self.sampler is not None and self.sampler.file not in self.files:
+            raise ValueError(f"sampler file {self.sampler.file!r} is not listed in files")
+        if self.batch_typicality is not None:
+            test = self.batch_typicality
+            kinds = {signal.name: signal.kind for signal in self.signals}
+            if kinds.get(test.signal) != "bits_per_dim":
+                raise ValueError(f"batch_typicality.signal {test.signal!r} must name a signal of kind 'bits_per_dim'")
+            if test.parameters_file not in self.files:
+                raise ValueError(f"batch_typicality parameters file {test.parameters_file!r} is not listed in files")
         unknown = [name for name in self.fusion.signals if name not in names]
         if unknown:
             raise ValueError(f"fusion names unknown signals {unknown}; declared signals: {names}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,17 @@ def create_model_session(
     )
 
 
+InferenceObserver = Callable[[int, dict[str, float]], None]
+"""Receives (instances in the batch, onnxruntime seconds per model name) after each ModelRunner.run."""
+
+
 class ModelRunner:
     """All sessions of one bundle; runs a batch through every model and returns outputs[model][output]."""
 
     def __init__(self, sessions: Mapping[str, ModelSession]) -> None:
         self.sessions = dict(sessions)
+        self.observer: InferenceObserver | None = None
+        """Called after every `run` with (instances, seconds per model); set by ServiceMetrics.track_registry."""
 
     @classmethod
     def for_bundle(cls, bundle: VerifiedBundle, options: RuntimeOptions) -> ModelRunner:
@@ -113,7 +120,12 @@ class ModelRunner:
         """images: (N, *input_shape) float32 raw scale -> outputs[model][output], each with leading axis N."""
         batch = np.ascontiguousarray(images, dtype=np.float32)
         outputs: dict[str, dict[str, np.ndarray]] = {}
+        seconds_per_model: dict[str, float] = {}
         for name, model in self.sessions.items():
+            started = time.perf_counter()
             values = model.session.run(list(model.output_names), {model.input_name: batch})
+            seconds_per_model[name] = time.perf_counter() - started
             outputs[name] = dict(zip(model.output_names, values))
+        if self.observer is not None:
+            self.observer(int(batch.shape[0]), seconds_per_model)
         return outputs
