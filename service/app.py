@@ -11,13 +11,17 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import generation, health, metrics, v1
+from service.api import admin, generation, health, metrics, v1
 from service.api.errors import install_error_handlers
 from service.api.responses import OrjsonResponse
 from service.config import Settings
 from service.engine import EngineRegistry, load_registry
+from service.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.reload import BundleReloader, install_sighup_reload
+from service.runtime.batching import BatchingOptions, BatchScheduler
 from service.runtime.sessions import RuntimeOptions
+from service.security import AUTH_ERROR_RESPONSES, METRICS_KEY_DEPENDENCIES, SCORING_KEY_DEPENDENCIES
 
 logger = logging.getLogger("oodserve.app")
 
@@ -29,6 +33,17 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         require_gpu=settings.require_gpu,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+    )
+
+
+def batching_options(settings: Settings) -> BatchingOptions:
+    """Dynamic batching options from the settings."""
+    return BatchingOptions(
+        enabled=settings.batching,
+        max_batch_size=settings.batch_max_size,
+        max_queue_delay_ms=settings.batch_max_delay_ms,
+        queue_capacity=settings.batch_queue_capacity,
+        deadline_ms=settings.batch_deadline_seconds * 1000.0,
     )
 
 
@@ -51,11 +66,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.ready = True
     service_metrics.ready.set(1)
     logger.info("ready: serving %s (default %s)", sorted(registry.engines), registry.default_name)
+    uninstall_sighup = install_sighup_reload(app.state.reloader) if settings.reload_on_sighup else None
     try:
         yield
     finally:
+        if uninstall_sighup is not None:
+            uninstall_sighup()
         app.state.ready = False
         service_metrics.ready.set(0)
+        await app.state.batching.close()
 
 
 def create_app(settings: Settings | None = None, registry: EngineRegistry | None = None) -> FastAPI:
@@ -75,10 +94,17 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
     app.state.metrics = ServiceMetrics(ood_rate_window=settings.ood_rate_window)
     app.state.registry = registry
     app.state.ready = False
+    app.state.batching = BatchScheduler(batching_options(settings))
+    app.state.reloader = BundleReloader(app.state, runtime_options)
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(v1.router)
-    app.include_router(generation.router)
-    app.include_router(metrics.router)
+    protected = {**AUTH_ERROR_RESPONSES, **LIMIT_ERROR_RESPONSES}  # documented so schema checks hold
+    app.include_router(health.router, responses=LIMIT_ERROR_RESPONSES)
+    app.include_router(v1.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
+    app.include_router(generation.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
+    app.include_router(admin.router, responses=LIMIT_ERROR_RESPONSES)
+    app.include_router(metrics.router, dependencies=METRICS_KEY_DEPENDENCIES, responses=protected)
+    app.add_middleware(
+        RequestLimitsMiddleware, max_body_bytes=settings.max_body_bytes, timeout_seconds=settings.request_timeout_seconds
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     return app

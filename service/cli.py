@@ -52,9 +52,9 @@ def serve(
     except (BundleError, GpuRequiredError) as error:
         typer.echo(f"oodserve: refusing to start: {error}", err=True)
         raise typer.Exit(code=2) from error
-    import uvicorn
+    from service.serving import run_server
 
-    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port, log_level=settings.log_level)
+    run_server(create_app(settings, registry), settings)  # SIGTERM: finish in-flight requests, exit 0; SIGHUP: reload
 
 
 @app.command()

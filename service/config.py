@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BUNDLE = Path("models/bundles/fashion-mnist")
@@ -43,11 +43,50 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0 = onnxruntime's default).")
     warmup_batch_size: int = Field(8, ge=1, description="Instances in the warm-up run done before readiness.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances one score request may carry (else 413).")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body in bytes (else 413).")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before and while it is read (else 413)."
+    )
     ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
+    # Dynamic batching (issue 6).
+    batching: bool = Field(
+        True, description="Merge concurrent score requests into one onnxruntime run per model (false: one run per request)."
+    )
+    batch_max_size: int = Field(64, ge=1, description="Most instances in one merged onnxruntime run; larger requests are split.")
+    batch_max_delay_ms: float = Field(
+        1.0, ge=0, description="How long a batch waits for requests already being read to join it (it never waits when none are)."
+    )
+    batch_queue_capacity: int = Field(1024, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After.")
+    batch_deadline_seconds: float = Field(
+        10.0, gt=0, description="Longest a score request may spend queued plus in its merged run (else 504)."
+    )
+    # Reliability and security (issue 8).
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for scoring and model endpoints (comma-separated); empty = open."
+    )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for /v1/admin (comma-separated); empty = admin endpoints disabled."
+    )
+    protect_metrics: bool = Field(False, description="Require a scoring or admin key on /metrics.")
+    max_json_depth: int = Field(32, ge=4, description="Deepest JSON nesting of a request body (else 400).")
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest time one request may take before it is answered 504 (admin endpoints exempt)."
+    )
+    max_concurrent_connections: int = Field(
+        128, ge=1, description="Connections and requests uvicorn serves at once before answering 503 (uvicorn limit_concurrency)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may run before they are cancelled."
+    )
+    reload_on_sighup: bool = Field(True, description="Reload the bundles (verified, warmed up, swapped atomically) on SIGHUP.")
 
-    @field_validator("extra_bundles", "providers", mode="before")
+    @field_validator("extra_bundles", "providers", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _lists_from_text(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @model_validator(mode="after")
+    def _metrics_protection_needs_keys(self) -> Settings:
+        if self.protect_metrics and not (self.api_keys or self.admin_keys):
+            raise ValueError("OODSERVE_PROTECT_METRICS=true needs OODSERVE_API_KEYS or OODSERVE_ADMIN_KEYS")
+        return self

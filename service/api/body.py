@@ -10,6 +10,7 @@ import orjson
 from fastapi import Request
 
 from service.api.errors import ApiError
+from service.limits import check_json_depth
 
 ALLOWED_REQUEST_KEYS = ("instances", "alpha")
 
@@ -57,7 +58,7 @@ def parse_json(body: bytes) -> Any:
 
 
 async def read_json_request(request: Request, max_bytes: int) -> Any:
-    """Content type (415), size (413) and JSON syntax (400) checks, in that order."""
+    """Content type (415), size (413), nesting depth and JSON syntax (400) checks, in that order."""
     content_type = request.headers.get("content-type")
     if not is_json_media_type(content_type):
         raise ApiError(
@@ -65,7 +66,9 @@ async def read_json_request(request: Request, max_bytes: int) -> Any:
             "unsupported_media_type",
             f"expected Content-Type application/json, got {content_type or 'none'}",
         )
-    return parse_json(await read_body_limited(request, max_bytes))
+    body = await read_body_limited(request, max_bytes)
+    check_json_depth(body, request.app.state.settings.max_json_depth)
+    return parse_json(body)
 
 
 def json_type_name(value: Any) -> str:

@@ -16,11 +16,12 @@ logger = logging.getLogger("oodserve.api")
 class ApiError(Exception):
     """A request that cannot be served: HTTP status, a machine-readable code and a message saying why."""
 
-    def __init__(self, status_code: int, code: str, message: str) -> None:
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})  # e.g. WWW-Authenticate on 401, Retry-After on 503
 
 
 def error_response(status_code: int, code: str, message: str) -> OrjsonResponse:
@@ -45,7 +46,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> OrjsonResponse:
-        return error_response(error.status_code, error.code, error.message)
+        response = error_response(error.status_code, error.code, error.message)
+        response.headers.update(error.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> OrjsonResponse:

@@ -1,0 +1,200 @@
+"""Request limits enforced below the routers: body bytes (413 before the body is read), a per-request timeout (504)
+and the JSON nesting depth, so no client can make the service read, parse or wait without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.api.errors import ApiError
+from service.api.schemas import ErrorResponse
+
+logger = logging.getLogger("oodserve.limits")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+LIMIT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed request (e.g. a Content-Length that is not a number)."},
+    413: {"model": ErrorResponse, "description": "Body larger than OODSERVE_MAX_BODY_BYTES (checked before and while reading)."},
+    504: {"model": ErrorResponse, "description": "Not answered within OODSERVE_REQUEST_TIMEOUT_SECONDS."},
+}
+
+_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
+_QUOTE = ord('"')
+
+
+def json_nesting_depth(body: bytes) -> int:
+    """Deepest array/object nesting of a JSON text, counted on the bytes before parsing (numpy, no recursion).
+
+    Escaped backslashes and quotes are dropped first so every remaining `"` opens or closes a string;
+    brackets inside strings are not counted. Exact for valid JSON; for invalid JSON a number the parser
+    refuses anyway.
+    """
+    if not body:
+        return 0
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    data = np.frombuffer(unescaped, dtype=np.uint8)
+    quotes = data == _QUOTE
+    inside_string = (np.cumsum(quotes) % 2).astype(bool) & ~quotes
+    steps = np.isin(data, _OPENERS).astype(np.int32) - np.isin(data, _CLOSERS).astype(np.int32)
+    steps[inside_string] = 0
+    depth = np.cumsum(steps)
+    return int(depth.max()) if depth.size else 0
+
+
+def check_json_depth(body: bytes, max_depth: int) -> None:
+    """400 `malformed_json` when the body nests arrays/objects deeper than max_depth."""
+    depth = json_nesting_depth(body)
+    if depth > max_depth:
+        raise ApiError(400, "malformed_json", f"JSON nesting depth is {depth}; the limit is {max_depth} (OODSERVE_MAX_JSON_DEPTH)")
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` once the streamed body passes the limit (the middleware answers 413)."""
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+async def send_error(send: Send, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """Send a complete JSON error response on a raw ASGI channel."""
+    body = _error_body(code, message)
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status_code, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLimitsMiddleware:
+    """Pure ASGI middleware for every HTTP request.
+
+    - Content-Length above max_body_bytes: 413 at once, the app is not called and no body byte is read.
+    - Bodies without Content-Length (chunked) or lying about it: bytes are counted as they arrive and
+      the request is answered 413 as soon as the count passes the limit (whatever the app then tries to
+      send is replaced); the rest of the body is never read.
+    - A request not answered within timeout_seconds gets 504 (the app task is cancelled; work already
+      running in a worker thread finishes there and its result is dropped). Paths under
+      `timeout_exempt_prefixes` (admin reloads) have no timeout.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        timeout_seconds: float | None,
+        timeout_exempt_prefixes: tuple[str, ...] = ("/v1/admin/",),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout_seconds = timeout_seconds
+        self.timeout_exempt_prefixes = timeout_exempt_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared == -1:
+            await send_error(send, 400, "bad_request", "Content-Length must be a non-negative integer")
+            return
+        if declared is not None and declared > self.max_body_bytes:
+            await send_error(
+                send, 413, "body_too_large", f"request body is {declared} bytes; the limit is {self.max_body_bytes} bytes"
+            )
+            return
+        state = _Exchange()
+        limit = self.max_body_bytes
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state.received += len(message.get("body", b""))
+                if state.received > limit:
+                    state.too_large = True
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if state.answered_by_middleware:
+                return  # we already answered (413 or 504): drop what the app sends later
+            if state.too_large and message["type"] == "http.response.start" and not state.started:
+                await self._answer(send, state, 413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+                return
+            if message["type"] == "http.response.start":
+                state.started = True
+            await send(message)
+
+        path = scope.get("path", "")
+        timeout = None if path.startswith(self.timeout_exempt_prefixes) else self.timeout_seconds
+        try:
+            if timeout is None:
+                await self.app(scope, counting_receive, guarded_send)
+            else:
+                await self._run_with_timeout(scope, counting_receive, guarded_send, send, state, timeout)
+        except BodyTooLarge:
+            if not state.started and not state.answered_by_middleware:
+                await self._answer(send, state, 413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+
+    async def _run_with_timeout(
+        self, scope: Scope, receive: Receive, guarded_send: Send, send: Send, state: _Exchange, timeout: float
+    ) -> None:
+        """Run the app as its own task so a late answer can be replaced by a 504 without waiting for it."""
+        task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if task in done:
+            task.result()  # re-raise the app's exception, if any
+            return
+        task.cancel()
+        task.add_done_callback(_log_late_failure)
+        if state.started or state.answered_by_middleware:
+            logger.warning("%s %s passed the %.1f s timeout after its response had started", scope.get("method"), scope.get("path"), timeout)
+            return
+        logger.warning("%s %s timed out after %.1f s: answered 504", scope.get("method"), scope.get("path"), timeout)
+        await self._answer(send, state, 504, "timeout", f"the request was not answered within {timeout:g} s")
+
+    @staticmethod
+    async def _answer(send: Send, state: _Exchange, status_code: int, code: str, message: str) -> None:
+        state.answered_by_middleware = True
+        state.started = True
+        await send_error(send, status_code, code, message, {"connection": "close"})
+
+
+class _Exchange:
+    """Mutable per-request state shared by the wrapped receive/send."""
+
+    __slots__ = ("received", "too_large", "started", "answered_by_middleware")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.too_large = False
+        self.started = False
+        self.answered_by_middleware = False
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """Content-Length as an int; None when absent; -1 when not a non-negative integer."""
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isdigit() else -1
+    return None
+
+
+def _log_late_failure(task: asyncio.Future[Any]) -> None:
+    """Retrieve the cancelled app task's outcome so asyncio never reports an unretrieved exception."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, BodyTooLarge):
+        logger.warning("request that timed out later failed: %r", error)
