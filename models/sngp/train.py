@@ -128,7 +128,7 @@ def train_one_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += float(loss) * index.numel()
+        total_loss += float(loss.detach()) * index.numel()
         total_correct += int((logits.argmax(1) == labels[index]).sum())
         seen += index.numel()
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{total_correct / seen:.4f}")

@@ -1,0 +1,76 @@
+"""Smoke test of `train sngp` / `export sngp` on a tiny synthetic IDX data set."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import typer
+from typer.testing import CliRunner
+
+from models.sngp.cli import register
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion_mnist(directory: Path) -> Path:
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    for prefix, count in (("train", 12100), ("t10k", 50)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 40, (count, 28, 28)) + (labels * 20)[:, None, None]
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+    return directory
+
+
+def cli_app() -> typer.Typer:
+    app, train_app, export_app = typer.Typer(), typer.Typer(), typer.Typer()
+    register(train_app, export_app)
+    app.add_typer(train_app, name="train")
+    app.add_typer(export_app, name="export")
+    return app
+
+
+def test_train_then_export_tiny_run(tmp_path: Path) -> None:
+    data = fake_fashion_mnist(tmp_path / "data")
+    runner = CliRunner()
+    tiny = ["--limit-train", "64", "--batch-size", "32", "--widths", "2,2,4", "--random-features", "32",
+            "--threads", "1", "--data", str(data)]
+    result = runner.invoke(cli_app(), ["train", "sngp", "--out", str(tmp_path / "run"), "--epochs", "2", *tiny])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_ece", "validation_accuracy", "train_minutes", "parameters"):
+        assert key in metrics
+    assert metrics["epochs_completed"] == 2 and all(h["complete"] for h in metrics["history"])
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+    onnx_path = tmp_path / "sngp.onnx"
+    result = runner.invoke(cli_app(), ["export", "sngp", str(tmp_path / "run" / "model.pt"), "--out", str(onnx_path)])
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits, variance, features = session.run(None, {"x": np.zeros((3, 1, 28, 28), np.float32)})
+    assert logits.shape == (3, 10) and variance.shape == (3,) and features.shape == (3, 4)
+    assert np.all(variance > 0)
+
+
+def test_time_budget_cut_rebuilds_the_precision_without_gradients(tmp_path: Path) -> None:
+    data = fake_fashion_mnist(tmp_path / "data")
+    result = CliRunner().invoke(cli_app(), [
+        "train", "sngp", "--out", str(tmp_path / "cut"), "--epochs", "3", "--max-minutes", "0",
+        "--limit-train", "64", "--widths", "2,2,4", "--random-features", "32", "--threads", "1", "--data", str(data),
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert metrics["history"][-1]["complete"] is False
+    state = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["state_dict"]
+    precision = state["gp.precision"]
+    # ridge * I plus the features of all 64 training images (each ||phi||^2 is about 1)
+    assert float(torch.trace(precision)) > 32 * 1.0 + 32
