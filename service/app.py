@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import admin, generation, health, metrics, v1
+from service.api import admin, generation, health, metrics, v1, v2
 from service.api.errors import install_error_handlers
 from service.api.responses import OrjsonResponse
 from service.config import Settings
@@ -101,8 +101,11 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
     app.include_router(health.router, responses=LIMIT_ERROR_RESPONSES)
     app.include_router(v1.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
     app.include_router(generation.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
+    app.include_router(v2.health_router, responses=LIMIT_ERROR_RESPONSES)
+    app.include_router(v2.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
     app.include_router(admin.router, responses=LIMIT_ERROR_RESPONSES)
     app.include_router(metrics.router, dependencies=METRICS_KEY_DEPENDENCIES, responses=protected)
+    app.include_router(v2.fallback_router)  # last: unknown /v2 paths get a v2-style 404
     app.add_middleware(
         RequestLimitsMiddleware, max_body_bytes=settings.max_body_bytes, timeout_seconds=settings.request_timeout_seconds
     )

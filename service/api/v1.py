@@ -1,4 +1,4 @@
-"""v1 API: model summaries and scoring of JSON instances."""
+"""v1 API: model summaries and scoring of JSON, .npy, PNG and multipart PNG bodies."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
-from service.api.body import parse_score_request, read_json_request
 from service.api.deps import MetricsDep, NamedEngineDep, RegistryDep, SettingsDep
-from service.api.errors import ApiError
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
+from service.api.scoring import read_score_images, schedule_scoring
 from service.engine import Engine
-from service.metrics import ServiceMetrics
-from service.scoring.inputs import InputError, instances_to_array
-from service.scoring.pipeline import InstanceResult
+from service.runtime.batching import BatchScheduler
+from service.scoring.pipeline import BatchScores, InstanceResult
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -24,7 +21,17 @@ _SCORE_DOCS: dict[str, Any] = {
     "response_model": None,
     "responses": {200: {"model": ScoreResponse}, **ERROR_RESPONSES},
     "openapi_extra": {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": ScoreRequest.model_json_schema()}}}
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ScoreRequest.model_json_schema()},
+                "application/x-npy": {"schema": {"type": "string", "format": "binary", "description": "np.save of (N, *instance shape)"}},
+                "image/png": {"schema": {"type": "string", "format": "binary", "description": "one image, 8-bit greyscale after conversion"}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}, "alpha": {"type": "number"}}}
+                },
+            },
+        }
     },
 }
 
@@ -47,22 +54,13 @@ def result_to_json(result: InstanceResult) -> dict[str, Any]:
     return body
 
 
-def _validate_and_score(engine: Engine, instances: list[Any], alpha: float | None, metrics: ServiceMetrics) -> dict[str, Any]:
-    """Runs in a worker thread: JSON instances -> checked batch -> scores -> response body."""
-    spec = engine.manifest.input
-    started = time.perf_counter()
-    try:
-        images = instances_to_array(instances, spec.shape, spec.dtype, spec.min, spec.max)
-    except InputError as error:
-        raise ApiError(422, error.code, error.message) from error
-    scores = engine.score(images, alpha)
-    results = scores.to_instance_results(engine.manifest.labels)
-    metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
-    body = {
+def score_response_body(engine: Engine, scores: BatchScores) -> dict[str, Any]:
+    """The v1 response: model, version, alpha, one result per instance and the batch test when declared."""
+    body: dict[str, Any] = {
         "model": engine.name,
         "model_version": engine.version,
         "alpha": scores.alpha,
-        "results": [result_to_json(result) for result in results],
+        "results": [result_to_json(result) for result in scores.to_instance_results(engine.manifest.labels)],
     }
     batch = engine.batch_test(scores)
     if batch is not None:
@@ -71,10 +69,15 @@ def _validate_and_score(engine: Engine, instances: list[Any], alpha: float | Non
 
 
 async def _score(request: Request, engine: Engine, settings: SettingsDep, metrics: MetricsDep) -> OrjsonResponse:
-    payload = await read_json_request(request, settings.max_body_bytes)
-    instances, alpha = parse_score_request(payload, settings.max_batch_instances)
-    body = await run_in_threadpool(_validate_and_score, engine, instances, alpha, metrics)
-    return OrjsonResponse(body)
+    """Read any accepted body type, queue the images for a merged run (or run them alone when batching
+    is off), record metrics and answer."""
+    scheduler: BatchScheduler = request.app.state.batching
+    with scheduler.arrival(engine) as arrival:
+        images, alpha = await read_score_images(request, engine, settings)
+        started = time.perf_counter()
+        scores = await schedule_scoring(scheduler, engine, images, alpha, arrival)
+    metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
+    return OrjsonResponse(score_response_body(engine, scores))
 
 
 @router.get("/models", summary="Served models: manifest summary, signals, labels, active provider")

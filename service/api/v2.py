@@ -1,0 +1,374 @@
+"""Open Inference Protocol v2 (KServe / Triton REST): health, server and model metadata, readiness and
+`infer` with JSON or binary tensors (the binary tensor data extension that tritonclient[http] uses).
+
+Errors are `{"error": "..."}`: 400 for a bad request, 404 for an unknown model or version, 503 when not
+ready or overloaded (with Retry-After), 504 past the scoring deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from service import __version__
+from service.api.binary import input_error_to_api
+from service.api.body import read_body_limited
+from service.api.errors import ApiError
+from service.api.scoring import schedule_scoring
+from service.bundle.manifest import InputSpec
+from service.engine import Engine, EngineRegistry
+from service.metrics import ServiceMetrics
+from service.runtime.batching import BatchScheduler
+from service.scoring.arrays import check_image_array
+from service.scoring.inputs import InputError
+from service.scoring.pipeline import BatchScores
+
+INPUT_NAME = "x"
+"""The one input tensor of every served model (the ONNX input name convention)."""
+INPUT_DATATYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+OUTPUT_DTYPES: dict[str, np.dtype[Any]] = {"BOOL": np.dtype(np.bool_), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8")}
+FIXED_OUTPUTS = (("is_ood", "BOOL"), ("p_value", "FP64"), ("score", "FP64"))
+HEADER_LENGTH = "inference-header-content-length"
+REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
+TENSOR_KEYS = ("name", "shape", "datatype", "parameters", "data")
+
+
+def v2_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The v2 error body {"error": message}."""
+    return Response(orjson.dumps({"error": message}), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status_code, media_type="application/json")
+
+
+class V2Route(APIRoute):
+    """Routes whose errors (ApiError, request validation) are answered in the v2 form; 422 becomes 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def v2_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as error:
+                status = 400 if error.status_code == 422 else error.status_code
+                return v2_error(status, error.message, error.headers or None)
+            except RequestValidationError as error:
+                problems = "; ".join(f"{'.'.join(str(part) for part in issue.get('loc', ()))}: {issue.get('msg', '')}" for issue in error.errors())
+                return v2_error(400, problems or "invalid request")
+
+        return v2_handler
+
+
+health_router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
+"""Server metadata and health: never behind a key."""
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
+"""Model metadata, readiness and inference."""
+fallback_router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route, include_in_schema=False)
+"""Unknown paths under /v2, answered 404 in the v2 error form (include last)."""
+
+
+def ready_registry(request: Request) -> EngineRegistry:
+    registry = request.app.state.registry
+    if not request.app.state.ready or registry is None:
+        raise ApiError(503, "not_ready", "the server is starting: bundles are not loaded and warmed up yet")
+    return registry
+
+
+def find_engine(request: Request, name: str, version: str | None) -> Engine:
+    """The engine serving `name` (and `version` when given), else 404 naming what is served."""
+    registry = ready_registry(request)
+    engine = registry.get(name)
+    if engine is None:
+        raise ApiError(404, "model_not_found", f"no model named {name!r}; served models: {sorted(registry.engines)}")
+    if version is not None and version != engine.version:
+        raise ApiError(404, "version_not_found", f"model {name!r} has version {engine.version!r}, not {version!r}")
+    return engine
+
+
+def output_specs(engine: Engine) -> list[tuple[str, str]]:
+    """(name, datatype) of every output tensor: verdict, fused p-value and score, each signal, class_index."""
+    specs = list(FIXED_OUTPUTS)
+    taken = {name for name, _ in specs}
+    specs += [(signal.name, "FP64") for signal in engine.manifest.signals if signal.name not in taken]
+    if engine.manifest.classifier is not None and "class_index" not in {name for name, _ in specs}:
+        specs.append(("class_index", "INT64"))
+    return specs
+
+
+def output_arrays(engine: Engine, scores: BatchScores) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (datatype, (N,) array) for every output tensor of a scored batch."""
+    values: dict[str, np.ndarray] = {"is_ood": scores.is_ood, "p_value": scores.fused_p_value, "score": scores.fused_score}
+    values.update({name: array for name, array in scores.signals.items() if name not in values})
+    if scores.predicted_class is not None and "class_index" not in values:
+        values["class_index"] = scores.predicted_class
+    return {name: (datatype, np.asarray(values[name], dtype=OUTPUT_DTYPES[datatype])) for name, datatype in output_specs(engine)}
+
+
+def model_metadata(engine: Engine) -> dict[str, Any]:
+    spec = engine.manifest.input
+    return {
+        "name": engine.name,
+        "versions": [engine.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8" if spec.dtype == "uint8" else "FP32", "shape": [-1, *spec.shape]}],
+        "outputs": [{"name": name, "datatype": datatype, "shape": [-1]} for name, datatype in output_specs(engine)],
+        "parameters": {"accepted_datatypes": "UINT8,FP32", "default_alpha": engine.default_alpha},
+    }
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed infer request: id, images (N, *input_shape) float32, alpha, which outputs and how."""
+
+    id: str | None
+    images: np.ndarray
+    alpha: float | None
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_outputs: bool
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{where} `parameters` must be an object, got {_type_name(value)}")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{where} parameter `{key}` must be a boolean, got {value!r}")
+    return value
+
+
+def _tensor_shape(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value):
+        raise _bad(f"input `shape` must be an array of non-negative integers, got {value!r}")
+    return value
+
+
+def _json_tensor_data(data: Any, datatype: str, count: int) -> np.ndarray:
+    """Flat or nested JSON data -> a flat numeric array of `count` values of the declared datatype."""
+    if not isinstance(data, list):
+        raise _bad(f"input `data` must be an array of numbers, got {_type_name(data)}")
+    try:
+        values = np.array(data)
+    except ValueError as error:
+        raise _bad(f"input `data` is ragged or not numeric: {error}") from error
+    if values.size == 0 and count == 0:
+        return np.zeros(0, dtype=INPUT_DATATYPES[datatype])
+    if values.dtype.kind not in "iuf":
+        raise _bad(f"input `data` must hold only numbers for datatype {datatype}, got {values.dtype.kind!r}-kind values (booleans, strings or null?)")
+    if values.size != count:
+        raise _bad(f"input `shape` holds {count} values but `data` has {values.size}")
+    values = values.reshape(-1)
+    if datatype == "UINT8" and (values.dtype.kind == "f" and not np.all(values == np.floor(values)) or values.min() < 0 or values.max() > 255):
+        raise _bad("UINT8 input data must be integers in [0, 255]")
+    return values.astype(INPUT_DATATYPES[datatype])
+
+
+def parse_infer_request(body: bytes, header_length: str | None, spec: InputSpec, max_instances: int, available_outputs: Sequence[str]) -> InferRequest:
+    """Decode an infer body: JSON only, or (binary tensor extension) a JSON header of `header_length`
+    bytes followed by the raw tensor bytes. Every problem is a 400 naming the field."""
+    binary = b""
+    header = body
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError as error:
+            raise _bad(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from error
+        if not 0 < length <= len(body):
+            raise _bad(f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes")
+        header, binary = body[:length], body[length:]
+    if not header.strip():
+        raise _bad("request body is empty; expected a JSON object with `inputs`")
+    try:
+        payload = orjson.loads(header)
+    except orjson.JSONDecodeError as error:
+        raise _bad(f"request is not valid JSON: {error}") from error
+    if not isinstance(payload, dict):
+        raise _bad(f"request must be a JSON object with `inputs`, got {_type_name(payload)}")
+    unknown = sorted(key for key in payload if key not in REQUEST_KEYS)
+    if unknown:
+        raise _bad(f"unknown request fields {unknown}; allowed: {list(REQUEST_KEYS)}")
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad(f"`id` must be a string, got {_type_name(request_id)}")
+    parameters = _parameters(payload.get("parameters"), "request")
+    alpha = parameters.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 < alpha < 1):
+        raise _bad(f"parameter `alpha` must be a number in (0, 1), got {alpha!r}")
+    binary_outputs = _flag(parameters, "binary_data_output", "request")
+
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise _bad(f"`inputs` must be an array of exactly one tensor named {INPUT_NAME!r}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise _bad(f"each input must be an object, got {_type_name(tensor)}")
+    unknown = sorted(key for key in tensor if key not in TENSOR_KEYS)
+    if unknown:
+        raise _bad(f"unknown input fields {unknown}; allowed: {list(TENSOR_KEYS)}")
+    if tensor.get("name") != INPUT_NAME:
+        raise _bad(f"unknown input {tensor.get('name')!r}; this model takes one input named {INPUT_NAME!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in INPUT_DATATYPES:
+        raise _bad(f"input datatype must be one of {list(INPUT_DATATYPES)}, got {datatype!r}")
+    shape = _tensor_shape(tensor.get("shape"))
+    count = math.prod(shape)
+    tensor_parameters = _parameters(tensor.get("parameters"), "input")
+    binary_size = tensor_parameters.get("binary_data_size")
+    if binary_size is not None:
+        if "data" in tensor:
+            raise _bad("an input has both `data` and parameter `binary_data_size`; send one")
+        itemsize = INPUT_DATATYPES[datatype].itemsize
+        if isinstance(binary_size, bool) or not isinstance(binary_size, int) or binary_size != count * itemsize:
+            raise _bad(f"input of shape {shape} and datatype {datatype} needs binary_data_size {count * itemsize}, got {binary_size!r}")
+        if len(binary) != binary_size:
+            raise _bad(f"binary tensor data is {len(binary)} bytes after the JSON header; binary_data_size says {binary_size}")
+        values = np.frombuffer(binary, dtype=INPUT_DATATYPES[datatype], count=count)
+    else:
+        if binary:
+            raise _bad(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
+        if "data" not in tensor:
+            raise _bad("the input needs `data` (or parameter `binary_data_size` with binary tensor data)")
+        values = _json_tensor_data(tensor["data"], datatype, count)
+    try:
+        images = check_image_array(values.reshape(shape), spec.shape, spec.dtype, spec.min, spec.max, max_instances)
+    except InputError as error:
+        raise input_error_to_api(error) from error
+
+    outputs = None
+    requested = payload.get("outputs")
+    if requested is not None:
+        if not isinstance(requested, list):
+            raise _bad(f"`outputs` must be an array of {{\"name\": ...}} objects, got {_type_name(requested)}")
+        chosen = []
+        for item in requested:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise _bad(f"each requested output must be an object with a string `name`, got {item!r}")
+            if item["name"] not in available_outputs:
+                raise _bad(f"unknown output {item['name']!r}; outputs are {list(available_outputs)}")
+            output_parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
+            binary_flag = output_parameters.get("binary_data", binary_outputs)
+            if not isinstance(binary_flag, bool):
+                raise _bad(f"output parameter `binary_data` must be a boolean, got {binary_flag!r}")
+            chosen.append(RequestedOutput(item["name"], binary_flag))
+        outputs = tuple(chosen)
+    return InferRequest(request_id, images, None if alpha is None else float(alpha), outputs, binary_outputs)
+
+
+def infer_response(engine: Engine, scores: BatchScores, request: InferRequest) -> Response:
+    """The v2 response: JSON, or JSON header + raw little-endian tensor bytes when any output is binary."""
+    arrays = output_arrays(engine, scores)
+    wanted = request.outputs if request.outputs is not None else tuple(RequestedOutput(name, request.binary_outputs) for name in arrays)
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for output in wanted:
+        datatype, values = arrays[output.name]
+        tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": [int(values.shape[0])]}
+        if output.binary:
+            raw = values.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = values.tolist()
+        tensors.append(tensor)
+    content: dict[str, Any] = {"model_name": engine.name, "model_version": engine.version}
+    if request.id is not None:
+        content["id"] = request.id
+    content["parameters"] = {"alpha": scores.alpha}
+    content["outputs"] = tensors
+    header = orjson.dumps(content)
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(
+        b"".join([header, *chunks]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+@health_router.get("", summary="v2 server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": "oodserve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+@health_router.get("/health/live", summary="v2 liveness: the process is up")
+async def server_live() -> Response:
+    return json_response({"live": True})
+
+
+@health_router.get("/health/ready", summary="v2 readiness: every bundle loaded and warmed up (503 before)")
+async def server_ready(request: Request) -> Response:
+    ready_registry(request)
+    return json_response({"ready": True})
+
+
+@router.get("/models/{name}", summary="v2 model metadata: input and output tensors")
+@router.get("/models/{name}/versions/{version}", summary="v2 model metadata of one version")
+async def get_model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    return json_response(model_metadata(find_engine(request, name, version)))
+
+
+@router.get("/models/{name}/ready", summary="v2 model readiness")
+@router.get("/models/{name}/versions/{version}/ready", summary="v2 readiness of one model version")
+async def get_model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    engine = find_engine(request, name, version)
+    return json_response({"name": engine.name, "ready": True})
+
+
+@router.post("/models/{name}/infer", summary="v2 inference: verdicts, p-values, scores, signals, class index")
+@router.post("/models/{name}/versions/{version}/infer", summary="v2 inference with one model version")
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    engine = find_engine(request, name, version)
+    settings = request.app.state.settings
+    metrics: ServiceMetrics = request.app.state.metrics
+    scheduler: BatchScheduler = request.app.state.batching
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise _bad(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+    with scheduler.arrival(engine) as arrival:
+        body = await read_body_limited(request, settings.max_body_bytes)
+        parsed = parse_infer_request(
+            body,
+            request.headers.get(HEADER_LENGTH),
+            engine.manifest.input,
+            settings.max_batch_instances,
+            [output_name for output_name, _ in output_specs(engine)],
+        )
+        started = time.perf_counter()
+        scores = await schedule_scoring(scheduler, engine, parsed.images, parsed.alpha, arrival)
+    metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
+    return infer_response(engine, scores, parsed)
+
+
+@fallback_router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+async def unknown_v2_path(request: Request, path: str) -> Response:
+    return v2_error(404, f"no v2 route {request.method} /v2/{path}")

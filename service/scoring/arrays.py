@@ -1,0 +1,62 @@
+"""Checking numeric image arrays (from .npy, PNG or v2 tensors) against the input spec, vectorised."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.scoring.inputs import InputError, accepted_instance_shapes
+
+ACCEPTED_ARRAY_KINDS = "uif"
+"""numpy dtype kinds an image array may have: unsigned and signed integers, floats."""
+
+
+def _first_position(mask: np.ndarray) -> tuple[int, list[int]]:
+    """(instance index, position inside the instance) of the first True of a boolean (N, ...) mask."""
+    flat_index = int(np.argmax(mask.reshape(-1)))
+    batch_index, *rest = np.unravel_index(flat_index, mask.shape)
+    return int(batch_index), [int(value) for value in rest]
+
+
+def check_image_array(
+    array: np.ndarray,
+    input_shape: Sequence[int],
+    dtype: str,
+    minimum: float,
+    maximum: float,
+    max_instances: int,
+) -> np.ndarray:
+    """array (N, *instance shape) of any integer or float dtype -> validated float32 (N, *input_shape).
+
+    The instance shape may be the input shape or, for a leading channel of 1, the shape without it.
+    Raises InputError with code: `invalid_dtype` (booleans, complex, strings, structured; or
+    non-integers for a uint8 input), `invalid_shape`, `empty_batch`, `too_many_instances`
+    (more than max_instances), `invalid_value` (NaN/Inf) or `out_of_range`.
+    """
+    if array.dtype.kind not in ACCEPTED_ARRAY_KINDS or array.dtype.fields is not None:
+        raise InputError("invalid_dtype", f"array dtype {array.dtype.str!r} is not accepted; send integers or floats")
+    accepted = accepted_instance_shapes(input_shape)
+    wanted = " or ".join(str([-1, *shape]) for shape in accepted)
+    if array.ndim < 1 or list(array.shape[1:]) not in accepted:
+        raise InputError("invalid_shape", f"array must have shape {wanted} (a batch of instances), got shape {list(array.shape)}")
+    count = int(array.shape[0])
+    if count == 0:
+        raise InputError("empty_batch", "the array holds no instances; send at least one")
+    if count > max_instances:
+        raise InputError("too_many_instances", f"got {count} instances; at most {max_instances} per request")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            index, where = _first_position(~finite)
+            raise InputError("invalid_value", f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]")
+    outside = (array < minimum) | (array > maximum)
+    if outside.any():
+        index, where = _first_position(outside)
+        raise InputError("out_of_range", f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]")
+    if dtype == "uint8" and array.dtype.kind == "f":
+        fractional = array != np.floor(array)
+        if fractional.any():
+            index, where = _first_position(fractional)
+            raise InputError("invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers")
+    return np.ascontiguousarray(array.reshape((count, *input_shape)), dtype=np.float32)
