@@ -6,10 +6,63 @@ implementation lazily.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from models.data import DEFAULT_FASHION_MNIST_DIR
 
 train_app = typer.Typer(help="Train models (needs the `train` extra).", no_args_is_help=True)
 export_app = typer.Typer(help="Export trained checkpoints to ONNX (needs the `train` extra).", no_args_is_help=True)
+
+
+def build_bundle_command(
+    data: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution data (IDX directory with train-* files)"),
+    out: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory to write"),
+    work: Path = typer.Option(Path("runs/bundle"), help="where models are trained when no checkpoint is given"),
+    flow_checkpoint: Optional[Path] = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
+    background_checkpoint: Optional[Path] = typer.Option(None, help="checkpoint of the background (mutation) flow"),
+    sngp_checkpoint: Optional[Path] = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
+    flow_minutes: float = typer.Option(40.0, help="training budget of the flow"),
+    background_minutes: float = typer.Option(20.0, help="training budget of the background flow"),
+    sngp_minutes: float = typer.Option(25.0, help="training budget of SNGP"),
+    seed: int = typer.Option(0, help="random seed"),
+    threads: int = typer.Option(2, help="torch / onnxruntime threads"),
+) -> None:
+    """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
+    from models.bundle_builder.bundle import BuildSettings, build_bundle
+
+    build_bundle(BuildSettings(
+        data=str(data), out=str(out), work=str(work),
+        flow_checkpoint=str(flow_checkpoint) if flow_checkpoint else None,
+        background_checkpoint=str(background_checkpoint) if background_checkpoint else None,
+        sngp_checkpoint=str(sngp_checkpoint) if sngp_checkpoint else None,
+        flow_minutes=flow_minutes, background_minutes=background_minutes, sngp_minutes=sngp_minutes,
+        seed=seed, threads=threads,
+    ))
+
+
+def eval_command(
+    bundle: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory"),
+    in_dist: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution test data (IDX dir uses t10k-*)"),
+    ood: list[str] = typer.Option([], help="OOD set as NAME=PATH (IDX, .npy (N,28,28) uint8 or PNG folder); repeatable"),
+    out: Path = typer.Option(Path("reports/eval"), help="report directory (report.md + PNG plots)"),
+    perturbations: bool = typer.Option(True, help="also evaluate self-made perturbations of the in-distribution images"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N images of every set"),
+    threads: int = typer.Option(2, help="onnxruntime threads"),
+) -> None:
+    """Score data sets through the serving engine and write a Markdown report with ROC curves and histograms."""
+    from models.evaluation.run import EvalSettings, evaluate
+
+    named = {}
+    for item in ood:
+        if "=" not in item:
+            raise typer.BadParameter(f"--ood expects NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        named[name] = path
+    evaluate(EvalSettings(bundle=str(bundle), in_dist=str(in_dist), ood=named, out=str(out),
+                          perturbations=perturbations, limit=limit, threads=threads))
 
 
 def register(app: typer.Typer) -> None:
@@ -21,3 +74,5 @@ def register(app: typer.Typer) -> None:
     register_sngp(train_app, export_app)
     app.add_typer(train_app, name="train")
     app.add_typer(export_app, name="export")
+    app.command("build-bundle")(build_bundle_command)
+    app.command("eval")(eval_command)

@@ -1,0 +1,40 @@
+"""Run a bundle's ONNX models over a data set in batches (onnxruntime, CPU), with progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+
+def open_sessions(model_files: dict[str, Path], threads: int = 2) -> dict[str, ort.InferenceSession]:
+    """One CPU session per model name."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return {
+        name: ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        for name, path in model_files.items()
+    }
+
+
+def run_models(
+    sessions: dict[str, ort.InferenceSession], images: np.ndarray, batch_size: int = 500, description: str = ""
+) -> dict[str, dict[str, np.ndarray]]:
+    """outputs[model][output] for uint8 images (N, H, W) fed as float32 (N, 1, H, W) in 0..255."""
+    pixels = np.asarray(images, dtype=np.float32).reshape(len(images), 1, *images.shape[-2:])
+    collected: dict[str, dict[str, list[np.ndarray]]] = {
+        name: {output.name: [] for output in session.get_outputs()} for name, session in sessions.items()
+    }
+    for start in tqdm(range(0, len(pixels), batch_size), desc=description or "onnx", leave=False, unit="batch"):
+        batch = pixels[start : start + batch_size]
+        for name, session in sessions.items():
+            names = [output.name for output in session.get_outputs()]
+            for output_name, value in zip(names, session.run(names, {"x": batch})):
+                collected[name][output_name].append(value)
+    return {
+        name: {output: np.concatenate(chunks) for output, chunks in outputs.items()}
+        for name, outputs in collected.items()
+    }
