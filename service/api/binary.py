@@ -127,7 +127,10 @@ async def multipart_to_images(headers: Headers, body: bytes, spec: InputSpec, ma
     -> (validated images, alpha text or None). Malformed multipart: 400; unknown text fields: 422."""
     from starlette.formparsers import MultiPartException, MultiPartParser
 
-    parser = MultiPartParser(headers, _single_chunk(body), max_files=max_instances + 1, max_fields=len(MULTIPART_TEXT_FIELDS) + 8, max_part_size=len(body) + 1)
+    # The body size is already bounded; counting files here (not in the parser) lets too many be a 413.
+    parser = MultiPartParser(
+        headers, _single_chunk(body), max_files=len(body) // 64 + 1, max_fields=len(MULTIPART_TEXT_FIELDS) + 8, max_part_size=len(body) + 1
+    )
     try:
         form = await parser.parse()
     except MultiPartException as error:
