@@ -28,6 +28,8 @@ LIMIT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "Not answered within OODSERVE_REQUEST_TIMEOUT_SECONDS."},
 }
 
+CLOSE = {"connection": "close"}  # the unread rest of the body must not be parsed as the next request
+
 _OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
 _CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
 _QUOTE = ord('"')
@@ -106,11 +108,11 @@ class RequestLimitsMiddleware:
             return
         declared = _declared_length(scope)
         if declared == -1:
-            await send_error(send, 400, "bad_request", "Content-Length must be a non-negative integer")
+            await send_error(send, 400, "bad_request", "Content-Length must be a non-negative integer", CLOSE)
             return
         if declared is not None and declared > self.max_body_bytes:
             await send_error(
-                send, 413, "body_too_large", f"request body is {declared} bytes; the limit is {self.max_body_bytes} bytes"
+                send, 413, "body_too_large", f"request body is {declared} bytes; the limit is {self.max_body_bytes} bytes", CLOSE
             )
             return
         state = _Exchange()
@@ -167,7 +169,7 @@ class RequestLimitsMiddleware:
     async def _answer(send: Send, state: _Exchange, status_code: int, code: str, message: str) -> None:
         state.answered_by_middleware = True
         state.started = True
-        await send_error(send, status_code, code, message, {"connection": "close"})
+        await send_error(send, status_code, code, message, CLOSE)
 
 
 class _Exchange:

@@ -66,6 +66,10 @@ def create_model_session(
     inputs = session.get_inputs()
     _check_names("input", spec.inputs, [node.name for node in inputs], spec.file)
     _check_names("output", spec.outputs, [node.name for node in session.get_outputs()], spec.file)
+    if inputs[0].type != "tensor(float)":
+        raise BundleError(
+            f"model file {spec.file!r}: input {inputs[0].name!r} has type {inputs[0].type}, the service feeds tensor(float) (float32)"
+        )
     static_shape = list(inputs[0].shape)[1:]
     if len(static_shape) != len(input_shape) or any(
         isinstance(actual, int) and actual != expected for actual, expected in zip(static_shape, input_shape)
