@@ -1,0 +1,117 @@
+"""deploy/k8s: every manifest passes kubernetes-validate (strict, offline schemas), and the pieces fit together:
+probes on /healthz and /readyz, non-root read-only pods with an emptyDir /tmp, a GPU variant, the Service, HPA, PDB
+and ServiceMonitor select the right pods, and every OODSERVE_* variable is a real setting."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy_support import DEPLOY
+from service.config import Settings
+
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSION = "1.30.0"
+CORE_MANIFESTS = ("deployment.yaml", "deployment-gpu.yaml", "service.yaml", "hpa.yaml", "pdb.yaml")
+
+
+def documents(name: str) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all((K8S / name).read_text()) if document]
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {document["metadata"]["name"]: document for name in CORE_MANIFESTS for document in documents(name) if document["kind"] == kind}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("name", CORE_MANIFESTS)
+def test_manifest_is_valid_kubernetes(name: str) -> None:
+    for document in documents(name):
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validator_rejects_a_broken_deployment() -> None:
+    (deployment,) = documents("deployment.yaml")
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/healthz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", ["oodserve", "oodserve-gpu"])
+def test_deployment_probes_security_and_tmp(name: str) -> None:
+    deployment = by_kind("Deployment")[name]
+    pod = deployment["spec"]["template"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    port = {item["name"]: item["containerPort"] for item in container["ports"]}["http"]
+    assert port == 8000
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert set(container["resources"]["requests"]) >= {"cpu", "memory"} and set(container["resources"]["limits"]) >= {"cpu", "memory"}
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001  # the image's USER
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]] and set(mounts) == {"/tmp"}
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
+    assert annotations["prometheus.io/path"] == "/metrics"
+    settings = set(Settings.model_fields)
+    for variable in container["env"]:
+        assert variable["name"].startswith("OODSERVE_") and variable["name"][len("OODSERVE_") :].lower() in settings, variable
+
+
+def test_gpu_variant_requests_a_gpu_and_runs_the_gpu_image() -> None:
+    deployments = by_kind("Deployment")
+    gpu = deployments["oodserve-gpu"]["spec"]["template"]
+    (container,) = gpu["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["image"].endswith(":gpu") and gpu["metadata"]["labels"]["accelerator"] == "gpu"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["spec"]["tolerations"]
+    (cpu_container,) = deployments["oodserve"]["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in cpu_container["resources"]["limits"] and cpu_container["image"].endswith(":cpu")
+
+
+def test_service_hpa_pdb_and_service_monitor_select_the_pods() -> None:
+    deployments = by_kind("Deployment")
+    pod_labels = {name: deployment["spec"]["template"]["metadata"]["labels"] for name, deployment in deployments.items()}
+    (service,) = by_kind("Service").values()
+    assert all(selects(service["spec"]["selector"], labels) for labels in pod_labels.values())
+    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {"http": "http"}
+    for hpa in by_kind("HorizontalPodAutoscaler").values():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment" and target["name"] in deployments
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    budgets = by_kind("PodDisruptionBudget").values()
+    for budget in budgets:
+        matched = [name for name, labels in pod_labels.items() if selects(budget["spec"]["selector"]["matchLabels"], labels)]
+        assert len(matched) == 1, budget["metadata"]["name"]
+    assert len(budgets) == len(deployments)
+    (monitor,) = documents("servicemonitor.yaml")
+    assert monitor["kind"] == "ServiceMonitor" and selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["http"]
+    assert monitor["spec"]["podTargetLabels"] == ["accelerator"]
+
+
+def test_kustomization_lists_every_core_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(CORE_MANIFESTS)
+    assert all((K8S / name).exists() for name in kustomization["resources"])
+    assert {path.name for path in K8S.glob("*.yaml")} == {*CORE_MANIFESTS, "servicemonitor.yaml", "kustomization.yaml"}
