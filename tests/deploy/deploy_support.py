@@ -105,6 +105,7 @@ def prometheus_config_for(target: str, rules_file: Path) -> dict[str, Any]:
     config["global"]["evaluation_interval"] = "1s"
     config["rule_files"] = [str(rules_file)]
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "oodserve"]
+    assert job.pop("dns_sd_configs")[0]["port"] == 8000  # compose discovers replicas by DNS; here one loopback target
     job["static_configs"] = [{"targets": [target]}]
     return config
 
