@@ -93,6 +93,33 @@ def info(
     typer.echo(f"providers  available {available_providers()}")
 
 
+@app.command("export-triton")
+def export_triton(
+    bundle: Annotated[Path, typer.Option(help="Bundle directory to export (verified first).")],
+    out: Annotated[Path, typer.Option(help="Output directory: model_repository/, bundle/ and triton_models.json go here.")],
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Triton max_batch_size of every model.")] = 256,
+    max_queue_delay_us: Annotated[int, typer.Option(min=0, help="Dynamic batching: longest wait for a fuller batch, microseconds.")] = 2000,
+    instance_kind: Annotated[str, typer.Option(help="auto, gpu or cpu: where Triton places the model instances.")] = "auto",
+    instance_count: Annotated[int, typer.Option(min=1, help="Model instances per device.")] = 1,
+    name_prefix: Annotated[str | None, typer.Option(help="Prefix of the Triton model names [default: '<bundle name>-'].")] = None,
+) -> None:
+    """Write a Triton model repository (config.pbtxt with dynamic batching per ONNX model) plus a bundle copy for scoring."""
+    from service.bundle.loader import BundleError
+    from service.triton import TritonExportError, export_triton_repository
+
+    try:
+        export = export_triton_repository(
+            bundle, out, max_batch_size, max_queue_delay_us, instance_kind, instance_count, name_prefix
+        )
+    except (BundleError, TritonExportError) as error:
+        typer.echo(f"oodserve: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    for model_name, triton_name in export.model_names.items():
+        typer.echo(f"triton     {model_name} -> {export.repository / triton_name}")
+    typer.echo(f"bundle     {export.bundle} (scoring side: signals, p-values and fusion stay in oodserve)")
+    typer.echo(f"serve with tritonserver --model-repository {export.repository}")
+
+
 try:
     from models.cli import register
 
