@@ -11,7 +11,7 @@ BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(D
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 MNIST_DIR ?= ../shared/data/mnist
 
-.PHONY: run test install-serve install-test system-deps bundle demo-bundle clean
+.PHONY: run test install-serve install-test system-deps bundle demo-bundle image-cpu image-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bundle: install-test
 demo-bundle: install-test
 	rm -rf $(DEMO_BUNDLE)
 	$(BIN)/python -m models.demo_bundle --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
+
+# Runtime images (Dockerfile targets; no torch inside). BUNDLE_NAME picks the directory of models/bundles/ to serve.
+BUNDLE_NAME ?= $(notdir $(BUNDLE))
+image-cpu:
+	docker build --target cpu --build-arg BUNDLE=$(BUNDLE_NAME) -t oodserve:cpu .
+
+image-gpu:
+	docker build --target gpu --build-arg BUNDLE=$(BUNDLE_NAME) -t oodserve:gpu .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
