@@ -87,9 +87,9 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
     flow = prepare_for_export(flow.float())
     names = ["log_prob", *level_names(flow)]
     example_pixels = torch.randint(0, 256, (2, *flow.event_shape)).float()
-    _export(DensityGraph(flow), example_pixels, out, "x", names, opset)
+    _export(DensityGraph(flow).eval(), example_pixels, out, "x", names, opset)
     sample_path = sample_graph_path(out)
-    _export(SamplingGraph(flow), torch.randn(2, flow.dimension), sample_path, "z", ["x"], opset)
+    _export(SamplingGraph(flow).eval(), torch.randn(2, flow.dimension), sample_path, "z", ["x"], opset)
     return out, sample_path
 
 

@@ -182,6 +182,8 @@ def train_flow(settings: TrainSettings) -> dict[str, Any]:
                    f"validation {validation_bpd:.4f} bits/dim{' (best)' if improved else ''}")
         return improved
 
+    if not state["history"]:
+        validate("initial")
     stop_reason = "epochs"
     while state["epoch"] < settings.epochs:
         order = torch.randperm(train_pixels.shape[0], generator=torch.Generator().manual_seed(settings.seed * 1000 + state["epoch"]))
