@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.bundle.loader import BundleError, load_bundle
+from service.bundle.loader import load_bundle
 
 ONNX_TO_TRITON_TYPES = {
     "tensor(bool)": "TYPE_BOOL",
@@ -201,4 +201,4 @@ def export_triton_repository(
     return TritonExport(repository, bundle_copy, {model_name: config.name for model_name, config in configs.items()})
 
 
-__all__ = ["BundleError", "TritonExport", "TritonExportError", "export_triton_repository", "render_config", "triton_tensor"]
+__all__ = ["TritonExport", "TritonExportError", "export_triton_repository", "render_config", "triton_tensor"]

@@ -5,7 +5,6 @@ and ServiceMonitor select the right pods, and every OODSERVE_* variable is a rea
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
