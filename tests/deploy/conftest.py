@@ -75,6 +75,18 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             "scored instances visible in prometheus",
             prometheus,
         )
+        # Series born with the first request need two samples before rate() and histogram_quantile() see them.
+        wait_until(
+            lambda: float(
+                prometheus_query(prometheus_url, 'min(count_over_time(oodserve_http_request_duration_seconds_count{endpoint="/v1/score"}[5m]))')[
+                    "data"
+                ]["result"][0]["value"][1]
+            )
+            >= 2,
+            30,
+            "two scrapes of the scoring route's latency histogram",
+            prometheus,
+        )
         metrics_text = http_get(f"{service_url}/metrics")[1].decode()
         yield LiveStack(service_url, prometheus_url, model, scored, ood, metrics_text, workdir)
     finally:

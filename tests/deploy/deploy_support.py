@@ -67,7 +67,7 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str, process
         try:
             if condition():
                 return
-        except (OSError, ValueError):
+        except (OSError, ValueError, LookupError):  # not up yet, or no such series yet
             pass
         time.sleep(0.25)
     raise AssertionError(f"{what}: not reached within {seconds:.0f} s")
