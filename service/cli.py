@@ -93,6 +93,60 @@ def info(
     typer.echo(f"providers  available {available_providers()}")
 
 
+def _integers(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from error
+    if not values or any(value < 1 for value in values):
+        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle directory [env OODSERVE_BUNDLE].")] = None,
+    concurrency: Annotated[str, typer.Option(help="Client concurrencies, comma-separated.")] = "1,4,16,64",
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests (one image each) per body type and concurrency.")] = 2000,
+    warmup_requests: Annotated[int, typer.Option(min=0, help="Unmeasured requests before each measurement.")] = 50,
+    raw_batch_sizes: Annotated[str, typer.Option(help="Batch sizes tried for the raw onnxruntime limit.")] = "1,8,32,64,128,256",
+    raw_seconds: Annotated[float, typer.Option(min=0.0, help="Seconds spent on the raw batch-size sweep.")] = 3.0,
+    single_image_runs: Annotated[int, typer.Option(min=1, help="Raw batch-1 runs for the single-image latency.")] = 500,
+    bodies: Annotated[str, typer.Option(help="Body types to send: json, npy (comma-separated).")] = "json,npy",
+    naive: Annotated[bool, typer.Option(help="Also measure the naive server (one onnxruntime run per request).")] = True,
+    images: Annotated[Path | None, typer.Option(help="Images to send: an IDX file (gzip ok) or .npy; default synthetic blobs.")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+    server_log: Annotated[Path | None, typer.Option(help="Append the benchmark servers' logs here.")] = None,
+) -> None:
+    """One table from one run: raw onnxruntime limit and single-image latency of the bundle, then the service over
+    loopback HTTP (JSON and .npy bodies, each concurrency) with dynamic batching and naively, vs the limit.
+
+    Server settings come from OODSERVE_* variables (e.g. OODSERVE_BATCH_MAX_SIZE); only 127.0.0.1 is used.
+    """
+    from service.benchmark import BenchOptions, format_table, run_benchmark, rows_as_json
+
+    chosen_bodies = tuple(part.strip() for part in bodies.split(",") if part.strip())
+    if not chosen_bodies or any(body not in ("json", "npy") for body in chosen_bodies):
+        raise typer.BadParameter(f"--bodies must name json and/or npy, got {bodies!r}")
+    options = BenchOptions(
+        bundle=_settings(bundle=bundle).bundle,
+        concurrency=_integers(concurrency, "--concurrency"),
+        requests=requests,
+        warmup_requests=warmup_requests,
+        raw_batch_sizes=_integers(raw_batch_sizes, "--raw-batch-sizes"),
+        raw_seconds=raw_seconds,
+        single_image_runs=single_image_runs,
+        bodies=chosen_bodies,
+        naive=naive,
+        images=images,
+        server_log=server_log,
+    )
+    context, rows = run_benchmark(options)
+    typer.echo(format_table(context, rows))
+    if json_out is not None:
+        json_out.write_bytes(rows_as_json(context, rows))
+
+
 @app.command("export-triton")
 def export_triton(
     bundle: Annotated[Path, typer.Option(help="Bundle directory to export (verified first).")],

@@ -68,7 +68,7 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def require_scoring_key(
+async def require_scoring_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> None:
     """Scoring and model endpoints: open without OODSERVE_API_KEYS, else a valid scoring key."""
@@ -77,7 +77,7 @@ def require_scoring_key(
         check_key(credentials, settings.api_keys, "API")
 
 
-def require_admin_key(
+async def require_admin_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer_scheme)]
 ) -> None:
     """Admin endpoints: disabled (403) without OODSERVE_ADMIN_KEYS, else a valid admin key."""
@@ -87,7 +87,7 @@ def require_admin_key(
     check_key(credentials, settings.admin_keys, "admin")
 
 
-def require_metrics_key(
+async def require_metrics_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> None:
     """/metrics: open unless OODSERVE_PROTECT_METRICS, then a scoring or admin key."""

@@ -12,15 +12,19 @@ from service.engine import Engine, EngineRegistry
 from service.metrics import ServiceMetrics
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are `async def` although they never await: FastAPI runs plain `def` dependencies in its
+# thread pool, a thread hop (and GIL hand-over) per dependency per request that costs more than scoring.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_ready_registry(request: Request) -> EngineRegistry:
+async def get_ready_registry(request: Request) -> EngineRegistry:
     """The engines, or 503 until bundles are loaded and warmed up."""
     registry = request.app.state.registry
     if not request.app.state.ready or registry is None:
@@ -33,7 +37,7 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 RegistryDep = Annotated[EngineRegistry, Depends(get_ready_registry)]
 
 
-def get_named_engine(name: str, registry: RegistryDep) -> Engine:
+async def get_named_engine(name: str, registry: RegistryDep) -> Engine:
     """The engine serving bundle `name`, or 404 listing the served names."""
     engine = registry.get(name)
     if engine is None:

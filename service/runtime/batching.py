@@ -42,7 +42,7 @@ class BatchingOptions:
 
     enabled: bool = True
     max_batch_size: int = 64
-    max_queue_delay_ms: float = 1.0
+    max_queue_delay_ms: float = 0.0
     queue_capacity: int = 1024
     deadline_ms: float = 10_000.0
     retry_after_s: int = 1
@@ -187,6 +187,17 @@ class EngineBatcher:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def withdraw(self, futures: Sequence[asyncio.Future[BatchScores]]) -> None:
+        """Take a given-up request's chunks out of the queue at once, so they stop using its capacity."""
+        abandoned = set(futures)
+        kept: deque[_Chunk] = deque()
+        for chunk in self._queue:
+            if chunk.future in abandoned:
+                self.queued_instances -= int(chunk.images.shape[0])
+            else:
+                kept.append(chunk)
+        self._queue = kept
 
     async def _wait_for_wakeup(self, timeout: float) -> bool:
         """True when woken, False when `timeout` seconds passed first."""
@@ -367,7 +378,11 @@ class BatchScheduler:
             async with asyncio.timeout_at(deadline):
                 outcomes = await asyncio.gather(*futures, return_exceptions=True)
         except TimeoutError as error:
+            batcher.withdraw(futures)
             raise DeadlineExceededError(f"not scored within the deadline of {self.options.deadline_ms:g} ms") from error
+        except asyncio.CancelledError:  # the client went away or an outer timeout fired
+            batcher.withdraw(futures)
+            raise
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -154,3 +154,32 @@ def test_json_bodies_take_alpha_from_the_query_when_the_body_has_none(client: Te
     instances = make_images(1, 39).tolist()
     assert client.post("/v1/score?alpha=0.3", json={"instances": instances}).json()["alpha"] == 0.3
     assert client.post("/v1/score?alpha=0.3", json={"instances": instances, "alpha": 0.2}).json()["alpha"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((2, 28, 28), np.uint8), np.ones((1, 1, 28, 28), ">f4"), np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.zeros(5, np.int16), np.array(3.5)],
+)
+def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None:
+    from service.api.binary import fast_npy_header, read_npy
+
+    body = npy_bytes(array)
+    parsed = fast_npy_header(body)
+    assert parsed is not None
+    shape, fortran_order, dtype, offset = parsed
+    stream = io.BytesIO(body)
+    np.lib.format.read_magic(stream)
+    assert (shape, fortran_order, dtype) == np.lib.format.read_array_header_1_0(stream) and offset == stream.tell()
+    assert np.array_equal(read_npy(body), array) and read_npy(body).dtype == array.dtype
+
+
+def test_a_huge_declared_shape_is_refused_before_allocation() -> None:
+    from service.api.binary import read_npy
+    from service.api.errors import ApiError
+
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (4000000000, 28, 28), }"
+    padded = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    body = b"\x93NUMPY\x01\x00" + len(padded).to_bytes(2, "little") + padded.encode() + b"\0" * 64
+    with pytest.raises(ApiError) as refused:
+        read_npy(body)
+    assert refused.value.status_code == 400 and "4000000000" in refused.value.message

@@ -1,0 +1,360 @@
+"""`oodserve bench`: the raw onnxruntime limit of a bundle against the service over loopback HTTP.
+
+One run measures, in this order and never two things at once:
+1. raw onnxruntime: every model of the bundle on one batch (ModelRunner.run) at several batch sizes;
+   the best images/s is the limit; batch-1 runs give the raw single-image latency. Also the raw engine
+   (onnxruntime plus the numpy scoring), since the service cannot beat it either.
+2. the service with dynamic batching, as a `python -m service.cli serve` subprocess on 127.0.0.1,
+   loaded by an httpx async client at each concurrency with JSON and with .npy bodies (one image each);
+3. the same bundle served naively (OODSERVE_BATCHING=false: one onnxruntime run per request).
+The load client runs in this process, on the same machine as the server, and its CPU use is part of
+what the service figures pay for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+LATENCY_PERCENTILES = (50, 99)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure: bundle, concurrencies, requests per cell, raw batch sizes and time, bodies, images."""
+
+    bundle: Path
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    requests: int = 2000
+    warmup_requests: int = 50
+    raw_batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+    raw_seconds: float = 3.0
+    single_image_runs: int = 500
+    bodies: tuple[str, ...] = ("json", "npy")
+    naive: bool = True
+    images: Path | None = None
+    server_env: tuple[tuple[str, str], ...] = ()
+    server_log: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    """One line of the table; None where a column does not apply."""
+
+    section: str
+    body: str
+    concurrency: int | None
+    detail: str
+    images_per_second: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    ratio_to_limit: float | None = None
+    errors: int = 0
+    server_cpu_ms_per_image: float | None = None
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """An MNIST-style IDX image file (gzip or not) -> (N, H, W) uint8."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if raw[:3] != b"\0\0\x08" or raw[3] != 3:
+        raise ValueError(f"{path} is not an IDX file of uint8 images (magic {raw[:4].hex()})")
+    count, height, width = (int.from_bytes(raw[4 + 4 * index : 8 + 4 * index], "big") for index in range(3))
+    return np.frombuffer(raw, dtype=np.uint8, count=count * height * width, offset=16).reshape(count, height, width)
+
+
+def load_bench_images(path: Path | None, input_shape: Sequence[int], count: int, seed: int) -> np.ndarray:
+    """`count` images (count, *input_shape) uint8: from an IDX or .npy file, else smooth random blobs."""
+    rng = np.random.default_rng(seed)
+    if path is not None:
+        images = np.load(path, allow_pickle=False) if path.suffix == ".npy" else read_idx_images(path)
+        chosen = images[rng.choice(images.shape[0], size=count, replace=images.shape[0] < count)]
+        return np.ascontiguousarray(chosen.reshape((count, *input_shape)), dtype=np.uint8)
+    size = int(np.prod(input_shape))
+    side = int(round(size**0.5))
+    grid_y, grid_x = np.mgrid[0:side, 0:side] / side
+    blobs = []
+    for _ in range(count):
+        centre = rng.uniform(0.3, 0.7, 2)
+        spread = rng.uniform(0.05, 0.25, 2)
+        blob = np.exp(-(((grid_x - centre[0]) / spread[0]) ** 2 + ((grid_y - centre[1]) / spread[1]) ** 2))
+        noisy = 255.0 * blob + rng.normal(0.0, 8.0, blob.shape)
+        blobs.append(np.clip(np.rint(noisy), 0, 255).reshape(-1)[:size])
+    return np.asarray(blobs, dtype=np.uint8).reshape((count, *input_shape))
+
+
+def percentile_ms(seconds: Sequence[float], percentile: float) -> float:
+    return float(np.percentile(np.asarray(seconds, dtype=np.float64), percentile) * 1000.0)
+
+
+def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> list[BenchRow]:
+    """Raw onnxruntime throughput per batch size (best = limit), raw single-image latency, raw engine throughput."""
+    pool = images.astype(np.float32)
+    per_size_seconds = options.raw_seconds / max(len(options.raw_batch_sizes), 1)
+    throughput: dict[int, float] = {}
+    for batch_size in options.raw_batch_sizes:
+        batch = np.ascontiguousarray(np.resize(pool, (batch_size, *pool.shape[1:])))
+        engine.runner.run(batch)
+        runs = 0
+        started = time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < per_size_seconds:
+            engine.runner.run(batch)
+            runs += 1
+        throughput[batch_size] = runs * batch_size / (time.perf_counter() - started)
+    best_size = max(throughput, key=throughput.__getitem__)
+    limit = throughput[best_size]
+    single: list[float] = []
+    for index in range(options.single_image_runs):
+        image = pool[index % len(pool)][None]
+        started = time.perf_counter()
+        engine.runner.run(image)
+        single.append(time.perf_counter() - started)
+    scored = np.ascontiguousarray(np.resize(pool, (best_size, *pool.shape[1:])))
+    engine.score(scored)
+    runs = 0
+    started = time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < per_size_seconds:
+        engine.score(scored)
+        runs += 1
+    engine_throughput = runs * best_size / (time.perf_counter() - started)
+    sizes = ", ".join(f"{size}: {value:,.0f}" for size, value in throughput.items())
+    return [
+        BenchRow("raw onnxruntime (limit)", "-", None, f"best batch {best_size} of [{sizes}] img/s", limit, ratio_to_limit=1.0),
+        BenchRow(
+            "raw onnxruntime 1 image",
+            "-",
+            1,
+            f"{options.single_image_runs} runs of batch 1",
+            1.0 / float(np.median(single)),
+            percentile_ms(single, 50),
+            percentile_ms(single, 99),
+            1.0 / float(np.median(single)) / limit,
+        ),
+        BenchRow("raw engine (onnxruntime + scoring)", "-", None, f"batch {best_size}", engine_throughput, ratio_to_limit=engine_throughput / limit),
+    ]
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and all its threads so far (Linux /proc), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerProcess:
+    """`python -m service.cli serve` on 127.0.0.1 with the given OODSERVE_* overrides; stopped on exit."""
+
+    def __init__(self, bundle: Path, env: dict[str, str], log: Path | None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("a") if log is not None else subprocess.DEVNULL
+        command = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle), "--port", str(self.port), "--log-level", "warning"]
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the benchmark server exited with status {self.process.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the benchmark server was not ready within {timeout:g} s")
+            time.sleep(0.1)
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()  # type: ignore[union-attr]
+
+
+def request_bodies(images: np.ndarray, body: str) -> tuple[list[bytes], str]:
+    """One body per image (a batch of one) and its content type."""
+    if body == "json":
+        return [orjson.dumps({"instances": [image.tolist()]}) for image in images], "application/json"
+    if body == "npy":
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            np.save(buffer, image[None])
+            encoded.append(buffer.getvalue())
+        return encoded, "application/x-npy"
+    raise ValueError(f"unknown body kind {body!r}; use json or npy")
+
+
+async def drive_load(
+    url: str, bodies: list[bytes], content_type: str, concurrency: int, requests: int, warmup: int, server_pid: int | None = None
+) -> tuple[float, list[float], int, float | None]:
+    """`requests` POSTs to url/v1/score from `concurrency` workers over keep-alive connections, after
+    `warmup` unmeasured ones. Returns (wall seconds, per-request latencies in seconds, non-200 count,
+    server CPU seconds used during the measured requests when server_pid is given and /proc exists)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": content_type}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+        next_index = 0
+        latencies: list[float] = []
+        errors = 0
+
+        async def worker(total: int, record: bool) -> None:
+            nonlocal next_index, errors
+            while next_index < total:
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
+                response = await client.post("/v1/score", content=bodies[index % len(bodies)], headers=headers)
+                elapsed = time.perf_counter() - started
+                if response.status_code != 200:
+                    errors += 1
+                if record:
+                    latencies.append(elapsed)
+
+        await asyncio.gather(*[worker(warmup, False) for _ in range(min(concurrency, max(warmup, 1)))])
+        next_index = 0
+        cpu_before = process_cpu_seconds(server_pid) if server_pid is not None else None
+        started = time.perf_counter()
+        await asyncio.gather(*[worker(requests, True) for _ in range(concurrency)])
+        wall = time.perf_counter() - started
+        cpu_after = process_cpu_seconds(server_pid) if server_pid is not None else None
+    server_cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    return wall, latencies, errors, server_cpu
+
+
+def measure_service(section: str, server_env: dict[str, str], images: np.ndarray, limit: float, options: BenchOptions) -> list[BenchRow]:
+    """Start the server with server_env, load it at every (body, concurrency) cell, stop it."""
+    rows: list[BenchRow] = []
+    with ServerProcess(options.bundle, server_env, options.server_log) as server:
+        for body in options.bodies:
+            encoded, content_type = request_bodies(images, body)
+            for concurrency in options.concurrency:
+                wall, latencies, errors, server_cpu = asyncio.run(
+                    drive_load(server.url, encoded, content_type, concurrency, options.requests, options.warmup_requests, server.process.pid)
+                )
+                images_per_second = len(latencies) / wall
+                rows.append(
+                    BenchRow(
+                        section,
+                        body,
+                        concurrency,
+                        f"{len(latencies)} requests of 1 image",
+                        images_per_second,
+                        percentile_ms(latencies, 50),
+                        percentile_ms(latencies, 99),
+                        images_per_second / limit,
+                        errors,
+                        None if server_cpu is None else 1000.0 * server_cpu / len(latencies),
+                    )
+                )
+    return rows
+
+
+def run_benchmark(options: BenchOptions) -> tuple[dict[str, Any], list[BenchRow]]:
+    """Everything in one run: (context facts, table rows)."""
+    import onnxruntime
+
+    from service.engine import Engine
+    from service.runtime.sessions import RuntimeOptions
+
+    engine = Engine.load(options.bundle, RuntimeOptions())
+    images = load_bench_images(options.images, engine.manifest.input.shape, 512, options.seed)
+    context = {
+        "bundle": str(options.bundle),
+        "model": f"{engine.name} {engine.version}",
+        "models": list(engine.runner.sessions),
+        "provider": engine.provider_summary,
+        "onnxruntime": onnxruntime.__version__,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "images": str(options.images) if options.images else "synthetic blobs",
+    }
+    rows = measure_raw(engine, images, options)
+    limit = rows[0].images_per_second
+    del engine
+    base_env = dict(options.server_env)
+    rows += measure_service("service, dynamic batching", {**base_env, "OODSERVE_BATCHING": "true"}, images, limit, options)
+    if options.naive:
+        rows += measure_service("service, naive (1 run/request)", {**base_env, "OODSERVE_BATCHING": "false"}, images, limit, options)
+    return context, rows
+
+
+def format_table(context: dict[str, Any], rows: Sequence[BenchRow]) -> str:
+    """The single results table as aligned text, with a header naming bundle, provider and machine."""
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    header = ["measurement", "body", "conc.", "images/s", "p50 ms", "p99 ms", "x limit", "srv CPU ms/img", "errors", "detail"]
+    lines = [
+        [
+            row.section,
+            row.body,
+            "-" if row.concurrency is None else str(row.concurrency),
+            number(row.images_per_second, 0),
+            number(row.p50_ms, 3),
+            number(row.p99_ms, 3),
+            number(row.ratio_to_limit, 3),
+            number(row.server_cpu_ms_per_image, 3),
+            str(row.errors),
+            row.detail,
+        ]
+        for row in rows
+    ]
+    widths = [max(len(header[column]), *(len(line[column]) for line in lines)) for column in range(len(header))]
+    right = {2, 3, 4, 5, 6, 7, 8}
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(cell.rjust(widths[index]) if index in right else cell.ljust(widths[index]) for index, cell in enumerate(cells)).rstrip()
+
+    title = (
+        f"oodserve bench: {context['model']} from {context['bundle']} (models {', '.join(context['models'])}); "
+        f"onnxruntime {context['onnxruntime']} on {context['provider']}, {context['cpus']} CPUs; images: {context['images']}"
+    )
+    return "\n".join([title, render(header), render(["-" * width for width in widths]), *(render(line) for line in lines)])
+
+
+def rows_as_json(context: dict[str, Any], rows: Sequence[BenchRow]) -> bytes:
+    return orjson.dumps({"context": context, "rows": [asdict(row) for row in rows]}, option=orjson.OPT_INDENT_2)
