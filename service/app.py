@@ -14,6 +14,7 @@ from service import __version__
 from service.api import admin, generation, health, metrics, v1, v2
 from service.api.errors import install_error_handlers
 from service.api.responses import OrjsonResponse
+from service.api.schemas import ERROR_RESPONSES, v2_error_responses
 from service.config import Settings
 from service.engine import EngineRegistry, load_registry
 from service.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
@@ -101,8 +102,9 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
     app.include_router(health.router, responses=LIMIT_ERROR_RESPONSES)
     app.include_router(v1.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
     app.include_router(generation.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
-    app.include_router(v2.health_router, responses=LIMIT_ERROR_RESPONSES)
-    app.include_router(v2.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=protected)
+    v2_errors = v2_error_responses({**ERROR_RESPONSES, **protected})  # v2 answers {"error": "..."}
+    app.include_router(v2.health_router, responses=v2_errors)
+    app.include_router(v2.router, dependencies=SCORING_KEY_DEPENDENCIES, responses=v2_errors)
     app.include_router(admin.router, responses=LIMIT_ERROR_RESPONSES)
     app.include_router(metrics.router, dependencies=METRICS_KEY_DEPENDENCIES, responses=protected)
     app.include_router(v2.fallback_router)  # last: unknown /v2 paths get a v2-style 404

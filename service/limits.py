@@ -65,13 +65,18 @@ class BodyTooLarge(Exception):
     """Raised from `receive` once the streamed body passes the limit (the middleware answers 413)."""
 
 
-def _error_body(code: str, message: str) -> bytes:
+def error_body(path: str, code: str, message: str) -> bytes:
+    """The service's JSON error body; under /v2 the Open Inference Protocol's {"error": message}."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return orjson.dumps({"error": message})
     return orjson.dumps({"error": {"code": code, "message": message}})
 
 
-async def send_error(send: Send, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send: Send, path: str, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
     """Send a complete JSON error response on a raw ASGI channel."""
-    body = _error_body(code, message)
+    body = error_body(path, code, message)
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status_code, "headers": raw_headers})
@@ -106,16 +111,17 @@ class RequestLimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
         declared = _declared_length(scope)
         if declared == -1:
-            await send_error(send, 400, "bad_request", "Content-Length must be a non-negative integer", CLOSE)
+            await send_error(send, path, 400, "bad_request", "Content-Length must be a non-negative integer", CLOSE)
             return
         if declared is not None and declared > self.max_body_bytes:
             await send_error(
-                send, 413, "body_too_large", f"request body is {declared} bytes; the limit is {self.max_body_bytes} bytes", CLOSE
+                send, path, 413, "body_too_large", f"request body is {declared} bytes; the limit is {self.max_body_bytes} bytes", CLOSE
             )
             return
-        state = _Exchange()
+        state = _Exchange(path)
         limit = self.max_body_bytes
 
         async def counting_receive() -> Message:
@@ -137,7 +143,6 @@ class RequestLimitsMiddleware:
                 state.started = True
             await send(message)
 
-        path = scope.get("path", "")
         timeout = None if path.startswith(self.timeout_exempt_prefixes) else self.timeout_seconds
         try:
             if timeout is None:
@@ -169,15 +174,16 @@ class RequestLimitsMiddleware:
     async def _answer(send: Send, state: _Exchange, status_code: int, code: str, message: str) -> None:
         state.answered_by_middleware = True
         state.started = True
-        await send_error(send, status_code, code, message, CLOSE)
+        await send_error(send, state.path, status_code, code, message, CLOSE)
 
 
 class _Exchange:
     """Mutable per-request state shared by the wrapped receive/send."""
 
-    __slots__ = ("received", "too_large", "started", "answered_by_middleware")
+    __slots__ = ("path", "received", "too_large", "started", "answered_by_middleware")
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.received = 0
         self.too_large = False
         self.started = False

@@ -59,6 +59,20 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class V2ErrorResponse(BaseModel):
+    """Open Inference Protocol v2 error body."""
+
+    error: str
+
+
+def v2_error_responses(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """The same documented statuses with the v2 error body (v2 answers 400 where v1 answers 422)."""
+    return {
+        (400 if status == 422 else status): {"model": V2ErrorResponse, "description": doc.get("description", "")}
+        for status, doc in responses.items()
+    }
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
