@@ -117,12 +117,38 @@ def bench(
     images: Annotated[Path | None, typer.Option(help="Images to send: an IDX file (gzip ok) or .npy; default synthetic blobs.")] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
     server_log: Annotated[Path | None, typer.Option(help="Append the benchmark servers' logs here.")] = None,
+    load: Annotated[bool, typer.Option("--load", help="Run the bounded load/soak test (--load-* options) instead.")] = False,
+    load_requests: Annotated[int, typer.Option(min=1, help="--load: requests to send.")] = 20_000,
+    load_concurrency: Annotated[int, typer.Option(min=1, help="--load: concurrent keep-alive clients.")] = 64,
+    load_seconds: Annotated[float, typer.Option(min=1.0, help="--load: stop after this many seconds at the latest.")] = 900.0,
+    load_instances: Annotated[int, typer.Option(min=1, help="--load: instances per request.")] = 1,
+    load_body: Annotated[str, typer.Option(help="--load: json or npy request bodies.")] = "json",
+    url: Annotated[str | None, typer.Option(help="--load: a running server on loopback instead of starting one.")] = None,
+    server_pid: Annotated[int | None, typer.Option(help="--load with --url: the server's PID, for its memory.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OODSERVE_BENCH_API_KEY", help="--load: bearer key to send.")] = None,
 ) -> None:
     """One table from one run: raw onnxruntime limit and single-image latency of the bundle, then the service over
     loopback HTTP (JSON and .npy bodies, each concurrency) with dynamic batching and naively, vs the limit.
+    With --load: a fixed number of requests at one concurrency, with error counts, latency and server memory growth.
 
     Server settings come from OODSERVE_* variables (e.g. OODSERVE_BATCH_MAX_SIZE); only 127.0.0.1 is used.
     """
+    if load:
+        _bench_load(
+            bundle=None if url else _settings(bundle=bundle).bundle,
+            url=url,
+            server_pid=server_pid,
+            requests=load_requests,
+            concurrency=load_concurrency,
+            max_seconds=load_seconds,
+            warmup_requests=warmup_requests,
+            instances_per_request=load_instances,
+            body=load_body,
+            images=images,
+            api_key=api_key,
+            server_log=server_log,
+        )
+        return
     from service.benchmark import BenchOptions, format_table, run_benchmark, rows_as_json
 
     chosen_bodies = tuple(part.strip() for part in bodies.split(",") if part.strip())
@@ -145,6 +171,22 @@ def bench(
     typer.echo(format_table(context, rows))
     if json_out is not None:
         json_out.write_bytes(rows_as_json(context, rows))
+
+
+def _bench_load(**options: Any) -> None:
+    """`bench --load`: run service.loadtest, print its report; exit 1 when any request failed (503 aside)."""
+    from service.loadtest import LoadOptions, format_load_report, run_load
+
+    if options["body"] not in ("json", "npy"):
+        raise typer.BadParameter(f"--load-body must be json or npy, got {options['body']!r}")
+    try:
+        report = run_load(LoadOptions(**options))
+    except ValueError as error:
+        typer.echo(f"oodserve: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    typer.echo(format_load_report(report))
+    if report.errors:
+        raise typer.Exit(code=1)
 
 
 @app.command("export-triton")

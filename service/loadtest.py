@@ -1,0 +1,247 @@
+"""`oodserve bench --load`: a bounded load and soak run over loopback HTTP.
+
+A fixed number of score requests (default 20,000) from a fixed number of concurrent keep-alive clients
+(default 64), stopped early at a wall-clock bound, against a server on 127.0.0.1 only: started here from
+a bundle (`python -m service.cli serve`) or already running (--url, with --server-pid for its memory).
+Prints the status and transport-error counts, latency percentiles, throughput and the resident memory of
+the server process (/proc/PID/status) after warm-up, at the end and at its peak. Errors are everything but
+200 and 503 (backpressure); the run fails (exit 1) when there is any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+
+BACKPRESSURE_STATUS = 503
+RSS_SAMPLE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """One load run: where (bundle to start, or a running loopback url), how much, how long at most."""
+
+    bundle: Path | None = None
+    url: str | None = None
+    server_pid: int | None = None
+    requests: int = 20_000
+    concurrency: int = 64
+    max_seconds: float = 900.0
+    warmup_requests: int = 200
+    instances_per_request: int = 1
+    body: str = "json"
+    images: Path | None = None
+    distinct_bodies: int = 256
+    api_key: str | None = None
+    server_log: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoadReport:
+    """What happened: statuses, transport errors, latencies of the measured requests, memory of the server."""
+
+    requests_planned: int
+    concurrency: int
+    instances_per_request: int
+    statuses: Counter[int] = field(default_factory=Counter)
+    transport_errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    stopped_at_time_bound: bool = False
+    rss_after_warmup_kib: int | None = None
+    rss_end_kib: int | None = None
+    rss_peak_during_run_kib: int | None = None
+    rss_high_water_kib: int | None = None
+
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values()) + sum(self.transport_errors.values())
+
+    @property
+    def errors(self) -> int:
+        """Failed requests: transport errors and every status other than 200 and 503 backpressure."""
+        bad_statuses = sum(count for status, count in self.statuses.items() if status not in (200, BACKPRESSURE_STATUS))
+        return bad_statuses + sum(self.transport_errors.values())
+
+    @property
+    def rss_growth_kib(self) -> int | None:
+        if self.rss_after_warmup_kib is None or self.rss_end_kib is None:
+            return None
+        return self.rss_end_kib - self.rss_after_warmup_kib
+
+
+def require_loopback(url: str) -> None:
+    """Refuse any target that is not this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"the load run only targets loopback addresses (127.0.0.1, ::1, localhost), not {host or url!r}")
+
+
+def resident_memory_kib(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of a process in KiB from /proc/PID/status; None where unavailable."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    if "VmRSS" not in values:
+        return None
+    return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
+
+
+def encode_bodies(images: np.ndarray, per_request: int, body: str) -> tuple[list[bytes], str]:
+    """Request bodies of `per_request` images each (JSON instances or one .npy array) and their content type."""
+    groups = [images[start : start + per_request] for start in range(0, images.shape[0] - per_request + 1, per_request)]
+    if body == "json":
+        return [orjson.dumps({"instances": group.tolist()}) for group in groups], "application/json"
+    if body == "npy":
+        encoded = []
+        for group in groups:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(group), allow_pickle=False)
+            encoded.append(buffer.getvalue())
+        return encoded, "application/x-npy"
+    raise ValueError(f"unknown body kind {body!r}; use json or npy")
+
+
+async def drive(url: str, bodies: list[bytes], content_type: str, options: LoadOptions, server_pid: int | None) -> LoadReport:
+    """Warm up, then send options.requests requests from options.concurrency workers (or stop at the time bound)."""
+    import httpx
+
+    report = LoadReport(options.requests, options.concurrency, options.instances_per_request)
+    headers = {"content-type": content_type}
+    if options.api_key:
+        headers["authorization"] = f"Bearer {options.api_key}"
+    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(120.0)) as client:
+        for index in range(options.warmup_requests):
+            await client.post("/v1/score", content=bodies[index % len(bodies)], headers=headers)
+        if server_pid is not None and (memory := resident_memory_kib(server_pid)) is not None:
+            report.rss_after_warmup_kib = memory[0]
+            report.rss_peak_during_run_kib = memory[0]
+        next_index = 0
+        deadline = time.monotonic() + options.max_seconds
+        finished = asyncio.Event()
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < options.requests:
+                if time.monotonic() > deadline:
+                    report.stopped_at_time_bound = True
+                    return
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/v1/score", content=bodies[index % len(bodies)], headers=headers)
+                except httpx.HTTPError as error:
+                    report.transport_errors[type(error).__name__] += 1
+                    continue
+                report.latencies.append(time.perf_counter() - started)
+                report.statuses[response.status_code] += 1
+
+        async def sample_memory() -> None:
+            while not finished.is_set() and server_pid is not None:
+                memory = resident_memory_kib(server_pid)
+                if memory is not None and report.rss_peak_during_run_kib is not None:
+                    report.rss_peak_during_run_kib = max(report.rss_peak_during_run_kib, memory[0])
+                try:
+                    await asyncio.wait_for(finished.wait(), RSS_SAMPLE_SECONDS)
+                except TimeoutError:
+                    pass
+
+        sampler = asyncio.create_task(sample_memory())
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(options.concurrency)))
+        report.wall_seconds = time.perf_counter() - started
+        finished.set()
+        await sampler
+    if server_pid is not None and (memory := resident_memory_kib(server_pid)) is not None:
+        report.rss_end_kib, report.rss_high_water_kib = memory
+    return report
+
+
+def input_shape_of(url: str, api_key: str | None) -> list[int]:
+    """The default model's per-instance input shape, from GET /v1/models."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+    if response.status_code != 200:
+        raise ValueError(f"cannot read the served models from {url}/v1/models: {response.status_code} {response.text[:200]}")
+    listing = response.json()
+    default = next(model for model in listing["models"] if model["name"] == listing["default"])
+    return list(default["input"]["shape"])
+
+
+def run_load(options: LoadOptions) -> LoadReport:
+    """Start a server from options.bundle (or use options.url), run the load, stop the server."""
+    from service.benchmark import ServerProcess, load_bench_images
+
+    if options.url is None and options.bundle is None:
+        raise ValueError("give a bundle to serve or the url of a running loopback server")
+
+    def load_against(url: str, server_pid: int | None) -> LoadReport:
+        shape = input_shape_of(url, options.api_key)
+        count = options.distinct_bodies * options.instances_per_request
+        images = load_bench_images(options.images, shape, count, options.seed)
+        bodies, content_type = encode_bodies(images, options.instances_per_request, options.body)
+        return asyncio.run(drive(url, bodies, content_type, options, server_pid))
+
+    if options.url is not None:
+        require_loopback(options.url)
+        return load_against(options.url.rstrip("/"), options.server_pid)
+    with ServerProcess(options.bundle, {}, options.server_log) as server:  # type: ignore[arg-type]
+        return load_against(server.url, server.process.pid)
+
+
+def _mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def format_load_report(report: LoadReport) -> str:
+    """The figures of one run as aligned text."""
+    latencies_ms = np.asarray(report.latencies, dtype=np.float64) * 1000.0
+    quantiles = (
+        " ".join(f"p{q}={np.percentile(latencies_ms, q):.1f} ms" for q in (50, 90, 99)) + f" max={latencies_ms.max():.1f} ms"
+        if latencies_ms.size
+        else "n/a"
+    )
+    answered = sum(report.statuses.values())
+    throughput = answered / report.wall_seconds if report.wall_seconds > 0 else 0.0
+    statuses = ", ".join(f"{status}: {count}" for status, count in sorted(report.statuses.items())) or "none"
+    transport = ", ".join(f"{name}: {count}" for name, count in sorted(report.transport_errors.items())) or "none"
+    growth = report.rss_growth_kib
+    lines = [
+        f"load       {report.sent} of {report.requests_planned} requests sent at concurrency {report.concurrency}, "
+        f"{report.instances_per_request} instance(s) each" + (" (stopped at the time bound)" if report.stopped_at_time_bound else ""),
+        f"statuses   {statuses}",
+        f"transport  {transport}",
+        f"errors     {report.errors} (everything but 200 and 503 backpressure; 503: {report.statuses.get(BACKPRESSURE_STATUS, 0)})",
+        f"latency    {quantiles}",
+        f"throughput {throughput:.1f} requests/s, {throughput * report.instances_per_request:.1f} images/s over {report.wall_seconds:.1f} s",
+        f"memory     server RSS after warm-up {_mib(report.rss_after_warmup_kib)}, at the end {_mib(report.rss_end_kib)}, "
+        f"growth {'n/a' if growth is None else f'{growth / 1024:+.1f} MiB'}; peak during the run "
+        f"{_mib(report.rss_peak_during_run_kib)}, process high-water {_mib(report.rss_high_water_kib)}",
+    ]
+    return "\n".join(lines)
