@@ -34,6 +34,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         require_gpu=settings.require_gpu,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.onnxruntime_spinning,
     )
 
 

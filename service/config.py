@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     require_gpu: bool = Field(False, description="Refuse to start unless every session runs on CUDAExecutionProvider.")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0 = onnxruntime's default).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0 = onnxruntime's default).")
+    onnxruntime_spinning: bool = Field(
+        False, description="Let onnxruntime's pool threads busy-wait between runs (faster hand-off, but they take CPU from the event loop)."
+    )
     warmup_batch_size: int = Field(8, ge=1, description="Instances in the warm-up run done before readiness.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances one score request may carry (else 413).")
     max_body_bytes: int = Field(

@@ -24,6 +24,9 @@ class RuntimeOptions:
     require_gpu: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = False
+    """onnxruntime's pool threads busy-wait for the next run when True; off, they sleep and leave the cores to
+    the event loop (which shares the machine's few cores with inference)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ def create_model_session(
     session_options.inter_op_num_threads = options.inter_op_threads
     session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session_options.log_severity_level = 3
+    spinning = "1" if options.allow_spinning else "0"
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     try:
         session = onnxruntime.InferenceSession(model_bytes, sess_options=session_options, providers=providers)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several exception types for bad models
