@@ -156,19 +156,36 @@ class RequestLimitsMiddleware:
     async def _run_with_timeout(
         self, scope: Scope, receive: Receive, guarded_send: Send, send: Send, state: _Exchange, timeout: float
     ) -> None:
-        """Run the app as its own task so a late answer can be replaced by a 504 without waiting for it."""
-        task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if task in done:
-            task.result()  # re-raise the app's exception, if any
-            return
-        task.cancel()
-        task.add_done_callback(_log_late_failure)
-        if state.started or state.answered_by_middleware:
-            logger.warning("%s %s passed the %.1f s timeout after its response had started", scope.get("method"), scope.get("path"), timeout)
-            return
-        logger.warning("%s %s timed out after %.1f s: answered 504", scope.get("method"), scope.get("path"), timeout)
-        await self._answer(send, state, 504, "timeout", f"the request was not answered within {timeout:g} s")
+        """Run the app with a timer (no extra task per request): when it fires, a 504 is sent at once from a
+        short task of its own and the request's task is cancelled. Work shielded from cancellation (a worker
+        thread) finishes in the background and whatever the app sends afterwards is dropped."""
+        loop = asyncio.get_running_loop()
+        request_task = asyncio.current_task()
+        answer: list[asyncio.Task[None]] = []
+
+        def on_timeout() -> None:
+            state.timed_out = True
+            if not state.started and not state.answered_by_middleware:
+                logger.warning("%s %s timed out after %.1f s: answered 504", scope.get("method"), scope.get("path"), timeout)
+                state.answered_by_middleware = state.started = True  # from now on the app's sends are dropped
+                message = f"the request was not answered within {timeout:g} s"
+                answer.append(loop.create_task(send_error(send, state.path, 504, "timeout", message, CLOSE)))
+            else:
+                logger.warning("%s %s passed the %.1f s timeout after its response had started", scope.get("method"), scope.get("path"), timeout)
+            if request_task is not None:
+                request_task.cancel()
+
+        timer = loop.call_later(timeout, on_timeout)
+        try:
+            await self.app(scope, receive, guarded_send)
+        except asyncio.CancelledError:
+            if not state.timed_out or request_task is None:
+                raise  # cancelled by someone else (e.g. the server shutting down)
+            request_task.uncancel()
+        finally:
+            timer.cancel()
+        for task in answer:
+            await task
 
     @staticmethod
     async def _answer(send: Send, state: _Exchange, status_code: int, code: str, message: str) -> None:
@@ -180,10 +197,11 @@ class RequestLimitsMiddleware:
 class _Exchange:
     """Mutable per-request state shared by the wrapped receive/send."""
 
-    __slots__ = ("path", "received", "too_large", "started", "answered_by_middleware")
+    __slots__ = ("path", "received", "too_large", "started", "answered_by_middleware", "timed_out")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.timed_out = False
         self.received = 0
         self.too_large = False
         self.started = False
@@ -197,12 +215,3 @@ def _declared_length(scope: Scope) -> int | None:
             text = value.decode("latin-1").strip()
             return int(text) if text.isdigit() else -1
     return None
-
-
-def _log_late_failure(task: asyncio.Future[Any]) -> None:
-    """Retrieve the cancelled app task's outcome so asyncio never reports an unretrieved exception."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None and not isinstance(error, BodyTooLarge):
-        logger.warning("request that timed out later failed: %r", error)
