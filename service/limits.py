@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -30,32 +31,32 @@ LIMIT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 CLOSE = {"connection": "close"}  # the unread rest of the body must not be parsed as the next request
 
-_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
-_QUOTE = ord('"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a string literal, escapes included
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
 
 
 def json_nesting_depth(body: bytes) -> int:
-    """Deepest array/object nesting of a JSON text, counted on the bytes before parsing (numpy, no recursion).
+    """Deepest array/object nesting of a JSON text, counted on the bytes before parsing (no recursion).
 
-    Escaped backslashes and quotes are dropped first so every remaining `"` opens or closes a string;
-    brackets inside strings are not counted. Exact for valid JSON; for invalid JSON a number the parser
+    String literals are cut out first (so brackets inside strings do not count), every byte that is not
+    a bracket is dropped (bytes.translate, C speed), and the depth is the largest running sum of +1 per
+    opening and -1 per closing bracket. Exact for valid JSON; for invalid JSON a number the parser
     refuses anyway.
     """
-    if not body:
+    if b'"' in body:
+        body = _JSON_STRING.sub(b"", body)
+    brackets = body.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    if not brackets:
         return 0
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    data = np.frombuffer(unescaped, dtype=np.uint8)
-    quotes = data == _QUOTE
-    inside_string = (np.cumsum(quotes) % 2).astype(bool) & ~quotes
-    steps = np.isin(data, _OPENERS).astype(np.int32) - np.isin(data, _CLOSERS).astype(np.int32)
-    steps[inside_string] = 0
-    depth = np.cumsum(steps)
-    return int(depth.max()) if depth.size else 0
+    depth = np.cumsum(np.frombuffer(brackets, dtype=np.int8), dtype=np.int64)
+    return max(int(depth.max()), 0)
 
 
 def check_json_depth(body: bytes, max_depth: int) -> None:
     """400 `malformed_json` when the body nests arrays/objects deeper than max_depth."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return  # not enough brackets to nest deeper (the common small request: no scan needed)
     depth = json_nesting_depth(body)
     if depth > max_depth:
         raise ApiError(400, "malformed_json", f"JSON nesting depth is {depth}; the limit is {max_depth} (OODSERVE_MAX_JSON_DEPTH)")
