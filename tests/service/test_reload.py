@@ -255,3 +255,23 @@ def test_sighup_reloads_a_running_server_and_refuses_a_broken_bundle(
         score = httpx.post(f"{server.url}/v1/score", json={"instances": [np.zeros((28, 28), int).tolist()]})
         assert score.status_code == 200
         assert server.stop() == 0
+
+
+def test_reload_keeps_the_extra_bundles_and_refuses_a_name_clash(
+    bundle_dir: Path, second_bundle: Path, bundle_factory: Callable[..., Path], settings_for: Callable[..., Any]
+) -> None:
+    extra = bundle_factory(name="extra-bundle")
+    settings = settings_for(bundle_dir, extra_bundles=[extra], admin_keys=["admin-key"])
+    with TestClient(create_app(settings)) as client:
+        reloaded = client.post("/v1/admin/reload", json={"bundle": str(second_bundle)}, headers=ADMIN)
+        assert reloaded.status_code == 200
+        assert reloaded.json()["default"] == "test-bundle"
+        assert {model["name"]: model["bundle"] for model in reloaded.json()["models"]} == {
+            "test-bundle": str(second_bundle),
+            "extra-bundle": str(extra),
+        }
+        body = {"instances": [np.zeros((28, 28), int).tolist()]}
+        assert client.post("/v1/models/extra-bundle/score", json=body).status_code == 200
+        clash = client.post("/v1/admin/reload", json={"bundle": str(bundle_factory(name="extra-bundle"))}, headers=ADMIN)
+        assert clash.status_code == 422 and "two bundles are named 'extra-bundle'" in clash.json()["error"]["message"]
+        assert client.get("/v1/models").json()["default"] == "test-bundle"
