@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent score requests for one bundle are merged into one onnxruntime run.
 
-Request handlers (on the event loop) put their validated images in a per-engine queue; a collector
-task takes what is queued (up to `max_batch_size` instances, a request larger than that is split into
-chunks), hands the merged batch to the process's single inference thread, and gives every request
-its own slice of the scores back, in order. The queue is bounded (QueueFullError -> 503 with
+Request handlers (on the event loop) put their validated images in a per-engine queue. Whenever the
+inference thread is free, what is queued (up to `max_batch_size` instances; a request larger than
+that is split into chunks) goes to the process's single inference thread as one merged batch, and
+every request gets its own slice of the scores back, in order; requests that arrive during a run
+form the next batch. The queue is bounded (QueueFullError -> 503 with
 Retry-After) and every request has a deadline (DeadlineExceededError -> 504), so nothing waits forever.
 
 One inference thread for all engines keeps the two cores from being oversubscribed: onnxruntime's
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,10 +36,10 @@ logger = logging.getLogger("oodserve.batching")
 class BatchingOptions:
     """enabled False = naive serving (one onnxruntime run per request in a thread pool, no queue).
 
-    max_batch_size: most instances in one merged run; max_queue_delay_ms: how long the collector
+    max_batch_size: most instances in one merged run; max_queue_delay_ms: how long a dispatch
     waits for requests that are already being read to join a batch (it never waits when none are);
     queue_capacity: most instances waiting in one engine's queue; deadline_ms: per-request limit
-    on queueing plus inference; idle_exit_s: an idle collector stops (restarted on demand).
+    on queueing plus inference; retry_after_s: the Retry-After of a refusal.
     """
 
     enabled: bool = True
@@ -46,7 +48,6 @@ class BatchingOptions:
     queue_capacity: int = 1024
     deadline_ms: float = 10_000.0
     retry_after_s: int = 1
-    idle_exit_s: float = 60.0
 
 
 class QueueFullError(RuntimeError):
@@ -141,29 +142,32 @@ class BatcherStats:
 
 
 class EngineBatcher:
-    """The queue and collector task of one engine on one event loop."""
+    """The queue of one engine on one event loop, driven by callbacks (no task of its own).
 
-    def __init__(
-        self,
-        engine: Engine,
-        options: BatchingOptions,
-        executor: ThreadPoolExecutor,
-        on_exit: Callable[[EngineBatcher], None],
-    ) -> None:
-        self.engine = engine
+    A request that finds the inference thread idle is dispatched at once (with every other queued
+    chunk that fits); requests arriving while a merged run is in the inference thread wait in the
+    queue and go together in the next run, started from the loop as soon as the previous one ends.
+    With max_queue_delay_ms > 0 a dispatch waits, at most that long, while announced requests are
+    still being read and the batch is not full. The engine is held weakly between runs, so a batcher
+    never keeps an engine alive after the registry dropped it (hot reload).
+    """
+
+    def __init__(self, engine: Engine, options: BatchingOptions, executor: Callable[[], ThreadPoolExecutor]) -> None:
+        self._engine = weakref.ref(engine)
+        self.engine_name = engine.name
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.stats = BatcherStats()
         self.arriving = 0
         self.queued_instances = 0
+        self.running = False
         self.closed = False
         self._executor = executor
-        self._on_exit = on_exit
         self._queue: deque[_Chunk] = deque()
-        self._wakeup = asyncio.Event()
-        self._task = self.loop.create_task(self._collect(), name=f"oodserve-batcher-{engine.name}")
+        self._in_flight: list[_Chunk] = []
+        self._delay: asyncio.TimerHandle | None = None
 
-    def enqueue(self, images: np.ndarray, alpha: float, deadline: float) -> list[asyncio.Future[BatchScores]]:
+    def enqueue(self, engine: Engine, images: np.ndarray, alpha: float, deadline: float) -> list[asyncio.Future[BatchScores]]:
         """Queue a request's images (split into chunks of at most max_batch_size); QueueFullError when the
         queue holds instances and these would take it past queue_capacity."""
         count = int(images.shape[0])
@@ -171,7 +175,7 @@ class EngineBatcher:
         if self.queued_instances and self.queued_instances + count > capacity:
             self.stats.rejected_full += 1
             raise QueueFullError(
-                f"the queue of model {self.engine.name!r} is full ({self.queued_instances} of {capacity} instances waiting); "
+                f"the queue of model {self.engine_name!r} is full ({self.queued_instances} of {capacity} instances waiting); "
                 f"retry after {self.options.retry_after_s} s",
                 self.options.retry_after_s,
             )
@@ -182,11 +186,8 @@ class EngineBatcher:
             self._queue.append(_Chunk(images[start : start + step], alpha, future, deadline))
             futures.append(future)
         self.queued_instances += count
-        self._wakeup.set()
+        self.maybe_dispatch(engine)
         return futures
-
-    def wake(self) -> None:
-        self._wakeup.set()
 
     def withdraw(self, futures: Sequence[asyncio.Future[BatchScores]]) -> None:
         """Take a given-up request's chunks out of the queue at once, so they stop using its capacity."""
@@ -199,26 +200,21 @@ class EngineBatcher:
                 kept.append(chunk)
         self._queue = kept
 
-    async def _wait_for_wakeup(self, timeout: float) -> bool:
-        """True when woken, False when `timeout` seconds passed first."""
-        self._wakeup.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._wakeup.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def _wait_for_more(self) -> None:
-        """Give requests that are being read (announced, not yet queued) up to max_queue_delay_ms to join."""
-        delay = self.options.max_queue_delay_ms / 1000.0
-        if delay <= 0:
+    def maybe_dispatch(self, engine: Engine | None = None) -> None:
+        """Start a merged run unless one is running, nothing is queued, or the batch waits for arrivals."""
+        if self.running or self.closed or not self._queue:
             return
-        until = self.loop.time() + delay
-        while self.queued_instances < self.options.max_batch_size and self.arriving > 0:
-            remaining = until - self.loop.time()
-            if remaining <= 0 or not await self._wait_for_wakeup(remaining):
-                return
+        delay = self.options.max_queue_delay_ms / 1000.0
+        if delay > 0 and self.arriving > 0 and self.queued_instances < self.options.max_batch_size:
+            if self._delay is None:
+                self._delay = self.loop.call_later(delay, self._delay_over)
+            return
+        self._dispatch(engine)
+
+    def _delay_over(self) -> None:
+        self._delay = None
+        if not self.running and not self.closed:
+            self._dispatch(None)
 
     def _take_batch(self) -> list[_Chunk]:
         """Pop chunks in order up to max_batch_size instances, dropping cancelled and expired ones."""
@@ -242,24 +238,51 @@ class EngineBatcher:
             size += count
         return chunks
 
-    async def _run(self, chunks: list[_Chunk]) -> None:
-        """Score the merged chunks in the inference thread and resolve each chunk's future."""
-        size = sum(int(chunk.images.shape[0]) for chunk in chunks)
+    def _dispatch(self, engine: Engine | None) -> None:
+        """Hand the next merged batch to the inference thread; its completion comes back via _finish."""
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay = None
+        engine = engine or self._engine()
+        chunks = self._take_batch()
+        if not chunks:
+            return
+        if engine is None:  # unreachable while requests hold the engine; fail rather than wait forever
+            self._fail(chunks, RuntimeError(f"model {self.engine_name!r} is no longer loaded"))
+            return
+        self.running = True
+        self._in_flight = chunks
         try:
-            results = await self.loop.run_in_executor(
-                self._executor, score_merged, self.engine, [chunk.images for chunk in chunks], [chunk.alpha for chunk in chunks]
-            )
-        except asyncio.CancelledError:
-            self._fail(chunks, RuntimeError("the service is shutting down"))
-            raise
-        except Exception as error:  # noqa: BLE001 - every waiter must hear about any failure
-            logger.exception("merged run of %d instances for model %s failed", size, self.engine.name)
+            work = self._executor().submit(score_merged, engine, [chunk.images for chunk in chunks], [chunk.alpha for chunk in chunks])
+        except RuntimeError as error:  # the executor was shut down
+            self.running = False
+            self._in_flight = []
             self._fail(chunks, error)
             return
-        self.stats.record(size)
-        for chunk, result in zip(chunks, results):
-            if not chunk.future.done():
-                chunk.future.set_result(result)
+        work.add_done_callback(self._work_done)
+
+    def _work_done(self, work: Future[list[BatchScores]]) -> None:
+        """Runs in the inference thread: hand the finished run back to the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self._finish, work)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _finish(self, work: Future[list[BatchScores]]) -> None:
+        """On the loop: resolve the run's chunks (results or the error), then start the next batch."""
+        chunks, self._in_flight, self.running = self._in_flight, [], False
+        if self.closed:
+            return
+        error = work.exception() if not work.cancelled() else RuntimeError("the merged run was cancelled")
+        if error is not None:
+            logger.error("merged run for model %s failed: %r", self.engine_name, error, exc_info=error)
+            self._fail(chunks, error)
+        else:
+            self.stats.record(sum(int(chunk.images.shape[0]) for chunk in chunks))
+            for chunk, result in zip(chunks, work.result()):
+                if not chunk.future.done():
+                    chunk.future.set_result(result)
+        self.maybe_dispatch()
 
     @staticmethod
     def _fail(chunks: Sequence[_Chunk], error: BaseException) -> None:
@@ -267,34 +290,21 @@ class EngineBatcher:
             if not chunk.future.done():
                 chunk.future.set_exception(error)
 
-    async def _collect(self) -> None:
-        """Collector loop: wait for work, optionally for more, take a batch, run it; exit when idle."""
-        try:
-            while True:
-                if not self._queue:
-                    woken = await self._wait_for_wakeup(self.options.idle_exit_s)
-                    if not woken and not self._queue and self.arriving == 0:
-                        return
-                    continue
-                await self._wait_for_more()
-                chunks = self._take_batch()
-                if chunks:
-                    await self._run(chunks)
-        finally:
-            self.closed = True
-            remaining = list(self._queue)
-            self._queue.clear()
-            self.queued_instances = 0
-            self._fail(remaining, RuntimeError("the batcher stopped"))
-            self._on_exit(self)
-
-    def stop(self) -> None:
-        """Cancel the collector (queued and running requests fail at once)."""
-        self._task.cancel()
+    def close(self) -> None:
+        """Fail every queued and running request at once; later completions are ignored."""
+        self.closed = True
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay = None
+        pending = [*self._in_flight, *self._queue]
+        self._queue.clear()
+        self._in_flight = []
+        self.queued_instances = 0
+        self._fail(pending, RuntimeError("the service is shutting down"))
 
 
 class Arrival:
-    """A request that is being read for an engine; the collector may wait briefly for it to join a batch."""
+    """A request that is being read for an engine; a batch may wait briefly for it to join (max_queue_delay_ms)."""
 
     def __init__(self, batcher: EngineBatcher | None) -> None:
         self._batcher = batcher
@@ -305,7 +315,7 @@ class Arrival:
         """The request is queued or has failed: stop counting it (idempotent)."""
         if self._batcher is not None:
             self._batcher.arriving -= 1
-            self._batcher.wake()
+            self._batcher.maybe_dispatch()
             self._batcher = None
 
     def __enter__(self) -> Arrival:
@@ -318,37 +328,36 @@ class Arrival:
 class BatchScheduler:
     """The process's scoring scheduler: one batcher per engine, one inference thread for all of them.
 
-    Batchers are created on demand on the running event loop (so a reloaded engine gets its own) and
-    leave when idle, so an engine that is no longer served is not kept alive by its batcher.
+    Batchers are created on demand on the running event loop and keyed weakly by engine, so a
+    reloaded engine gets its own and a dropped one is freed with its batcher.
     """
 
     def __init__(self, options: BatchingOptions) -> None:
         self.options = options
         self._executor: ThreadPoolExecutor | None = None
-        self._batchers: dict[int, EngineBatcher] = {}
+        self._batchers: weakref.WeakKeyDictionary[Engine, EngineBatcher] = weakref.WeakKeyDictionary()
+
+    def _inference_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodserve-inference")
+        return self._executor
 
     def _batcher_for(self, engine: Engine) -> EngineBatcher:
         loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(id(engine))
-        if batcher is None or batcher.engine is not engine or batcher.loop is not loop or batcher.closed:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodserve-inference")
-            batcher = EngineBatcher(engine, self.options, self._executor, self._forget)
-            self._batchers[id(engine)] = batcher
+        batcher = self._batchers.get(engine)
+        if batcher is None or batcher.loop is not loop or batcher.closed:
+            batcher = EngineBatcher(engine, self.options, self._inference_executor)
+            self._batchers[engine] = batcher
         return batcher
 
-    def _forget(self, batcher: EngineBatcher) -> None:
-        if self._batchers.get(id(batcher.engine)) is batcher:
-            del self._batchers[id(batcher.engine)]
-
     def stats(self, engine: Engine) -> BatcherStats | None:
-        """Counters of the engine's current batcher (None when it has none right now)."""
-        batcher = self._batchers.get(id(engine))
-        return batcher.stats if batcher is not None and batcher.engine is engine else None
+        """Counters of the engine's batcher (None before its first request)."""
+        batcher = self._batchers.get(engine)
+        return batcher.stats if batcher is not None else None
 
     def queued_instances(self) -> int:
         """Instances waiting in all queues now."""
-        return sum(batcher.queued_instances for batcher in self._batchers.values())
+        return sum(batcher.queued_instances for batcher in list(self._batchers.values()))
 
     def arrival(self, engine: Engine) -> Arrival:
         """Announce a request for `engine` whose body is being read (use as a context manager)."""
@@ -370,7 +379,7 @@ class BatchScheduler:
         batcher = self._batcher_for(engine)
         deadline = batcher.loop.time() + self.options.deadline_ms / 1000.0
         try:
-            futures = batcher.enqueue(images, level, deadline)
+            futures = batcher.enqueue(engine, images, level, deadline)
         finally:
             if arrival is not None:
                 arrival.release()
@@ -389,17 +398,10 @@ class BatchScheduler:
         return concatenate_scores(outcomes)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        """Stop every collector and the inference thread (a later request starts them again)."""
-        batchers = list(self._batchers.values())
-        for batcher in batchers:
-            batcher.stop()
-        for batcher in batchers:
-            if batcher.loop is asyncio.get_running_loop():
-                try:
-                    await batcher._task
-                except asyncio.CancelledError:
-                    pass
-        self._batchers.clear()
+        """Fail every waiting request and stop the inference thread (a later request starts it again)."""
+        for batcher in list(self._batchers.values()):
+            batcher.close()
+        self._batchers = weakref.WeakKeyDictionary()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

@@ -121,15 +121,18 @@ def test_verdicts_follow_each_requests_alpha_inside_a_merged_run() -> None:
     async def scenario() -> list[BatchScores]:
         scheduler = BatchScheduler(BatchingOptions(max_queue_delay_ms=0))
         engine.runner.gate.clear()
+        blocker = asyncio.create_task(scheduler.score(engine, marked(99)))  # holds the inference thread
+        await asyncio.to_thread(engine.runner.entered.wait, WAIT_S)
         tasks = [asyncio.create_task(scheduler.score(engine, marked(30, 60), alpha)) for alpha in (0.2, 0.5, 0.7)]
         await asyncio.sleep(0.01)
         engine.runner.gate.set()
+        await blocker
         results = [await task for task in tasks]
         await scheduler.close()
         return results
 
     results = run(scenario())
-    assert engine.runner.batch_sizes == [6]
+    assert engine.runner.batch_sizes == [1, 6]
     assert [result.is_ood.tolist() for result in results] == [[False, False], [True, False], [True, True]]
 
 
@@ -148,7 +151,7 @@ def test_a_request_larger_than_the_batch_limit_is_split_and_rejoined_in_order() 
     assert result.is_ood.shape == (10,) and result.alpha == 0.5
 
 
-def test_the_collector_waits_for_announced_requests_but_not_when_none_are_coming() -> None:
+def test_a_batch_waits_for_announced_requests_but_not_when_none_are_coming() -> None:
     engine = MarkerEngine()
 
     async def scenario() -> list[BatchScores]:
@@ -242,18 +245,24 @@ def test_closing_fails_queued_requests_instead_of_leaving_them_waiting() -> None
     run(scenario())
 
 
-def test_an_idle_batcher_leaves_and_a_new_one_starts_on_demand() -> None:
-    engine = MarkerEngine()
+def test_a_batcher_does_not_keep_a_dropped_engine_alive() -> None:
+    """After a hot reload the old engine (and its onnxruntime sessions) must be freed."""
+    import gc
+    import weakref
 
-    async def scenario() -> None:
-        scheduler = BatchScheduler(BatchingOptions(idle_exit_s=0.05, max_queue_delay_ms=0))
-        await scheduler.score(engine, marked(1))
-        assert scheduler.stats(engine) is not None
-        await wait_until(lambda: scheduler.stats(engine) is None)
-        assert (await scheduler.score(engine, marked(2))).fused_score.tolist() == [0.02]
+    async def scenario() -> weakref.ref[MarkerEngine]:
+        scheduler = BatchScheduler(BatchingOptions())
+        engine = MarkerEngine()
+        assert (await scheduler.score(engine, marked(4))).fused_score.tolist() == [0.04]
+        assert scheduler.stats(engine).runs == 1
+        reference = weakref.ref(engine)
+        del engine
+        gc.collect()
+        assert scheduler.queued_instances() == 0
         await scheduler.close()
+        return reference
 
-    run(scenario())
+    assert run(scenario())() is None
 
 
 def test_naive_mode_runs_each_request_alone() -> None:
@@ -364,3 +373,14 @@ def test_http_full_queue_is_503_with_retry_after_and_deadline_is_504(
     for response in (running, queued):
         assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
     assert after.status_code == 200 and len(after.json()["results"]) == 1
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnxruntime_spinning_follows_the_setting(bundle_dir: Path, settings_for, spinning: bool) -> None:
+    from service.app import runtime_options
+
+    options = runtime_options(settings_for(bundle_dir, onnxruntime_spinning=spinning))
+    engine = Engine.load(bundle_dir, options)
+    for model in engine.runner.sessions.values():
+        session_options = model.session.get_session_options()  # type: ignore[attr-defined]
+        assert session_options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
