@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.body import json_type_name, parse_json, read_body_limited, is_json_media_type
+from service.api.body import is_json_media_type, json_type_name, parse_json, read_body_limited
 from service.api.errors import ApiError
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ErrorResponse
