@@ -50,6 +50,7 @@ class BenchOptions:
     server_env: tuple[tuple[str, str], ...] = ()
     server_log: Path | None = None
     seed: int = 0
+    api_key: str | None = None
 
 
 @dataclass
@@ -226,7 +227,14 @@ def request_bodies(images: np.ndarray, body: str) -> tuple[list[bytes], str]:
 
 
 async def drive_load(
-    url: str, bodies: list[bytes], content_type: str, concurrency: int, requests: int, warmup: int, server_pid: int | None = None
+    url: str,
+    bodies: list[bytes],
+    content_type: str,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    server_pid: int | None = None,
+    api_key: str | None = None,
 ) -> tuple[float, list[float], int, float | None]:
     """`requests` POSTs to url/v1/score from `concurrency` workers over keep-alive connections, after
     `warmup` unmeasured ones. Returns (wall seconds, per-request latencies in seconds, non-200 count,
@@ -235,6 +243,8 @@ async def drive_load(
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"content-type": content_type}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
         next_index = 0
         latencies: list[float] = []
@@ -272,7 +282,9 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
             encoded, content_type = request_bodies(images, body)
             for concurrency in options.concurrency:
                 wall, latencies, errors, server_cpu = asyncio.run(
-                    drive_load(server.url, encoded, content_type, concurrency, options.requests, options.warmup_requests, server.process.pid)
+                    drive_load(
+                        server.url, encoded, content_type, concurrency, options.requests, options.warmup_requests, server.process.pid, options.api_key
+                    )
                 )
                 images_per_second = len(latencies) / wall
                 rows.append(

@@ -125,7 +125,7 @@ def bench(
     load_body: Annotated[str, typer.Option(help="--load: json or npy request bodies.")] = "json",
     url: Annotated[str | None, typer.Option(help="--load: a running server on loopback instead of starting one.")] = None,
     server_pid: Annotated[int | None, typer.Option(help="--load with --url: the server's PID, for its memory.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="OODSERVE_BENCH_API_KEY", help="--load: bearer key to send.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OODSERVE_BENCH_API_KEY", help="Bearer key to send (servers with OODSERVE_API_KEYS).")] = None,
 ) -> None:
     """One table from one run: raw onnxruntime limit and single-image latency of the bundle, then the service over
     loopback HTTP (JSON and .npy bodies, each concurrency) with dynamic batching and naively, vs the limit.
@@ -166,6 +166,7 @@ def bench(
         naive=naive,
         images=images,
         server_log=server_log,
+        api_key=api_key,
     )
     context, rows = run_benchmark(options)
     typer.echo(format_table(context, rows))
