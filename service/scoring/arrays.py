@@ -50,8 +50,12 @@ def check_image_array(
         if not finite.all():
             index, where = _first_position(~finite)
             raise InputError("invalid_value", f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]")
-    outside = (array < minimum) | (array > maximum)
-    if outside.any():
+    if array.dtype.kind in "ui":  # integer dtypes whose whole range fits (uint8 for 0..255) need no range pass
+        limits = np.iinfo(array.dtype)
+        outside = (array < minimum) | (array > maximum) if limits.min < minimum or limits.max > maximum else None
+    else:
+        outside = (array < minimum) | (array > maximum)
+    if outside is not None and outside.any():
         index, where = _first_position(outside)
         raise InputError("out_of_range", f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]")
     if dtype == "uint8" and array.dtype.kind == "f":
@@ -59,4 +63,4 @@ def check_image_array(
         if fractional.any():
             index, where = _first_position(fractional)
             raise InputError("invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers")
-    return np.ascontiguousarray(array.reshape((count, *input_shape)), dtype=np.float32)
+    return array.reshape((count, *input_shape)).astype(np.float32)

@@ -183,3 +183,10 @@ def test_a_huge_declared_shape_is_refused_before_allocation() -> None:
     with pytest.raises(ApiError) as refused:
         read_npy(body)
     assert refused.value.status_code == 400 and "4000000000" in refused.value.message
+
+
+@pytest.mark.parametrize(("dtype", "value", "code"), [(np.int16, -1, "out_of_range"), (np.int64, 256, "out_of_range"), (np.uint16, 300, "out_of_range"), (np.float16, np.inf, "invalid_value")])
+def test_integer_and_half_arrays_are_range_checked(client: TestClient, make_images, dtype: Any, value: Any, code: str) -> None:
+    array = make_images(2, 46).astype(dtype)
+    array[1, 0, 5, 6] = value
+    assert_error(client.post("/v1/score", content=npy_bytes(array), headers=NPY), 422, code, "instance 1", "[0, 5, 6]")
