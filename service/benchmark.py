@@ -67,6 +67,7 @@ class BenchRow:
     ratio_to_limit: float | None = None
     errors: int = 0
     server_cpu_ms_per_image: float | None = None
+    client_cpu_ms_per_image: float | None = None
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -235,10 +236,11 @@ async def drive_load(
     warmup: int,
     server_pid: int | None = None,
     api_key: str | None = None,
-) -> tuple[float, list[float], int, float | None]:
+) -> tuple[float, list[float], int, float | None, float]:
     """`requests` POSTs to url/v1/score from `concurrency` workers over keep-alive connections, after
     `warmup` unmeasured ones. Returns (wall seconds, per-request latencies in seconds, non-200 count,
-    server CPU seconds used during the measured requests when server_pid is given and /proc exists)."""
+    server CPU seconds used during the measured requests when server_pid is given and /proc exists,
+    CPU seconds this client process used for them)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -266,12 +268,14 @@ async def drive_load(
         await asyncio.gather(*[worker(warmup, False) for _ in range(min(concurrency, max(warmup, 1)))])
         next_index = 0
         cpu_before = process_cpu_seconds(server_pid) if server_pid is not None else None
+        client_cpu_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*[worker(requests, True) for _ in range(concurrency)])
         wall = time.perf_counter() - started
         cpu_after = process_cpu_seconds(server_pid) if server_pid is not None else None
+        client_cpu = time.process_time() - client_cpu_before
     server_cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-    return wall, latencies, errors, server_cpu
+    return wall, latencies, errors, server_cpu, client_cpu
 
 
 def measure_service(section: str, server_env: dict[str, str], images: np.ndarray, limit: float, options: BenchOptions) -> list[BenchRow]:
@@ -281,7 +285,7 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
         for body in options.bodies:
             encoded, content_type = request_bodies(images, body)
             for concurrency in options.concurrency:
-                wall, latencies, errors, server_cpu = asyncio.run(
+                wall, latencies, errors, server_cpu, client_cpu = asyncio.run(
                     drive_load(
                         server.url, encoded, content_type, concurrency, options.requests, options.warmup_requests, server.process.pid, options.api_key
                     )
@@ -299,6 +303,7 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                         images_per_second / limit,
                         errors,
                         None if server_cpu is None else 1000.0 * server_cpu / len(latencies),
+                        1000.0 * client_cpu / len(latencies),
                     )
                 )
     return rows
@@ -339,7 +344,7 @@ def format_table(context: dict[str, Any], rows: Sequence[BenchRow]) -> str:
     def number(value: float | None, digits: int) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    header = ["measurement", "body", "conc.", "images/s", "p50 ms", "p99 ms", "x limit", "srv CPU ms/img", "errors", "detail"]
+    header = ["measurement", "body", "conc.", "images/s", "p50 ms", "p99 ms", "x limit", "server CPU ms/img", "client CPU ms/img", "errors", "detail"]
     lines = [
         [
             row.section,
@@ -350,13 +355,14 @@ def format_table(context: dict[str, Any], rows: Sequence[BenchRow]) -> str:
             number(row.p99_ms, 3),
             number(row.ratio_to_limit, 3),
             number(row.server_cpu_ms_per_image, 3),
+            number(row.client_cpu_ms_per_image, 3),
             str(row.errors),
             row.detail,
         ]
         for row in rows
     ]
     widths = [max(len(header[column]), *(len(line[column]) for line in lines)) for column in range(len(header))]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    right = {2, 3, 4, 5, 6, 7, 8, 9}
 
     def render(cells: Sequence[str]) -> str:
         return "  ".join(cell.rjust(widths[index]) if index in right else cell.ljust(widths[index]) for index, cell in enumerate(cells)).rstrip()
