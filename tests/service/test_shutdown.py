@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,28 @@ from live_server import ServeProcess
 
 SLOW_INSTANCES = 2048  # ~1 s of validation and scoring each on a busy 2-core machine
 IN_FLIGHT = 4
+
+
+def server_side_receive_queues(port: int) -> list[int]:
+    """Bytes waiting unread in each established server-side TCP connection on 127.0.0.1:port (/proc/net/tcp)."""
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # local port, state ESTABLISHED
+            queues.append(int(fields[4].split(":")[1], 16))
+    return queues
+
+
+def wait_until_bodies_are_read(port: int, uploads: list[threading.Event], timeout: float = 60.0) -> None:
+    """Until every client has sent its whole body and the server has read every byte of each (so all the
+    requests are inside the app, not waiting in a socket buffer or the listen backlog)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queues = server_side_receive_queues(port)
+        if all(upload.is_set() for upload in uploads) and len(queues) >= len(uploads) and not any(queues):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the request bodies were not read within {timeout} s: {server_side_receive_queues(port)}")
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle_dir: Path, tmp_path: Path) -> None:
@@ -32,10 +55,17 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle_dir: Path, tmp_p
         answers: list[tuple[int | str, float]] = []
         lock = threading.Lock()
 
-        def slow_request() -> None:
+        uploads = [threading.Event() for _ in range(IN_FLIGHT)]
+
+        def chunks(uploaded: threading.Event) -> Iterator[bytes]:
+            for start in range(0, len(body), 1 << 20):
+                yield body[start : start + (1 << 20)]
+            uploaded.set()
+
+        def slow_request(uploaded: threading.Event) -> None:
             try:
                 response = httpx.post(
-                    f"{server.url}/v1/score", content=body, headers={"content-type": "application/json"}, timeout=120
+                    f"{server.url}/v1/score", content=chunks(uploaded), headers={"content-type": "application/json"}, timeout=120
                 )
                 results = response.json().get("results", [])
                 outcome: int | str = response.status_code if len(results) == SLOW_INSTANCES else response.text[:300]
@@ -44,10 +74,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle_dir: Path, tmp_p
             with lock:
                 answers.append((outcome, time.monotonic()))
 
-        clients = [threading.Thread(target=slow_request) for _ in range(IN_FLIGHT)]
+        clients = [threading.Thread(target=slow_request, args=(uploaded,)) for uploaded in uploads]
         for client in clients:
             client.start()
-        time.sleep(0.5)  # the bodies (7 MB each over loopback) are in and being scored
+        wait_until_bodies_are_read(server.port, uploads)  # all four are in flight inside the app
         terminated_at = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         refused_at = None  # when a new connection first failed: the server stopped accepting
