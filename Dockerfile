@@ -35,7 +35,7 @@ RUN rm -rf models/bundles && sh deploy/docker/install-runtime.sh /opt/oodserve g
 
 # ---------------------------------------------------------------- CPU runtime image
 FROM ${PYTHON_IMAGE} AS cpu
-ARG BUNDLE=demo
+ARG BUNDLE=fashion-mnist
 ENV PATH=/opt/oodserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -56,7 +56,7 @@ CMD ["oodserve", "serve"]
 
 # ---------------------------------------------------------------- GPU runtime image
 FROM ${CUDA_IMAGE} AS gpu
-ARG BUNDLE=demo
+ARG BUNDLE=fashion-mnist
 ENV PATH=/opt/oodserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
