@@ -41,10 +41,11 @@ def test_onnx_matches_torch(family: str, tmp_path: Path) -> None:
     pixels = torch.randint(0, 256, (5, *IMAGE_SHAPE), generator=generator).float()
     pixels[0] = 0.0
     pixels[1] = 255.0
-    onnx_outputs = _session(density_path).run(None, {"x": pixels.numpy()})
+    density_session = _session(density_path)
+    onnx_outputs = density_session.run(None, {"x": pixels.numpy()})
     with torch.no_grad():
         torch_outputs = DensityGraph(flow).eval()(pixels)
-    names = [output.name for output in _session(density_path).get_outputs()]
+    names = [output.name for output in density_session.get_outputs()]
     assert names[0] == "log_prob"
     if family in ("glow", "nsf"):
         assert names[1:] == ["level_0", "level_1", "level_2"]
