@@ -36,6 +36,8 @@ def test_bench_prints_one_table_with_every_row(repository_root: Path, tmp_path: 
     assert len(rows) == len(table)
     assert all(row["errors"] == 0 and row["images_per_second"] > 0 for row in rows)
     assert all(row["p50_ms"] <= row["p99_ms"] for row in rows if row["p50_ms"] is not None)
+    served_rows = [row for row in rows if row["section"].startswith("service")]
+    assert all(row["mean_run_batch"] is not None and row["mean_run_batch"] >= 1 for row in served_rows)
 
 
 def test_bench_images_come_from_idx_files_or_synthetic_blobs(tmp_path: Path) -> None:
