@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from models.evaluation.metrics import expected_calibration_error  # noqa: F401 - re-exported for callers
 from models.sngp.backbone import SNGPClassifier, SNGPConfig
 from models.sngp.spectral import refresh_all_sigmas
 
@@ -40,19 +41,6 @@ class TrainSettings:
     crop_padding: int = 0
     limit_train: int = 0  # use only the first N training images (smoke tests); 0 = all
     model: dict = field(default_factory=dict)
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE with `bins` equal-width confidence bins (Guo et al. 2017): sum_b |B|/n |acc_b - conf_b|."""
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    error = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            error += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(error)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool, crop_padding: int) -> torch.Tensor:
