@@ -166,6 +166,9 @@ class EngineBatcher:
         self._queue: deque[_Chunk] = deque()
         self._in_flight: list[_Chunk] = []
         self._delay: asyncio.TimerHandle | None = None
+        self._queued_during_run = False
+        """Requests queued while the last run was in the inference thread: clients are concurrent, so the
+        next batch may wait (max_queue_delay_ms) for the ones whose answers just went out to come back."""
 
     def enqueue(self, engine: Engine, images: np.ndarray, alpha: float, deadline: float) -> list[asyncio.Future[BatchScores]]:
         """Queue a request's images (split into chunks of at most max_batch_size); QueueFullError when the
@@ -205,7 +208,8 @@ class EngineBatcher:
         if self.running or self.closed or not self._queue:
             return
         delay = self.options.max_queue_delay_ms / 1000.0
-        if delay > 0 and self.arriving > 0 and self.queued_instances < self.options.max_batch_size:
+        busy = self.arriving > 0 or self._queued_during_run
+        if delay > 0 and busy and self.queued_instances < self.options.max_batch_size:
             if self._delay is None:
                 self._delay = self.loop.call_later(delay, self._delay_over)
             return
@@ -243,6 +247,7 @@ class EngineBatcher:
         if self._delay is not None:
             self._delay.cancel()
             self._delay = None
+        self._queued_during_run = False
         engine = engine or self._engine()
         chunks = self._take_batch()
         if not chunks:
@@ -273,6 +278,7 @@ class EngineBatcher:
         chunks, self._in_flight, self.running = self._in_flight, [], False
         if self.closed:
             return
+        self._queued_during_run = bool(self._queue)
         error = work.exception() if not work.cancelled() else RuntimeError("the merged run was cancelled")
         if error is not None:
             logger.error("merged run for model %s failed: %r", self.engine_name, error, exc_info=error)

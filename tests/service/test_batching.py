@@ -171,6 +171,30 @@ def test_a_batch_waits_for_announced_requests_but_not_when_none_are_coming() -> 
     assert [result.fused_score.tolist() for result in results] == [[0.01], [0.02], [0.03]]
 
 
+def test_after_a_run_with_waiting_requests_the_next_batch_waits_for_returning_clients() -> None:
+    """Requests queued during a run show concurrent clients: the next batch waits max_queue_delay_ms for more."""
+    engine = MarkerEngine()
+
+    async def scenario() -> list[float]:
+        scheduler = BatchScheduler(BatchingOptions(max_queue_delay_ms=300))
+        engine.runner.gate.clear()
+        first = asyncio.create_task(scheduler.score(engine, marked(1)))
+        await asyncio.to_thread(engine.runner.entered.wait, WAIT_S)
+        queued = [asyncio.create_task(scheduler.score(engine, marked(marker))) for marker in (2, 3)]
+        await asyncio.sleep(0.01)
+        engine.runner.gate.set()
+        await first
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in queued)  # held for a returning client
+        late = await scheduler.score(engine, marked(4))
+        results = [await task for task in queued]
+        await scheduler.close()
+        return [result.fused_score.item() for result in (*results, late)]
+
+    assert run(scenario()) == [0.02, 0.03, 0.04]
+    assert engine.runner.batch_sizes == [1, 3]
+
+
 def test_a_full_queue_refuses_and_the_refused_request_leaves_no_trace() -> None:
     engine = MarkerEngine()
 
