@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     )
     batch_max_size: int = Field(64, ge=1, description="Most instances in one merged onnxruntime run; larger requests are split.")
     batch_max_delay_ms: float = Field(
-        0.0, ge=0, description="How long a batch waits for requests already being read to join it (it never waits when none are)."
+        0.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
+        "(concurrent clients) for the clients just answered; never when the service was idle."
     )
     batch_queue_capacity: int = Field(1024, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After.")
     batch_deadline_seconds: float = Field(
