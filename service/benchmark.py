@@ -45,6 +45,7 @@ class BenchOptions:
     raw_seconds: float = 3.0
     single_image_runs: int = 500
     bodies: tuple[str, ...] = ("json", "npy")
+    images_per_request: tuple[int, ...] = (1,)
     naive: bool = True
     images: Path | None = None
     server_env: tuple[tuple[str, str], ...] = ()
@@ -231,15 +232,16 @@ class ServerProcess:
             self._log.close()  # type: ignore[union-attr]
 
 
-def request_bodies(images: np.ndarray, body: str) -> tuple[list[bytes], str]:
-    """One body per image (a batch of one) and its content type."""
+def request_bodies(images: np.ndarray, body: str, per_request: int = 1) -> tuple[list[bytes], str]:
+    """Bodies of `per_request` consecutive images each (images (N, *shape) uint8) and their content type."""
+    groups = [images[start : start + per_request] for start in range(0, len(images) - per_request + 1, per_request)]
     if body == "json":
-        return [orjson.dumps({"instances": [image.tolist()]}) for image in images], "application/json"
+        return [orjson.dumps({"instances": group.tolist()}) for group in groups], "application/json"
     if body == "npy":
         encoded = []
-        for image in images:
+        for group in groups:
             buffer = io.BytesIO()
-            np.save(buffer, image[None])
+            np.save(buffer, group)
             encoded.append(buffer.getvalue())
         return encoded, "application/x-npy"
     raise ValueError(f"unknown body kind {body!r}; use json or npy")
@@ -315,8 +317,9 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
     """Start the server with server_env, load it at every (body, concurrency) cell, stop it."""
     rows: list[BenchRow] = []
     with ServerProcess(options.bundle, server_env, options.server_log) as server:
-        for body in options.bodies:
-            encoded, content_type = request_bodies(images, body)
+        for body, per_request in ((body, count) for count in options.images_per_request for body in options.bodies):
+            encoded, content_type = request_bodies(images, body, per_request)
+            label = body if per_request == 1 else f"{body} x{per_request}"
             for concurrency in options.concurrency:
                 if options.warmup_requests:
                     asyncio.run(drive_load(server.url, encoded, content_type, concurrency, options.warmup_requests, 0, None, options.api_key))
@@ -324,7 +327,7 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                 wall, latencies, errors, server_cpu, client_cpu = asyncio.run(
                     drive_load(server.url, encoded, content_type, concurrency, options.requests, 0, server.process.pid, options.api_key)
                 )
-                images_per_second = len(latencies) / wall
+                images_per_second = len(latencies) * per_request / wall
                 runs_after = onnxruntime_batch_totals(server.url, options.api_key)
                 mean_batch = None
                 if runs_before is not None and runs_after is not None and runs_after[1] > runs_before[1]:
@@ -332,16 +335,16 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                 rows.append(
                     BenchRow(
                         section,
-                        body,
+                        label,
                         concurrency,
-                        f"{len(latencies)} requests of 1 image",
+                        f"{len(latencies)} requests of {per_request} image{'s' if per_request > 1 else ''}",
                         images_per_second,
                         percentile_ms(latencies, 50),
                         percentile_ms(latencies, 99),
                         images_per_second / limit,
                         errors,
-                        None if server_cpu is None else 1000.0 * server_cpu / len(latencies),
-                        1000.0 * client_cpu / len(latencies),
+                        None if server_cpu is None else 1000.0 * server_cpu / (len(latencies) * per_request),
+                        1000.0 * client_cpu / (len(latencies) * per_request),
                         mean_batch,
                     )
                 )

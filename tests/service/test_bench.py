@@ -48,3 +48,20 @@ def test_bench_images_come_from_idx_files_or_synthetic_blobs(tmp_path: Path) -> 
     assert (read_idx_images(idx) == images[:3, 0]).all()
     assert load_bench_images(idx, [1, 28, 28], 4, 1).shape == (4, 1, 28, 28)
     assert percentile_ms([0.001, 0.002, 0.003], 50) == 2.0
+
+
+def test_request_bodies_group_images_per_request() -> None:
+    import io
+
+    import numpy as np
+    import orjson
+
+    from service.benchmark import request_bodies
+
+    images = load_bench_images(None, [1, 28, 28], 7, 2)
+    npy, npy_type = request_bodies(images, "npy", 3)
+    assert npy_type == "application/x-npy" and len(npy) == 2
+    assert (np.load(io.BytesIO(npy[1]), allow_pickle=False) == images[3:6]).all()
+    json_bodies, json_type = request_bodies(images, "json")
+    assert json_type == "application/json" and len(json_bodies) == 7
+    assert orjson.loads(json_bodies[4]) == {"instances": [images[4].tolist()]}
