@@ -130,7 +130,8 @@ def bench(
 ) -> None:
     """One table from one run: raw onnxruntime limit and single-image latency of the bundle, then the service over
     loopback HTTP (JSON and .npy bodies, each concurrency) with dynamic batching and naively, vs the limit.
-    With --load: a fixed number of requests at one concurrency, with error counts, latency and server memory growth.
+    With --load: a fixed number of requests at one concurrency (after a warm-up of at least 4 x concurrency requests),
+    with error counts, latency, throughput and the server's memory growth.
 
     Server settings come from OODSERVE_* variables (e.g. OODSERVE_BATCH_MAX_SIZE); only 127.0.0.1 is used.
     """
@@ -142,7 +143,7 @@ def bench(
             requests=load_requests,
             concurrency=load_concurrency,
             max_seconds=load_seconds,
-            warmup_requests=warmup_requests,
+            warmup_requests=max(warmup_requests, 4 * load_concurrency),  # at full concurrency, before the memory baseline
             instances_per_request=load_instances,
             body=load_body,
             images=images,

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     max_concurrent_connections: int = Field(
         128, ge=1, description="Connections and requests uvicorn serves at once before answering 503 (uvicorn limit_concurrency)."
     )
+    keep_alive_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="Idle keep-alive connections are closed after this; above the clients' own idle expiry (httpx: 5 s) so they close first.",
+    )
     shutdown_grace_seconds: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may run before they are cancelled."
     )

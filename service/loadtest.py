@@ -62,6 +62,7 @@ class LoadReport:
     rss_end_kib: int | None = None
     rss_peak_during_run_kib: int | None = None
     rss_high_water_kib: int | None = None
+    rss_trend_kib: list[tuple[int, int]] = field(default_factory=list)  # (requests answered so far, VmRSS)
 
     @property
     def sent(self) -> int:
@@ -134,19 +135,13 @@ async def drive(url: str, bodies: list[bytes], content_type: str, options: LoadO
         headers["authorization"] = f"Bearer {options.api_key}"
     limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(120.0)) as client:
-        for index in range(options.warmup_requests):
-            await client.post("/v1/score", content=bodies[index % len(bodies)], headers=headers)
-        if server_pid is not None and (memory := resident_memory_kib(server_pid)) is not None:
-            report.rss_after_warmup_kib = memory[0]
-            report.rss_peak_during_run_kib = memory[0]
         next_index = 0
         deadline = time.monotonic() + options.max_seconds
-        finished = asyncio.Event()
 
-        async def worker() -> None:
+        async def worker(total: int, record: bool) -> None:
             nonlocal next_index
-            while next_index < options.requests:
-                if time.monotonic() > deadline:
+            while next_index < total:
+                if record and time.monotonic() > deadline:
                     report.stopped_at_time_bound = True
                     return
                 index = next_index
@@ -155,16 +150,30 @@ async def drive(url: str, bodies: list[bytes], content_type: str, options: LoadO
                 try:
                     response = await client.post("/v1/score", content=bodies[index % len(bodies)], headers=headers)
                 except httpx.HTTPError as error:
-                    report.transport_errors[type(error).__name__] += 1
+                    if record:
+                        report.transport_errors[type(error).__name__] += 1
                     continue
-                report.latencies.append(time.perf_counter() - started)
-                report.statuses[response.status_code] += 1
+                if record:
+                    report.latencies.append(time.perf_counter() - started)
+                    report.statuses[response.status_code] += 1
+
+        # Warm-up at full concurrency, so merged batch sizes and onnxruntime's arenas reach their steady state
+        # before the memory baseline is read.
+        await asyncio.gather(*(worker(options.warmup_requests, False) for _ in range(min(options.concurrency, max(options.warmup_requests, 1)))))
+        next_index = 0
+        deadline = time.monotonic() + options.max_seconds
+        if server_pid is not None and (memory := resident_memory_kib(server_pid)) is not None:
+            report.rss_after_warmup_kib = memory[0]
+            report.rss_peak_during_run_kib = memory[0]
+            report.rss_trend_kib.append((0, memory[0]))
+        finished = asyncio.Event()
 
         async def sample_memory() -> None:
             while not finished.is_set() and server_pid is not None:
                 memory = resident_memory_kib(server_pid)
                 if memory is not None and report.rss_peak_during_run_kib is not None:
                     report.rss_peak_during_run_kib = max(report.rss_peak_during_run_kib, memory[0])
+                    report.rss_trend_kib.append((len(report.latencies), memory[0]))
                 try:
                     await asyncio.wait_for(finished.wait(), RSS_SAMPLE_SECONDS)
                 except TimeoutError:
@@ -172,7 +181,7 @@ async def drive(url: str, bodies: list[bytes], content_type: str, options: LoadO
 
         sampler = asyncio.create_task(sample_memory())
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(options.concurrency)))
+        await asyncio.gather(*(worker(options.requests, True) for _ in range(options.concurrency)))
         report.wall_seconds = time.perf_counter() - started
         finished.set()
         await sampler
@@ -215,6 +224,14 @@ def run_load(options: LoadOptions) -> LoadReport:
         return load_against(server.url, server.process.pid)
 
 
+def trend_points(samples: list[tuple[int, int]], points: int = 6) -> list[tuple[int, int]]:
+    """About `points` samples spread evenly over the run (first and last included)."""
+    if len(samples) <= points:
+        return samples
+    chosen = np.linspace(0, len(samples) - 1, points).round().astype(int)
+    return [samples[index] for index in dict.fromkeys(chosen.tolist())]
+
+
 def _mib(kib: int | None) -> str:
     return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
 
@@ -244,4 +261,6 @@ def format_load_report(report: LoadReport) -> str:
         f"growth {'n/a' if growth is None else f'{growth / 1024:+.1f} MiB'}; peak during the run "
         f"{_mib(report.rss_peak_during_run_kib)}, process high-water {_mib(report.rss_high_water_kib)}",
     ]
+    if len(report.rss_trend_kib) > 2:
+        lines.append("rss trend  " + ", ".join(f"{done}: {kib / 1024:.1f}" for done, kib in trend_points(report.rss_trend_kib)) + " (requests answered: MiB)")
     return "\n".join(lines)

@@ -20,7 +20,9 @@ def uvicorn_config_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level,
         "limit_concurrency": settings.max_concurrent_connections,  # beyond it uvicorn answers 503
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
-        "timeout_keep_alive": 5,
+        # Longer than the clients' idle expiry: a server closing an idle connection just as a client reuses
+        # it resets that request (seen as ReadError at 5 s on both sides under load).
+        "timeout_keep_alive": settings.keep_alive_seconds,
     }
 
 
