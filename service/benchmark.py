@@ -3,7 +3,9 @@
 One run measures, in this order and never two things at once:
 1. raw onnxruntime: every model of the bundle on one batch (ModelRunner.run) at several batch sizes;
    the best images/s is the limit; batch-1 runs give the raw single-image latency. Also the raw engine
-   (onnxruntime plus the numpy scoring), since the service cannot beat it either.
+   (onnxruntime plus the numpy scoring), since the service cannot beat it either. The sweep runs once
+   before and once after the servers and the better figures count, so a noisy moment cannot lower
+   the limit the service is compared with.
 2. the service with dynamic batching, as a `python -m service.cli serve` subprocess on 127.0.0.1,
    loaded by an httpx async client at each concurrency with JSON and with .npy bodies (one image each);
 3. the same bundle served naively (OODSERVE_BATCHING=false: one onnxruntime run per request).
@@ -107,8 +109,27 @@ def percentile_ms(seconds: Sequence[float], percentile: float) -> float:
     return float(np.percentile(np.asarray(seconds, dtype=np.float64), percentile) * 1000.0)
 
 
-def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> list[BenchRow]:
-    """Raw onnxruntime throughput per batch size (best = limit), raw single-image latency, raw engine throughput."""
+@dataclass
+class RawMeasurement:
+    """One raw sweep: images/s per batch size, batch-1 latencies (seconds), raw engine images/s."""
+
+    throughput: dict[int, float]
+    single_seconds: list[float]
+    engine_throughput: float
+
+    def best_of(self, other: RawMeasurement) -> RawMeasurement:
+        """Noise (other processes) only slows runs down, so the better of two sweeps estimates the limit."""
+        faster_single = self.single_seconds if np.median(self.single_seconds) <= np.median(other.single_seconds) else other.single_seconds
+        return RawMeasurement(
+            {size: max(value, other.throughput.get(size, 0.0)) for size, value in self.throughput.items()},
+            faster_single,
+            max(self.engine_throughput, other.engine_throughput),
+        )
+
+
+def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> RawMeasurement:
+    """Raw onnxruntime images/s per batch size, batch-1 latencies, and raw engine (onnxruntime + scoring)
+    images/s at the best batch size, all in this process with the service's default session options."""
     pool = images.astype(np.float32)
     per_size_seconds = options.raw_seconds / max(len(options.raw_batch_sizes), 1)
     throughput: dict[int, float] = {}
@@ -122,7 +143,6 @@ def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> list[
             runs += 1
         throughput[batch_size] = runs * batch_size / (time.perf_counter() - started)
     best_size = max(throughput, key=throughput.__getitem__)
-    limit = throughput[best_size]
     single: list[float] = []
     for index in range(options.single_image_runs):
         image = pool[index % len(pool)][None]
@@ -136,21 +156,30 @@ def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> list[
     while runs < 3 or time.perf_counter() - started < per_size_seconds:
         engine.score(scored)
         runs += 1
-    engine_throughput = runs * best_size / (time.perf_counter() - started)
-    sizes = ", ".join(f"{size}: {value:,.0f}" for size, value in throughput.items())
+    return RawMeasurement(throughput, single, runs * best_size / (time.perf_counter() - started))
+
+
+def raw_rows(raw: RawMeasurement, options: BenchOptions) -> list[BenchRow]:
+    """The three raw rows: the limit (best batch size), batch-1 latency, raw engine."""
+    best_size = max(raw.throughput, key=raw.throughput.__getitem__)
+    limit = raw.throughput[best_size]
+    sizes = ", ".join(f"{size}: {value:,.0f}" for size, value in raw.throughput.items())
+    single_rate = 1.0 / float(np.median(raw.single_seconds))
     return [
         BenchRow("raw onnxruntime (limit)", "-", None, f"best batch {best_size} of [{sizes}] img/s", limit, ratio_to_limit=1.0),
         BenchRow(
             "raw onnxruntime 1 image",
             "-",
             1,
-            f"{options.single_image_runs} runs of batch 1",
-            1.0 / float(np.median(single)),
-            percentile_ms(single, 50),
-            percentile_ms(single, 99),
-            1.0 / float(np.median(single)) / limit,
+            f"{len(raw.single_seconds)} runs of batch 1",
+            single_rate,
+            percentile_ms(raw.single_seconds, 50),
+            percentile_ms(raw.single_seconds, 99),
+            single_rate / limit,
         ),
-        BenchRow("raw engine (onnxruntime + scoring)", "-", None, f"batch {best_size}", engine_throughput, ratio_to_limit=engine_throughput / limit),
+        BenchRow(
+            "raw engine (onnxruntime + scoring)", "-", None, f"batch {best_size}", raw.engine_throughput, ratio_to_limit=raw.engine_throughput / limit
+        ),
     ]
 
 
@@ -313,7 +342,7 @@ async def drive_load(
     return wall, latencies, errors, server_cpu, client_cpu
 
 
-def measure_service(section: str, server_env: dict[str, str], images: np.ndarray, limit: float, options: BenchOptions) -> list[BenchRow]:
+def measure_service(section: str, server_env: dict[str, str], images: np.ndarray, options: BenchOptions) -> list[BenchRow]:
     """Start the server with server_env, load it at every (body, concurrency) cell, stop it."""
     rows: list[BenchRow] = []
     with ServerProcess(options.bundle, server_env, options.server_log) as server:
@@ -341,7 +370,7 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                         images_per_second,
                         percentile_ms(latencies, 50),
                         percentile_ms(latencies, 99),
-                        images_per_second / limit,
+                        None,  # ratio to the limit: set once the raw limit is final
                         errors,
                         None if server_cpu is None else 1000.0 * server_cpu / (len(latencies) * per_request),
                         1000.0 * client_cpu / (len(latencies) * per_request),
@@ -370,14 +399,17 @@ def run_benchmark(options: BenchOptions) -> tuple[dict[str, Any], list[BenchRow]
         "python": platform.python_version(),
         "images": str(options.images) if options.images else "synthetic blobs",
     }
-    rows = measure_raw(engine, images, options)
-    limit = rows[0].images_per_second
-    del engine
+    first = measure_raw(engine, images, options)
     base_env = dict(options.server_env)
-    rows += measure_service("service, dynamic batching", {**base_env, "OODSERVE_BATCHING": "true"}, images, limit, options)
+    served = measure_service("service, dynamic batching", {**base_env, "OODSERVE_BATCHING": "true"}, images, options)
     if options.naive:
-        rows += measure_service("service, naive (1 run/request)", {**base_env, "OODSERVE_BATCHING": "false"}, images, limit, options)
-    return context, rows
+        served += measure_service("service, naive (1 run/request)", {**base_env, "OODSERVE_BATCHING": "false"}, images, options)
+    rows = raw_rows(first.best_of(measure_raw(engine, images, options)), options)  # raw again after the servers
+    limit = rows[0].images_per_second
+    for row in served:
+        row.ratio_to_limit = row.images_per_second / limit
+    context["raw_sweeps"] = "best of a sweep before and one after the service measurements"
+    return context, rows + served
 
 
 def format_table(context: dict[str, Any], rows: Sequence[BenchRow]) -> str:
