@@ -239,6 +239,32 @@ def test_a_request_past_its_deadline_fails_and_is_never_run() -> None:
     assert engine.runner.batch_sizes == [1, 1]  # the expired request (marker 2) was dropped, not run
 
 
+def test_a_cancelled_request_leaves_the_queue_at_once() -> None:
+    """A client that goes away (its handler is cancelled) frees its queue capacity and is never run."""
+    engine = MarkerEngine()
+
+    async def scenario() -> None:
+        scheduler = BatchScheduler(BatchingOptions(queue_capacity=2, max_queue_delay_ms=0))
+        engine.runner.gate.clear()
+        running = asyncio.create_task(scheduler.score(engine, marked(1)))
+        await asyncio.to_thread(engine.runner.entered.wait, WAIT_S)
+        gone = asyncio.create_task(scheduler.score(engine, marked(2, 3)))
+        await wait_until(lambda: scheduler.queued_instances() == 2)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert scheduler.queued_instances() == 0
+        kept = asyncio.create_task(scheduler.score(engine, marked(4, 5)))  # fits again
+        await wait_until(lambda: scheduler.queued_instances() == 2)
+        engine.runner.gate.set()
+        assert (await running).fused_score.tolist() == [0.01]
+        assert (await kept).fused_score.tolist() == [0.04, 0.05]
+        await scheduler.close()
+
+    run(scenario())
+    assert engine.runner.batch_sizes == [1, 2]
+
+
 def test_a_failing_run_reaches_every_waiter_and_the_batcher_keeps_going() -> None:
     engine = MarkerEngine(fail=True)
 
