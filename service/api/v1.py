@@ -7,11 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.api.deps import MetricsDep, NamedEngineDep, RegistryDep, SettingsDep
+from service.api.deps import NamedEngineDep, RegistryDep
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
 from service.api.scoring import read_score_images, schedule_scoring
+from service.config import Settings
 from service.engine import Engine
+from service.metrics import ServiceMetrics
 from service.runtime.batching import BatchScheduler
 from service.scoring.pipeline import BatchScores, InstanceResult
 
@@ -68,10 +70,14 @@ def score_response_body(engine: Engine, scores: BatchScores) -> dict[str, Any]:
     return body
 
 
-async def _score(request: Request, engine: Engine, settings: SettingsDep, metrics: MetricsDep) -> OrjsonResponse:
+async def _score(request: Request, engine: Engine) -> OrjsonResponse:
     """Read any accepted body type, queue the images for a merged run (or run them alone when batching
-    is off), record metrics and answer."""
-    scheduler: BatchScheduler = request.app.state.batching
+    is off), record metrics and answer. Settings and metrics come from app.state directly: every
+    dependency is work FastAPI repeats per request on the hot path."""
+    state = request.app.state
+    settings: Settings = state.settings
+    metrics: ServiceMetrics = state.metrics
+    scheduler: BatchScheduler = state.batching
     with scheduler.arrival(engine) as arrival:
         images, alpha = await read_score_images(request, engine, settings)
         started = time.perf_counter()
@@ -91,10 +97,10 @@ async def get_model(engine: NamedEngineDep) -> OrjsonResponse:
 
 
 @router.post("/score", summary="Score instances with the default model", **_SCORE_DOCS)
-async def score_default(request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep) -> OrjsonResponse:
-    return await _score(request, registry.default, settings, metrics)
+async def score_default(request: Request, registry: RegistryDep) -> OrjsonResponse:
+    return await _score(request, registry.default)
 
 
 @router.post("/models/{name}/score", summary="Score instances with the named model", **_SCORE_DOCS)
-async def score_named(request: Request, engine: NamedEngineDep, settings: SettingsDep, metrics: MetricsDep) -> OrjsonResponse:
-    return await _score(request, engine, settings, metrics)
+async def score_named(request: Request, engine: NamedEngineDep) -> OrjsonResponse:
+    return await _score(request, engine)
