@@ -72,11 +72,20 @@ def evaluate(settings: EvalSettings) -> Path:
         for name, images in make_perturbed_sets(in_images[:2000], seed=12345).items():
             ood_sets.append(score_images(engine, name, images, None, settings.batch_size))
     fusion = engine.manifest.fusion
+    samples = []
+    if engine.sampler is not None:
+        from service.generation import png_grid
+
+        Path(settings.out).mkdir(parents=True, exist_ok=True)
+        (Path(settings.out) / "samples_t0.7.png").write_bytes(png_grid(engine.sampler.sample(64, 0.7, seed=0)))
+        samples = ["", "Samples from the flow at temperature 0.7 (the sampling graph the server uses):", "",
+                   "![samples](samples_t0.7.png)"]
     header = [
         f"Bundle version {engine.version}, code {engine.manifest.provenance.code_version}; "
         f"scored through `service.engine.Engine` (the server's code path), alpha {engine.default_alpha}.",
         "",
         f"Signals fused: {', '.join(fusion.signals)} ({fusion.method}). Why: {fusion.reason}",
+        *samples,
     ]
     path = write_report(Path(settings.out), engine.name, in_set, ood_sets,
                         f"{fusion.method} over {', '.join(fusion.signals)}", header)

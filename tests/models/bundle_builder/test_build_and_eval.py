@@ -74,6 +74,7 @@ def test_eval_report(tiny_bundle: Path, tmp_path: Path) -> None:
     assert "score (fused)" in text and "| 0.05 |" in text and "Accuracy" in text
     assert (tmp_path / "report" / "histograms.png").stat().st_size > 1000
     assert (tmp_path / "report" / "roc_inverted.png").exists()
+    assert (tmp_path / "report" / "samples_t0.7.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fusion_choice_prefers_the_informative_signal() -> None:
