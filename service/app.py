@@ -4,6 +4,7 @@ loads + verifies bundles and warms them up before readiness."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -46,6 +47,7 @@ def batching_options(settings: Settings) -> BatchingOptions:
         max_queue_delay_ms=settings.batch_max_delay_ms,
         queue_capacity=settings.batch_queue_capacity,
         deadline_ms=settings.batch_deadline_seconds * 1000.0,
+        inference_threads=settings.inference_threads or os.cpu_count() or 1,
     )
 
 

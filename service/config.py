@@ -39,7 +39,12 @@ class Settings(BaseSettings):
         description="onnxruntime execution providers in order (comma-separated); default: CUDA first where available, then CPU.",
     )
     require_gpu: bool = Field(False, description="Refuse to start unless every session runs on CUDAExecutionProvider.")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0 = onnxruntime's default).")
+    intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="onnxruntime intra-op threads per session (0 = onnxruntime's default, one per core); 1 because "
+        "inference threads run side by side instead (OODSERVE_INFERENCE_THREADS).",
+    )
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0 = onnxruntime's default).")
     onnxruntime_spinning: bool = Field(
         False, description="Let onnxruntime's pool threads busy-wait between runs (faster hand-off, but they take CPU from the event loop)."
@@ -56,6 +61,9 @@ class Settings(BaseSettings):
         True, description="Merge concurrent score requests into one onnxruntime run per model (false: one run per request)."
     )
     batch_max_size: int = Field(64, ge=1, description="Most instances in one merged onnxruntime run; larger requests are split.")
+    inference_threads: int = Field(
+        0, ge=0, description="Merged runs in flight at once, each in its own thread (0 = one per CPU core)."
+    )
     batch_max_delay_ms: float = Field(
         0.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
         "(concurrent clients) for the clients just answered; never when the service was idle."

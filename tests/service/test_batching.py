@@ -195,6 +195,37 @@ def test_after_a_run_with_waiting_requests_the_next_batch_waits_for_returning_cl
     assert engine.runner.batch_sizes == [1, 3]
 
 
+def test_two_inference_threads_run_two_merged_batches_side_by_side() -> None:
+    engine = MarkerEngine()
+    inside = threading.Semaphore(0)
+    original_run = engine.runner.run
+
+    def counted_run(images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        inside.release()
+        return original_run(images)
+
+    engine.runner.run = counted_run  # type: ignore[method-assign]
+
+    async def scenario() -> list[BatchScores]:
+        scheduler = BatchScheduler(BatchingOptions(inference_threads=2))
+        engine.runner.gate.clear()
+        first = asyncio.create_task(scheduler.score(engine, marked(1)))
+        second = asyncio.create_task(scheduler.score(engine, marked(2)))
+        for _ in range(2):  # both runs are inside onnxruntime at the same time
+            assert await asyncio.to_thread(inside.acquire, True, WAIT_S)
+        rest = [asyncio.create_task(scheduler.score(engine, marked(marker))) for marker in (3, 4, 5)]
+        await asyncio.sleep(0.01)
+        assert scheduler.queued_instances() == 3
+        engine.runner.gate.set()
+        results = [await task for task in (first, second, *rest)]
+        await scheduler.close()
+        return results
+
+    results = run(scenario())
+    assert [result.fused_score.item() for result in results] == [0.01, 0.02, 0.03, 0.04, 0.05]
+    assert sorted(engine.runner.batch_sizes) == [1, 1, 3] or sorted(engine.runner.batch_sizes) == [1, 1, 1, 2]
+
+
 def test_a_full_queue_refuses_and_the_refused_request_leaves_no_trace() -> None:
     engine = MarkerEngine()
 
@@ -386,7 +417,7 @@ def gated_app(bundle_dir: Path, settings_for, real_engine: Engine) -> Iterator[t
 
     real_engine.runner.run = gated_run  # type: ignore[method-assign]
     app = create_app(
-        settings_for(bundle_dir, batch_queue_capacity=2, batch_deadline_seconds=0.3, batch_max_delay_ms=0),
+        settings_for(bundle_dir, batch_queue_capacity=2, batch_deadline_seconds=0.3, batch_max_delay_ms=0, inference_threads=1),
         EngineRegistry([real_engine]),
     )
     app.state.ready = True
