@@ -129,13 +129,15 @@ class RawMeasurement:
         )
 
 
-def parallel_runs_per_second(engine: Any, batch: np.ndarray, threads: int, seconds: float) -> float:
-    """Images/s of `threads` threads each running ModelRunner.run(batch) back to back for `seconds` (3 runs at least)."""
+def parallel_runs_per_second(engine: Any, batch: np.ndarray, threads: int, seconds: float, score: bool = False) -> float:
+    """Images/s of `threads` threads each running ModelRunner.run(batch) (or Engine.score with score=True)
+    back to back for `seconds` (3 runs at least)."""
     counts = [0] * threads
+    run = engine.score if score else engine.runner.run
 
     def work(index: int, stop: float) -> None:
         while counts[index] < 3 or time.perf_counter() < stop:
-            engine.runner.run(batch)
+            run(batch)
             counts[index] += 1
 
     started = time.perf_counter()
@@ -168,12 +170,8 @@ def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> RawMe
         single.append(time.perf_counter() - started)
     scored = np.ascontiguousarray(np.resize(pool, (best_size, *pool.shape[1:])))
     engine.score(scored)
-    runs = 0
-    started = time.perf_counter()
-    while runs < 3 or time.perf_counter() - started < per_size_seconds:
-        engine.score(scored)
-        runs += 1
-    return RawMeasurement(throughput, single, runs * best_size / (time.perf_counter() - started))
+    engine_throughput = max(parallel_runs_per_second(engine, scored, threads, per_size_seconds, score=True) for threads in callers)
+    return RawMeasurement(throughput, single, engine_throughput)
 
 
 def raw_rows(raw: RawMeasurement, options: BenchOptions) -> list[BenchRow]:

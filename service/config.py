@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         0, ge=0, description="Merged runs in flight at once, each in its own thread (0 = one per CPU core)."
     )
     batch_max_delay_ms: float = Field(
-        0.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
+        4.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
         "(concurrent clients) for the clients just answered; never when the service was idle."
     )
     batch_queue_capacity: int = Field(1024, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After.")
