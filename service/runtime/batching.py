@@ -126,6 +126,7 @@ class _Chunk:
     alpha: float
     future: asyncio.Future[BatchScores]
     deadline: float
+    enqueued_at: float = 0.0
 
 
 @dataclass
@@ -158,8 +159,15 @@ class EngineBatcher:
     never keeps an engine alive after the registry dropped it (hot reload).
     """
 
-    def __init__(self, engine: Engine, options: BatchingOptions, executor: Callable[[], ThreadPoolExecutor]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        options: BatchingOptions,
+        executor: Callable[[], ThreadPoolExecutor],
+        on_queue_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
         self._engine = weakref.ref(engine)
+        self._on_queue_wait = on_queue_wait
         self.engine_name = engine.name
         self.options = options
         self.loop = asyncio.get_running_loop()
@@ -193,7 +201,7 @@ class EngineBatcher:
         step = self.options.max_batch_size
         for start in range(0, count, step):
             future: asyncio.Future[BatchScores] = self.loop.create_future()
-            self._queue.append(_Chunk(images[start : start + step], alpha, future, deadline))
+            self._queue.append(_Chunk(images[start : start + step], alpha, future, deadline, self.loop.time()))
             futures.append(future)
         self.queued_instances += count
         self.maybe_dispatch(engine)
@@ -247,6 +255,8 @@ class EngineBatcher:
                 continue
             chunks.append(chunk)
             size += count
+            if self._on_queue_wait is not None:
+                self._on_queue_wait(self.engine_name, now - chunk.enqueued_at)
         return chunks
 
     def _dispatch(self, engine: Engine | None) -> None:
@@ -344,8 +354,10 @@ class BatchScheduler:
     reloaded engine gets its own and a dropped one is freed with its batcher.
     """
 
-    def __init__(self, options: BatchingOptions) -> None:
+    def __init__(self, options: BatchingOptions, on_queue_wait: Callable[[str, float], None] | None = None) -> None:
+        """on_queue_wait(model, seconds): called once per request chunk when it leaves the queue for a run."""
         self.options = options
+        self.on_queue_wait = on_queue_wait
         self._executor: ThreadPoolExecutor | None = None
         self._batchers: weakref.WeakKeyDictionary[Engine, EngineBatcher] = weakref.WeakKeyDictionary()
 
@@ -358,7 +370,7 @@ class BatchScheduler:
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(engine)
         if batcher is None or batcher.loop is not loop or batcher.closed:
-            batcher = EngineBatcher(engine, self.options, self._inference_executor)
+            batcher = EngineBatcher(engine, self.options, self._inference_executor, self.on_queue_wait)
             self._batchers[engine] = batcher
         return batcher
 

@@ -114,3 +114,12 @@ def test_reloads_are_counted_and_model_series_follow_the_new_engines(bundle_dir:
     assert exposition(metrics)[("oodserve_batch_instances_sum", (("model", "renamed-bundle"),))] == 2
     with pytest.raises(ValueError, match="reload result"):
         metrics.record_reload("partial")
+
+
+def test_batched_requests_record_their_queue_wait(bundle_dir: Path, make_images, settings_for) -> None:
+    with TestClient(create_app(settings_for(bundle_dir))) as client:
+        for seed in range(3):
+            assert client.post("/v1/score", json={"instances": make_images(2, seed).tolist()}).status_code == 200
+        values = samples(client.get("/metrics").text)
+    counts = {labels: value for (name, labels), value in values.items() if name == "oodserve_queue_wait_seconds_count"}
+    assert counts[(("model", "test-bundle"),)] == 3
