@@ -285,7 +285,7 @@ def request_bodies(images: np.ndarray, body: str, per_request: int = 1) -> tuple
         encoded = []
         for group in groups:
             buffer = io.BytesIO()
-            np.save(buffer, group)
+            np.save(buffer, np.ascontiguousarray(group), allow_pickle=False)
             encoded.append(buffer.getvalue())
         return encoded, "application/x-npy"
     raise ValueError(f"unknown body kind {body!r}; use json or npy")

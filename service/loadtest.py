@@ -11,7 +11,6 @@ the server process (/proc/PID/status) after warm-up, at the end and at its peak.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import orjson
 
 BACKPRESSURE_STATUS = 503
 RSS_SAMPLE_SECONDS = 0.5
@@ -112,17 +110,9 @@ def resident_memory_kib(pid: int) -> tuple[int, int] | None:
 
 def encode_bodies(images: np.ndarray, per_request: int, body: str) -> tuple[list[bytes], str]:
     """Request bodies of `per_request` images each (JSON instances or one .npy array) and their content type."""
-    groups = [images[start : start + per_request] for start in range(0, images.shape[0] - per_request + 1, per_request)]
-    if body == "json":
-        return [orjson.dumps({"instances": group.tolist()}) for group in groups], "application/json"
-    if body == "npy":
-        encoded = []
-        for group in groups:
-            buffer = io.BytesIO()
-            np.save(buffer, np.ascontiguousarray(group), allow_pickle=False)
-            encoded.append(buffer.getvalue())
-        return encoded, "application/x-npy"
-    raise ValueError(f"unknown body kind {body!r}; use json or npy")
+    from service.benchmark import request_bodies
+
+    return request_bodies(images, body, per_request)
 
 
 async def drive(url: str, bodies: list[bytes], content_type: str, options: LoadOptions, server_pid: int | None) -> LoadReport:
