@@ -6,17 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.scoring.inputs import InputError, accepted_instance_shapes
+from service.scoring.inputs import InputError, accepted_instance_shapes, check_image_values
 
 ACCEPTED_ARRAY_KINDS = "uif"
 """numpy dtype kinds an image array may have: unsigned and signed integers, floats."""
-
-
-def _first_position(mask: np.ndarray) -> tuple[int, list[int]]:
-    """(instance index, position inside the instance) of the first True of a boolean (N, ...) mask."""
-    flat_index = int(np.argmax(mask.reshape(-1)))
-    batch_index, *rest = np.unravel_index(flat_index, mask.shape)
-    return int(batch_index), [int(value) for value in rest]
 
 
 def check_image_array(
@@ -45,22 +38,5 @@ def check_image_array(
         raise InputError("empty_batch", "the array holds no instances; send at least one")
     if count > max_instances:
         raise InputError("too_many_instances", f"got {count} instances; at most {max_instances} per request")
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            index, where = _first_position(~finite)
-            raise InputError("invalid_value", f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]")
-    if array.dtype.kind in "ui":  # integer dtypes whose whole range fits (uint8 for 0..255) need no range pass
-        limits = np.iinfo(array.dtype)
-        outside = (array < minimum) | (array > maximum) if limits.min < minimum or limits.max > maximum else None
-    else:
-        outside = (array < minimum) | (array > maximum)
-    if outside is not None and outside.any():
-        index, where = _first_position(outside)
-        raise InputError("out_of_range", f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]")
-    if dtype == "uint8" and array.dtype.kind == "f":
-        fractional = array != np.floor(array)
-        if fractional.any():
-            index, where = _first_position(fractional)
-            raise InputError("invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers")
+    check_image_values(array, dtype, minimum, maximum)
     return array.reshape((count, *input_shape)).astype(np.float32)

@@ -72,6 +72,36 @@ def _position(flat_index: int, instance_shape: tuple[int, ...]) -> tuple[int, li
     return int(batch_index), [int(value) for value in rest]
 
 
+def _first_position(mask: np.ndarray) -> tuple[int, list[int]]:
+    """(instance index, position inside the instance) of the first True of a boolean (N, ...) mask."""
+    flat_index = int(np.argmax(mask.reshape(-1)))
+    batch_index, *rest = np.unravel_index(flat_index, mask.shape)
+    return int(batch_index), [int(value) for value in rest]
+
+
+def check_image_values(array: np.ndarray, dtype: str, minimum: float, maximum: float) -> None:
+    """Value checks of a numeric batch (N, ...) shared by every body type; raises InputError with code
+    `invalid_value` (NaN/Inf), `out_of_range` or `invalid_dtype` (non-integers for a uint8 input)."""
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            index, where = _first_position(~finite)
+            raise InputError("invalid_value", f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]")
+    if array.dtype.kind in "ui":  # integer dtypes whose whole range fits (uint8 for 0..255) need no range pass
+        limits = np.iinfo(array.dtype)
+        outside = (array < minimum) | (array > maximum) if limits.min < minimum or limits.max > maximum else None
+    else:
+        outside = (array < minimum) | (array > maximum)
+    if outside is not None and outside.any():
+        index, where = _first_position(outside)
+        raise InputError("out_of_range", f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]")
+    if dtype == "uint8" and array.dtype.kind == "f":
+        fractional = array != np.floor(array)
+        if fractional.any():
+            index, where = _first_position(fractional)
+            raise InputError("invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers")
+
+
 def instances_to_array(
     instances: Any, input_shape: Sequence[int], dtype: str, minimum: float, maximum: float
 ) -> np.ndarray:
@@ -104,29 +134,5 @@ def instances_to_array(
         numbers = values.astype(np.float64)
     except OverflowError as error:
         raise InputError("out_of_range", f"a value is too large for float64: {error}; expected numbers in [{minimum:g}, {maximum:g}]") from error
-    finite = np.isfinite(numbers)
-    if not finite.all():
-        flat_index = int(np.argmin(finite.reshape(-1)))
-        batch_index, where = _position(flat_index, numbers.shape)
-        raise InputError(
-            "invalid_value",
-            f"instance {batch_index} has {numbers.reshape(-1)[flat_index]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]",
-        )
-    outside = (numbers < minimum) | (numbers > maximum)
-    if outside.any():
-        flat_index = int(np.argmax(outside.reshape(-1)))
-        batch_index, where = _position(flat_index, numbers.shape)
-        raise InputError(
-            "out_of_range",
-            f"instance {batch_index} has value {numbers.reshape(-1)[flat_index]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]",
-        )
-    if dtype == "uint8":
-        fractional = numbers != np.floor(numbers)
-        if fractional.any():
-            flat_index = int(np.argmax(fractional.reshape(-1)))
-            batch_index, where = _position(flat_index, numbers.shape)
-            raise InputError(
-                "invalid_dtype",
-                f"instance {batch_index} has value {numbers.reshape(-1)[flat_index]:g} at {where}; input dtype uint8 expects integers",
-            )
+    check_image_values(numbers, dtype, minimum, maximum)
     return numbers.reshape((numbers.shape[0], *input_shape)).astype(np.float32)
