@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
     app.state.registry = registry
     app.state.ready = False
     app.state.batching = BatchScheduler(batching_options(settings), on_queue_wait=app.state.metrics.observe_queue_wait)
+    app.state.metrics.track_scheduler(app.state.batching)
     app.state.reloader = BundleReloader(app.state, runtime_options)
     install_error_handlers(app)
     protected = {**AUTH_ERROR_RESPONSES, **LIMIT_ERROR_RESPONSES}  # documented so schema checks hold

@@ -5,16 +5,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
     from service.engine import Engine
+    from service.runtime.batching import BatchScheduler
 
 disable_created_metrics()  # the *_created series only double the exposition size
 
@@ -54,6 +57,41 @@ class VerdictWindow:
 
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+class SchedulerCollector(Collector):
+    """The dynamic batcher's queue depth, capacity and refusals, read from the scheduler at scrape time
+    (nothing on the request path). Every tracked model has both refusal series from zero, so rate() works."""
+
+    def __init__(self, scheduler: BatchScheduler, models: Callable[[], Iterable[str]]) -> None:
+        self.scheduler = scheduler
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        from service.runtime.batching import REFUSAL_REASONS
+
+        models = set(self.models())
+        depth_by_model = self.scheduler.queued_instances_by_model()
+        depth = GaugeMetricFamily(
+            "oodserve_queue_instances", "Instances waiting in the dynamic-batching queue now, per model.", labels=["model"]
+        )
+        for model in sorted(models | set(depth_by_model)):
+            depth.add_metric([model], depth_by_model.get(model, 0))
+        yield depth
+        yield GaugeMetricFamily(
+            "oodserve_queue_capacity_instances",
+            "Most instances one model's queue holds; beyond it score requests get 503 with Retry-After.",
+            value=self.scheduler.options.queue_capacity,
+        )
+        counts = {**{(model, reason): 0 for model in models for reason in REFUSAL_REASONS}, **self.scheduler.refusals}
+        refused = CounterMetricFamily(
+            "oodserve_requests_refused",
+            "Score requests the scheduler refused: reason queue_full (503 + Retry-After) or deadline (504).",
+            labels=["model", "reason"],
+        )
+        for (model, reason), count in sorted(counts.items()):
+            refused.add_metric([model, reason], count)
+        yield refused
 
 
 class ServiceMetrics:
@@ -209,6 +247,10 @@ class ServiceMetrics:
         self.provider_available.clear()
         for provider in available_providers:
             self.provider_available.labels(provider=provider).set(1)
+
+    def track_scheduler(self, scheduler: BatchScheduler) -> None:
+        """Export the scheduler's queue depth, capacity and refusal counts (read at each scrape)."""
+        self.registry.register(SchedulerCollector(scheduler, lambda: sorted(self._tracked_models)))
 
     def record_reload(self, result: str, engines: Iterable[Engine] | None = None) -> None:
         """Count one reload attempt; result is "success" or "failure". On success pass the new engines."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from service.engine import Engine
 
 logger = logging.getLogger("oodserve.batching")
+
+REFUSAL_REASONS = ("queue_full", "deadline")
+"""Why a request was refused by the scheduler: 503 when the queue was full, 504 past its deadline."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,8 @@ class BatchScheduler:
         self.on_queue_wait = on_queue_wait
         self._executor: ThreadPoolExecutor | None = None
         self._batchers: weakref.WeakKeyDictionary[Engine, EngineBatcher] = weakref.WeakKeyDictionary()
+        self.refusals: Counter[tuple[str, str]] = Counter()
+        """(model, reason in REFUSAL_REASONS) -> requests refused since start; kept across bundle reloads."""
 
     def _inference_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -383,6 +388,13 @@ class BatchScheduler:
         """Instances waiting in all queues now."""
         return sum(batcher.queued_instances for batcher in list(self._batchers.values()))
 
+    def queued_instances_by_model(self) -> dict[str, int]:
+        """Model name -> instances waiting in its queue now (an engine being replaced by a reload adds to its name)."""
+        depth: Counter[str] = Counter()
+        for batcher in list(self._batchers.values()):
+            depth[batcher.engine_name] += batcher.queued_instances
+        return dict(depth)
+
     def arrival(self, engine: Engine) -> Arrival:
         """Announce a request for `engine` whose body is being read (use as a context manager)."""
         return Arrival(self._batcher_for(engine) if self.options.enabled else None)
@@ -399,6 +411,16 @@ class BatchScheduler:
             if arrival is not None:
                 arrival.release()
             return await anyio.to_thread.run_sync(engine.score, images, alpha)
+        try:
+            return await self._score_batched(engine, images, alpha, arrival)
+        except QueueFullError:
+            self.refusals[(engine.name, "queue_full")] += 1
+            raise
+        except DeadlineExceededError:
+            self.refusals[(engine.name, "deadline")] += 1
+            raise
+
+    async def _score_batched(self, engine: Engine, images: np.ndarray, alpha: float | None, arrival: Arrival | None) -> BatchScores:
         level = engine.default_alpha if alpha is None else float(alpha)
         batcher = self._batcher_for(engine)
         deadline = batcher.loop.time() + self.options.deadline_ms / 1000.0

@@ -24,7 +24,7 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = run_promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 9 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 10 rules found" in rules.stdout + rules.stderr
 
 
 def test_the_issue_alerts_are_present() -> None:
@@ -79,7 +79,7 @@ def test_alert_rules_evaluate_cleanly_on_live_data(live_stack: LiveStack) -> Non
         if rules and all(rule["health"] == "ok" for rule in rules) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(rules) == 9
+    assert len(rules) == 10
     assert {rule["name"]: (rule["health"], rule.get("lastError", "")) for rule in rules} == {
         rule["name"]: ("ok", "") for rule in rules
     }

@@ -441,14 +441,22 @@ def test_http_full_queue_is_503_with_retry_after_and_deadline_is_504(
             await asyncio.to_thread(entered.wait, WAIT_S)  # the first request is in the gated run; the queue is empty
             queued = asyncio.create_task(client.post("/v1/score", json={"instances": [image, image]}))
             await wait_until(lambda: app.state.batching.queued_instances() == 2)
+            while_queued = await client.get("/metrics")
             refused = await client.post("/v1/score", json={"instances": [image]})
             timed_out = await asyncio.gather(running, queued)
             gate.set()
             after = await client.post("/v1/score", json={"instances": [image]})
+            metrics_after = await client.get("/metrics")
             await app.state.batching.close()
-            return [refused, *timed_out, after]
+            return [while_queued, refused, *timed_out, after, metrics_after]
 
-    refused, running, queued, after = run(scenario())
+    while_queued, refused, running, queued, after, metrics_after = run(scenario())
+    model = app.state.registry.default_name
+    assert f'oodserve_queue_instances{{model="{model}"}} 2.0' in while_queued.text
+    assert "oodserve_queue_capacity_instances 2.0" in while_queued.text
+    assert f'oodserve_queue_instances{{model="{model}"}} 0.0' in metrics_after.text
+    assert f'oodserve_requests_refused_total{{model="{model}",reason="queue_full"}} 1.0' in metrics_after.text
+    assert f'oodserve_requests_refused_total{{model="{model}",reason="deadline"}} 2.0' in metrics_after.text
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded" and "full" in refused.json()["error"]["message"]
     for response in (running, queued):
