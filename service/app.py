@@ -48,6 +48,7 @@ def batching_options(settings: Settings) -> BatchingOptions:
         queue_capacity=settings.batch_queue_capacity,
         deadline_ms=settings.batch_deadline_seconds * 1000.0,
         inference_threads=settings.inference_threads or os.cpu_count() or 1,
+        side_by_side_max_batch=settings.batch_side_by_side_max,
     )
 
 

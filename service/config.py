@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         4.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
         "(concurrent clients) for the clients just answered; never when the service was idle."
     )
+    batch_side_by_side_max: int = Field(
+        8, ge=0, description="A merged run of at most this many instances that finds no other run in flight runs the bundle's "
+        "models side by side in two threads (lower latency on a quiet service); 0 = never."
+    )
     batch_queue_capacity: int = Field(1024, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After.")
     batch_deadline_seconds: float = Field(
         10.0, gt=0, description="Longest a score request may spend queued plus in its merged run (else 504)."

@@ -20,7 +20,7 @@ import logging
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,10 @@ class BatchingOptions:
     deadline_ms: float = 10_000.0
     retry_after_s: int = 1
     inference_threads: int = 1
+    side_by_side_max_batch: int = 0
+    """A merged run of at most this many instances that starts while no other run is in flight runs the
+    bundle's models side by side (one helper thread): the lone request of a quiet service uses two
+    cores instead of one. 0 = never; needs inference_threads >= 2."""
 
 
 class QueueFullError(RuntimeError):
@@ -107,11 +111,15 @@ def concatenate_scores(parts: Sequence[BatchScores]) -> BatchScores:
     )
 
 
-def score_merged(engine: Engine, image_parts: Sequence[np.ndarray], alphas: Sequence[float]) -> list[BatchScores]:
+def score_merged(
+    engine: Engine, image_parts: Sequence[np.ndarray], alphas: Sequence[float], helper: Executor | None = None
+) -> list[BatchScores]:
     """Runs in the inference thread: one onnxruntime run over all parts (each (n_i, *input_shape)),
-    scored once, split back into one BatchScores per part at that part's alpha."""
+    scored once, split back into one BatchScores per part at that part's alpha. With `helper` the
+    bundle's models run side by side (ModelRunner.run)."""
     images = image_parts[0] if len(image_parts) == 1 else np.concatenate(image_parts)
-    merged = engine.score_model_outputs(images, engine.runner.run(images))
+    outputs = engine.runner.run(images) if helper is None else engine.runner.run(images, helper)
+    merged = engine.score_model_outputs(images, outputs)
     results: list[BatchScores] = []
     start = 0
     for part, alpha in zip(image_parts, alphas):
@@ -168,8 +176,11 @@ class EngineBatcher:
         options: BatchingOptions,
         executor: Callable[[], ThreadPoolExecutor],
         on_queue_wait: Callable[[str, float], None] | None = None,
+        side_by_side: Callable[[int], Executor | None] | None = None,
     ) -> None:
+        """side_by_side(instances): the helper executor when a run of that size may run its models side by side."""
         self._engine = weakref.ref(engine)
+        self._side_by_side = side_by_side
         self._on_queue_wait = on_queue_wait
         self.engine_name = engine.name
         self.options = options
@@ -275,8 +286,11 @@ class EngineBatcher:
         if engine is None:  # unreachable while requests hold the engine; fail rather than wait forever
             self._fail(chunks, RuntimeError(f"model {self.engine_name!r} is no longer loaded"))
             return
+        helper = self._side_by_side(sum(int(chunk.images.shape[0]) for chunk in chunks)) if self._side_by_side else None
         try:
-            work = self._executor().submit(score_merged, engine, [chunk.images for chunk in chunks], [chunk.alpha for chunk in chunks])
+            work = self._executor().submit(
+                score_merged, engine, [chunk.images for chunk in chunks], [chunk.alpha for chunk in chunks], helper
+            )
         except RuntimeError as error:  # the executor was shut down
             self._fail(chunks, error)
             return
@@ -362,6 +376,7 @@ class BatchScheduler:
         self.options = options
         self.on_queue_wait = on_queue_wait
         self._executor: ThreadPoolExecutor | None = None
+        self._helper: ThreadPoolExecutor | None = None
         self._batchers: weakref.WeakKeyDictionary[Engine, EngineBatcher] = weakref.WeakKeyDictionary()
         self.refusals: Counter[tuple[str, str]] = Counter()
         """(model, reason in REFUSAL_REASONS) -> requests refused since start; kept across bundle reloads."""
@@ -371,11 +386,22 @@ class BatchScheduler:
             self._executor = ThreadPoolExecutor(max_workers=self.options.inference_threads, thread_name_prefix="oodserve-inference")
         return self._executor
 
+    def _side_by_side_helper(self, instances: int) -> Executor | None:
+        """The helper thread for a run of `instances` that starts while no other run is in flight, else None."""
+        options = self.options
+        if options.inference_threads < 2 or not 0 < instances <= options.side_by_side_max_batch:
+            return None
+        if any(batcher.running for batcher in list(self._batchers.values())):
+            return None
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oodserve-side-by-side")
+        return self._helper
+
     def _batcher_for(self, engine: Engine) -> EngineBatcher:
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(engine)
         if batcher is None or batcher.loop is not loop or batcher.closed:
-            batcher = EngineBatcher(engine, self.options, self._inference_executor, self.on_queue_wait)
+            batcher = EngineBatcher(engine, self.options, self._inference_executor, self.on_queue_wait, self._side_by_side_helper)
             self._batchers[engine] = batcher
         return batcher
 
@@ -448,6 +474,7 @@ class BatchScheduler:
         for batcher in list(self._batchers.values()):
             batcher.close()
         self._batchers = weakref.WeakKeyDictionary()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        for pool in (self._executor, self._helper):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._helper = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,8 @@ class ModelRunner:
         self.sessions = dict(sessions)
         self.observer: InferenceObserver | None = None
         """Called after every `run` with (instances, seconds per model); set by ServiceMetrics.track_registry."""
+        self._mean_seconds: dict[str, float] = {}
+        """Running mean of each model's run time: decides which model keeps the calling thread side by side."""
 
     @classmethod
     def for_bundle(cls, bundle: VerifiedBundle, options: RuntimeOptions) -> ModelRunner:
@@ -126,16 +129,39 @@ class ModelRunner:
         """Model name -> the provider onnxruntime actually uses for it."""
         return {name: model.active_provider for name, model in self.sessions.items()}
 
-    def run(self, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        """images: (N, *input_shape) float32 raw scale -> outputs[model][output], each with leading axis N."""
+    def run(self, images: np.ndarray, helper: Executor | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """images: (N, *input_shape) float32 raw scale -> outputs[model][output], each with leading axis N.
+
+        With `helper` (an executor with an idle thread) the models run side by side: the slowest one
+        (by the running mean of its past run times) in this thread, the others in the helper thread;
+        onnxruntime releases the GIL, so a lone request on an otherwise idle machine uses two cores.
+        """
         batch = np.ascontiguousarray(images, dtype=np.float32)
+        names = list(self.sessions)
+        if helper is not None and len(names) > 1:
+            slowest = max(names, key=lambda name: self._mean_seconds.get(name, 0.0))
+            others = helper.submit(self._run_models, [name for name in names if name != slowest], batch)
+            outputs, seconds_per_model = self._run_models([slowest], batch)
+            other_outputs, other_seconds = others.result()
+            outputs = {name: (outputs | other_outputs)[name] for name in names}
+            seconds_per_model |= other_seconds
+        else:
+            outputs, seconds_per_model = self._run_models(names, batch)
+        for name, seconds in seconds_per_model.items():
+            previous = self._mean_seconds.get(name)
+            self._mean_seconds[name] = seconds if previous is None else 0.9 * previous + 0.1 * seconds
+        if self.observer is not None:
+            self.observer(int(batch.shape[0]), seconds_per_model)
+        return outputs
+
+    def _run_models(self, names: list[str], batch: np.ndarray) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+        """Run the named models one after another on `batch`: (outputs per model, seconds per model)."""
         outputs: dict[str, dict[str, np.ndarray]] = {}
         seconds_per_model: dict[str, float] = {}
-        for name, model in self.sessions.items():
+        for name in names:
+            model = self.sessions[name]
             started = time.perf_counter()
             values = model.session.run(list(model.output_names), {model.input_name: batch})
             seconds_per_model[name] = time.perf_counter() - started
             outputs[name] = dict(zip(model.output_names, values))
-        if self.observer is not None:
-            self.observer(int(batch.shape[0]), seconds_per_model)
-        return outputs
+        return outputs, seconds_per_model

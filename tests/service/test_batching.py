@@ -226,6 +226,59 @@ def test_two_inference_threads_run_two_merged_batches_side_by_side() -> None:
     assert sorted(engine.runner.batch_sizes) == [1, 1, 3] or sorted(engine.runner.batch_sizes) == [1, 1, 1, 2]
 
 
+class HelperRecordingRunner(GatedRunner):
+    """A gated runner that records, per run, whether the scheduler gave it the side-by-side helper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given_helper: list[bool] = []
+
+    def run(self, images: np.ndarray, helper: Any = None) -> dict[str, dict[str, np.ndarray]]:
+        self.given_helper.append(helper is not None)
+        return super().run(images)
+
+
+def test_only_a_lone_small_run_runs_its_models_side_by_side() -> None:
+    engine = MarkerEngine()
+    engine.runner = HelperRecordingRunner()
+
+    async def scenario() -> None:
+        scheduler = BatchScheduler(BatchingOptions(inference_threads=2, side_by_side_max_batch=2, max_queue_delay_ms=0))
+        engine.runner.gate.clear()
+        lone = asyncio.create_task(scheduler.score(engine, marked(1)))
+        await wait_until(lambda: len(engine.runner.given_helper) == 1)
+        beside = asyncio.create_task(scheduler.score(engine, marked(2)))  # starts while the first is in flight
+        await wait_until(lambda: len(engine.runner.given_helper) == 2)
+        engine.runner.gate.set()
+        assert [(await task).fused_score.item() for task in (lone, beside)] == [0.01, 0.02]
+        assert (await scheduler.score(engine, marked(3, 4, 5))).fused_score.tolist() == [0.03, 0.04, 0.05]  # too large
+        assert (await scheduler.score(engine, marked(6))).fused_score.tolist() == [0.06]  # alone again
+        await scheduler.close()
+
+    run(scenario())
+    assert engine.runner.given_helper == [True, False, False, True]
+
+
+def test_models_side_by_side_give_exactly_the_outputs_of_one_after_another(real_engine: Engine, make_images) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = make_images(3, 17).astype(np.float32)
+    observed: list[tuple[int, dict[str, float]]] = []
+    real_engine.runner.observer = lambda instances, seconds: observed.append((instances, seconds))
+    try:
+        one_after_another = real_engine.runner.run(images)
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            side_by_side = real_engine.runner.run(images, helper)
+    finally:
+        real_engine.runner.observer = None
+    assert list(side_by_side) == list(one_after_another) == list(real_engine.runner.sessions)
+    for model, outputs in one_after_another.items():
+        assert list(side_by_side[model]) == list(outputs)
+        for name, values in outputs.items():
+            assert np.array_equal(side_by_side[model][name], values), (model, name)
+    assert [(instances, sorted(seconds)) for instances, seconds in observed] == [(3, sorted(real_engine.runner.sessions))] * 2
+
+
 def test_a_full_queue_refuses_and_the_refused_request_leaves_no_trace() -> None:
     engine = MarkerEngine()
 
