@@ -53,7 +53,7 @@ class BatchingOptions:
     enabled: bool = True
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0
-    queue_capacity: int = 1024
+    queue_capacity: int = 4096
     deadline_ms: float = 10_000.0
     retry_after_s: int = 1
     inference_threads: int = 1
