@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class BenchOptions:
     bodies: tuple[str, ...] = ("json", "npy")
     images_per_request: tuple[int, ...] = (1,)
     raw_threads: int = 1
+    side_by_side: bool = False
+    """Also time single images with the bundle's models side by side (as the service runs a lone small request)."""
     naive: bool = True
     images: Path | None = None
     server_env: tuple[tuple[str, str], ...] = ()
@@ -113,20 +116,29 @@ def percentile_ms(seconds: Sequence[float], percentile: float) -> float:
 
 @dataclass
 class RawMeasurement:
-    """One raw sweep: images/s per batch size, batch-1 latencies (seconds), raw engine images/s."""
+    """One raw sweep: images/s per batch size, batch-1 latencies (seconds, one model after another and,
+    when measured, side by side), raw engine images/s."""
 
     throughput: dict[int, float]
     single_seconds: list[float]
     engine_throughput: float
+    single_side_by_side_seconds: list[float] = field(default_factory=list)
 
     def best_of(self, other: RawMeasurement) -> RawMeasurement:
         """Noise (other processes) only slows runs down, so the better of two sweeps estimates the limit."""
-        faster_single = self.single_seconds if np.median(self.single_seconds) <= np.median(other.single_seconds) else other.single_seconds
         return RawMeasurement(
             {size: max(value, other.throughput.get(size, 0.0)) for size, value in self.throughput.items()},
-            faster_single,
+            _faster(self.single_seconds, other.single_seconds),
             max(self.engine_throughput, other.engine_throughput),
+            _faster(self.single_side_by_side_seconds, other.single_side_by_side_seconds),
         )
+
+
+def _faster(first: list[float], second: list[float]) -> list[float]:
+    """The set of latencies with the lower median (an empty set loses)."""
+    if not first or not second:
+        return first or second
+    return first if np.median(first) <= np.median(second) else second
 
 
 def parallel_runs_per_second(engine: Any, batch: np.ndarray, threads: int, seconds: float, score: bool = False) -> float:
@@ -162,16 +174,26 @@ def measure_raw(engine: Any, images: np.ndarray, options: BenchOptions) -> RawMe
         engine.runner.run(batch)
         throughput[batch_size] = max(parallel_runs_per_second(engine, batch, threads, per_size_seconds) for threads in callers)
     best_size = max(throughput, key=throughput.__getitem__)
-    single: list[float] = []
-    for index in range(options.single_image_runs):
-        image = pool[index % len(pool)][None]
-        started = time.perf_counter()
-        engine.runner.run(image)
-        single.append(time.perf_counter() - started)
+    single = single_image_seconds(engine, pool, options.single_image_runs)
+    side_by_side: list[float] = []
+    if options.side_by_side and len(engine.runner.sessions) > 1:
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            side_by_side = single_image_seconds(engine, pool, options.single_image_runs, helper)
     scored = np.ascontiguousarray(np.resize(pool, (best_size, *pool.shape[1:])))
     engine.score(scored)
     engine_throughput = max(parallel_runs_per_second(engine, scored, threads, per_size_seconds, score=True) for threads in callers)
-    return RawMeasurement(throughput, single, engine_throughput)
+    return RawMeasurement(throughput, single, engine_throughput, side_by_side)
+
+
+def single_image_seconds(engine: Any, pool: np.ndarray, runs: int, helper: ThreadPoolExecutor | None = None) -> list[float]:
+    """Wall seconds of `runs` batch-1 ModelRunner.run calls (models side by side with `helper`)."""
+    seconds: list[float] = []
+    for index in range(runs):
+        image = pool[index % len(pool)][None]
+        started = time.perf_counter()
+        engine.runner.run(image) if helper is None else engine.runner.run(image, helper)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def raw_rows(raw: RawMeasurement, options: BenchOptions) -> list[BenchRow]:
@@ -191,6 +213,22 @@ def raw_rows(raw: RawMeasurement, options: BenchOptions) -> list[BenchRow]:
             percentile_ms(raw.single_seconds, 50),
             percentile_ms(raw.single_seconds, 99),
             single_rate / limit,
+        ),
+        *(
+            [
+                BenchRow(
+                    "raw onnxruntime 1 image, side by side",
+                    "-",
+                    1,
+                    f"{len(raw.single_side_by_side_seconds)} runs of batch 1, slowest model in one thread, the others in a second",
+                    1.0 / float(np.median(raw.single_side_by_side_seconds)),
+                    percentile_ms(raw.single_side_by_side_seconds, 50),
+                    percentile_ms(raw.single_side_by_side_seconds, 99),
+                    1.0 / float(np.median(raw.single_side_by_side_seconds)) / limit,
+                )
+            ]
+            if raw.single_side_by_side_seconds
+            else []
         ),
         BenchRow(
             "raw engine (onnxruntime + scoring)", "-", None, f"batch {best_size}", raw.engine_throughput, ratio_to_limit=raw.engine_throughput / limit
@@ -371,7 +409,8 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                 wall, latencies, errors, server_cpu, client_cpu = asyncio.run(
                     drive_load(server.url, encoded, content_type, concurrency, options.requests, 0, server.process.pid, options.api_key)
                 )
-                images_per_second = len(latencies) * per_request / wall
+                scored_images = max(len(latencies) - errors, 0) * per_request  # refused requests score nothing
+                images_per_second = scored_images / wall
                 runs_after = onnxruntime_batch_totals(server.url, options.api_key)
                 mean_batch = None
                 if runs_before is not None and runs_after is not None and runs_after[1] > runs_before[1]:
@@ -387,8 +426,8 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
                         percentile_ms(latencies, 99),
                         None,  # ratio to the limit: set once the raw limit is final
                         errors,
-                        None if server_cpu is None else 1000.0 * server_cpu / (len(latencies) * per_request),
-                        1000.0 * client_cpu / (len(latencies) * per_request),
+                        None if server_cpu is None or not scored_images else 1000.0 * server_cpu / scored_images,
+                        1000.0 * client_cpu / scored_images if scored_images else None,
                         mean_batch,
                     )
                 )
@@ -405,7 +444,8 @@ def run_benchmark(options: BenchOptions) -> tuple[dict[str, Any], list[BenchRow]
 
     settings = Settings(bundle=options.bundle, **{key.removeprefix("OODSERVE_").lower(): value for key, value in options.server_env})
     engine = Engine.load(options.bundle, runtime_options(settings))  # the session options the server will use
-    options = replace(options, raw_threads=settings.inference_threads or os.cpu_count() or 1)
+    raw_threads = settings.inference_threads or os.cpu_count() or 1
+    options = replace(options, raw_threads=raw_threads, side_by_side=raw_threads >= 2 and settings.batch_side_by_side_max >= 1)
     images = load_bench_images(options.images, engine.manifest.input.shape, 512, options.seed)
     context = {
         "bundle": str(options.bundle),

@@ -13,7 +13,8 @@ from service.cli import app
 SECTIONS = ("service, dynamic batching", "service, naive (1 run/request)")
 
 
-def test_bench_prints_one_table_with_every_row(repository_root: Path, tmp_path: Path) -> None:
+def test_bench_prints_one_table_with_every_row(repository_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OODSERVE_INFERENCE_THREADS", "2")  # two inference threads: single images also side by side
     rows_file = tmp_path / "rows.json"
     arguments = [
         "bench", "--bundle", str(repository_root / "models/bundles/demo"), "--requests", "6", "--warmup-requests", "2",
@@ -25,10 +26,11 @@ def test_bench_prints_one_table_with_every_row(repository_root: Path, tmp_path: 
     assert lines[0].startswith("oodserve bench: fashion-mnist-demo") and lines[1].split()[:2] == ["measurement", "body"]
     table = lines[3:]
     assert table[0].startswith("raw onnxruntime (limit)") and "best batch" in table[0]
-    assert table[1].startswith("raw onnxruntime 1 image") and table[2].startswith("raw engine (onnxruntime + scoring)")
+    assert table[1].startswith("raw onnxruntime 1 image  ") and table[2].startswith("raw onnxruntime 1 image, side by side")
+    assert table[3].startswith("raw engine (onnxruntime + scoring)")
     served = [line for line in table if line.startswith("service")]
     expected = [(section, body, concurrency) for section in SECTIONS for body in ("json", "npy") for concurrency in (1, 4, 16, 64)]
-    assert len(served) == len(expected) == len(table) - 3
+    assert len(served) == len(expected) == len(table) - 4
     for line, (section, body, concurrency) in zip(served, expected):
         cells = line[len(section) :].split()
         assert line.startswith(section) and cells[0] == body and cells[1] == str(concurrency), line
