@@ -154,6 +154,8 @@ def substitute_variables(expr: str, signal: str) -> str:
         "onnxruntime time per ONNX model",
         "Batch size",
         "Requests by endpoint and status",
+        "Queue depth vs capacity",
+        "Refused score requests (503 queue full, 504 deadline)",
     ],
 )
 def test_dashboard_panel_queries_return_data_from_prometheus(live_stack: LiveStack, title: str) -> None:
