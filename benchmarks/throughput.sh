@@ -14,5 +14,5 @@ image_option=()
 [ -f "$images" ] && image_option=(--images "$images")
 name=$(basename "$bundle")
 mkdir -p benchmarks/results
-.venv/bin/oodserve bench --bundle "$bundle" "${image_option[@]}" --requests 1000 --warmup-requests 100 --images-per-request 1,8 \
+.venv/bin/oodserve bench --bundle "$bundle" "${image_option[@]}" --requests 1000 --warmup-requests 100 --images-per-request 1,8,32 \
     --raw-seconds 6 --json-out "benchmarks/results/throughput-$name.json" "$@" | tee "benchmarks/results/throughput-$name.txt"
