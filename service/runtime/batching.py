@@ -118,8 +118,7 @@ def score_merged(
     scored once, split back into one BatchScores per part at that part's alpha. With `helper` the
     bundle's models run side by side (ModelRunner.run)."""
     images = image_parts[0] if len(image_parts) == 1 else np.concatenate(image_parts)
-    outputs = engine.runner.run(images) if helper is None else engine.runner.run(images, helper)
-    merged = engine.score_model_outputs(images, outputs)
+    merged = engine.score_model_outputs(images, engine.runner.run(images, helper))
     results: list[BatchScores] = []
     start = 0
     for part, alpha in zip(image_parts, alphas):

@@ -143,7 +143,8 @@ class ModelRunner:
             others = helper.submit(self._run_models, [name for name in names if name != slowest], batch)
             outputs, seconds_per_model = self._run_models([slowest], batch)
             other_outputs, other_seconds = others.result()
-            outputs = {name: (outputs | other_outputs)[name] for name in names}
+            outputs |= other_outputs
+            outputs = {name: outputs[name] for name in names}  # manifest order, as without a helper
             seconds_per_model |= other_seconds
         else:
             outputs, seconds_per_model = self._run_models(names, batch)

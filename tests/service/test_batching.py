@@ -40,7 +40,7 @@ class GatedRunner:
         self.entered = threading.Event()
         self.fail = fail
 
-    def run(self, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def run(self, images: np.ndarray, helper: Any = None) -> dict[str, dict[str, np.ndarray]]:
         self.entered.set()
         assert self.gate.wait(WAIT_S), "test gate never opened"
         self.batch_sizes.append(int(images.shape[0]))
@@ -200,7 +200,7 @@ def test_two_inference_threads_run_two_merged_batches_side_by_side() -> None:
     inside = threading.Semaphore(0)
     original_run = engine.runner.run
 
-    def counted_run(images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def counted_run(images: np.ndarray, helper: Any = None) -> dict[str, dict[str, np.ndarray]]:
         inside.release()
         return original_run(images)
 
@@ -463,10 +463,10 @@ def gated_app(bundle_dir: Path, settings_for, real_engine: Engine) -> Iterator[t
     entered = threading.Event()
     original_run = real_engine.runner.run
 
-    def gated_run(images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def gated_run(images: np.ndarray, helper: Any = None) -> dict[str, dict[str, np.ndarray]]:
         entered.set()
         assert gate.wait(WAIT_S)
-        return original_run(images)
+        return original_run(images, helper)
 
     real_engine.runner.run = gated_run  # type: ignore[method-assign]
     app = create_app(
