@@ -191,42 +191,28 @@ def single_image_seconds(engine: Any, pool: np.ndarray, runs: int, helper: Threa
     for index in range(runs):
         image = pool[index % len(pool)][None]
         started = time.perf_counter()
-        engine.runner.run(image) if helper is None else engine.runner.run(image, helper)
+        engine.runner.run(image, helper)
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
+def single_image_row(section: str, seconds: Sequence[float], detail: str, limit: float) -> BenchRow:
+    """A raw batch-1 latency row: images/s from the median, p50/p99, ratio to the limit."""
+    rate = 1.0 / float(np.median(seconds))
+    return BenchRow(section, "-", 1, f"{len(seconds)} runs of batch 1{detail}", rate, percentile_ms(seconds, 50), percentile_ms(seconds, 99), rate / limit)
+
+
 def raw_rows(raw: RawMeasurement, options: BenchOptions) -> list[BenchRow]:
-    """The three raw rows: the limit (best batch size), batch-1 latency, raw engine."""
+    """The raw rows: the limit (best batch size), batch-1 latency (also side by side when measured), raw engine."""
     best_size = max(raw.throughput, key=raw.throughput.__getitem__)
     limit = raw.throughput[best_size]
     sizes = ", ".join(f"{size}: {value:,.0f}" for size, value in raw.throughput.items())
-    single_rate = 1.0 / float(np.median(raw.single_seconds))
+    side_by_side = ", slowest model in one thread, the others in a second"
     return [
         BenchRow("raw onnxruntime (limit)", "-", None, f"best batch {best_size} of [{sizes}] img/s, 1 or {options.raw_threads} threads", limit, ratio_to_limit=1.0),
-        BenchRow(
-            "raw onnxruntime 1 image",
-            "-",
-            1,
-            f"{len(raw.single_seconds)} runs of batch 1",
-            single_rate,
-            percentile_ms(raw.single_seconds, 50),
-            percentile_ms(raw.single_seconds, 99),
-            single_rate / limit,
-        ),
+        single_image_row("raw onnxruntime 1 image", raw.single_seconds, "", limit),
         *(
-            [
-                BenchRow(
-                    "raw onnxruntime 1 image, side by side",
-                    "-",
-                    1,
-                    f"{len(raw.single_side_by_side_seconds)} runs of batch 1, slowest model in one thread, the others in a second",
-                    1.0 / float(np.median(raw.single_side_by_side_seconds)),
-                    percentile_ms(raw.single_side_by_side_seconds, 50),
-                    percentile_ms(raw.single_side_by_side_seconds, 99),
-                    1.0 / float(np.median(raw.single_side_by_side_seconds)) / limit,
-                )
-            ]
+            [single_image_row("raw onnxruntime 1 image, side by side", raw.single_side_by_side_seconds, side_by_side, limit)]
             if raw.single_side_by_side_seconds
             else []
         ),
