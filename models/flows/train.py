@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,22 +68,27 @@ def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Te
 
 
 @torch.no_grad()
-def evaluate_bits_per_dim(flow: Flow, pixels: Tensor, batch_size: int = 500, progress: str | None = None) -> float:
-    """Mean bits/dim of 8-bit images `(N, 1, H, W)` at the centre of each bin, model in eval mode."""
+def _mean_bits_per_dim(
+    flow: Flow, pixels: Tensor, to_unit: Callable[[Tensor], Tensor], batch_size: int, progress: str | None
+) -> float:
+    """Mean bits/dim of 8-bit images `(N, 1, H, W)` evaluated at `to_unit(batch)` in [0, 1], model in eval mode."""
     was_training = flow.training
     flow.eval()
     total, count = 0.0, 0
     batches = range(0, pixels.shape[0], batch_size)
     for start in tqdm(batches, desc=progress, leave=False, disable=progress is None):
         batch = pixels[start : start + batch_size]
-        log_prob = flow.log_prob(centre_of_bin(batch))
-        total += float(bits_per_dim(log_prob, flow.dimension).sum())
+        total += float(bits_per_dim(flow.log_prob(to_unit(batch)), flow.dimension).sum())
         count += batch.shape[0]
     flow.train(was_training)
     return total / count
 
 
-@torch.no_grad()
+def evaluate_bits_per_dim(flow: Flow, pixels: Tensor, batch_size: int = 500, progress: str | None = None) -> float:
+    """Mean bits/dim of 8-bit images `(N, 1, H, W)` at the centre of each bin, model in eval mode."""
+    return _mean_bits_per_dim(flow, pixels, centre_of_bin, batch_size, progress)
+
+
 def evaluate_dequantized_bits_per_dim(
     flow: Flow, pixels: Tensor, batch_size: int = 500, seed: int = 0, progress: str | None = None
 ) -> float:
@@ -93,18 +99,8 @@ def evaluate_dequantized_bits_per_dim(
     mean over N images with one draw each estimates it without bias. The bin-centre value of
     `evaluate_bits_per_dim` is what the service computes and is not comparable with those tables.
     """
-    was_training = flow.training
-    flow.eval()
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    batches = range(0, pixels.shape[0], batch_size)
-    for start in tqdm(batches, desc=progress, leave=False, disable=progress is None):
-        batch = pixels[start : start + batch_size]
-        log_prob = flow.log_prob(dequantize_uniform(batch, generator))
-        total += float(bits_per_dim(log_prob, flow.dimension).sum())
-        count += batch.shape[0]
-    flow.train(was_training)
-    return total / count
+    return _mean_bits_per_dim(flow, pixels, lambda batch: dequantize_uniform(batch, generator), batch_size, progress)
 
 
 def _learning_rate(settings: TrainSettings, step: int, progress: float) -> float:
