@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.runtime.batching import REFUSAL_REASONS, BatchScheduler
 from service.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
     from service.engine import Engine
-    from service.runtime.batching import BatchScheduler
 
 disable_created_metrics()  # the *_created series only double the exposition size
 
@@ -68,8 +68,6 @@ class SchedulerCollector(Collector):
         self.models = models
 
     def collect(self) -> Iterator[Metric]:
-        from service.runtime.batching import REFUSAL_REASONS
-
         models = set(self.models())
         depth_by_model = self.scheduler.queued_instances_by_model()
         depth = GaugeMetricFamily(

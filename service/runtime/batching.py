@@ -411,7 +411,7 @@ class BatchScheduler:
 
     def queued_instances(self) -> int:
         """Instances waiting in all queues now."""
-        return sum(batcher.queued_instances for batcher in list(self._batchers.values()))
+        return sum(self.queued_instances_by_model().values())
 
     def queued_instances_by_model(self) -> dict[str, int]:
         """Model name -> instances waiting in its queue now (an engine being replaced by a reload adds to its name)."""
