@@ -12,11 +12,11 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# Only the runtime package: models/ (training side) and benchmarks/ stay out of the image.
 COPY service ./service
-COPY models ./models
 COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
 # Bundles are copied into the runtime image on their own, not into site-packages.
-RUN rm -rf models/bundles && sh deploy/docker/install-runtime.sh /opt/oodserve cpu /src
+RUN sh deploy/docker/install-runtime.sh /opt/oodserve cpu /src
 
 # ---------------------------------------------------------------- GPU: build the virtual environment
 FROM ${CUDA_IMAGE} AS gpu-build
@@ -29,9 +29,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-COPY models ./models
 COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
-RUN rm -rf models/bundles && sh deploy/docker/install-runtime.sh /opt/oodserve gpu /src
+RUN sh deploy/docker/install-runtime.sh /opt/oodserve gpu /src
 
 # ---------------------------------------------------------------- CPU runtime image
 FROM ${PYTHON_IMAGE} AS cpu

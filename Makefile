@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# The trained default bundle; until it exists `make run` serves the closed-form demo bundle (models/demo_bundle.py).
+# The trained default bundle; until it exists `make run` serves the closed-form demo bundle (models/bundles/demo_builder.py).
 TRAINED_BUNDLE := models/bundles/fashion-mnist
 DEMO_BUNDLE := models/bundles/demo
 BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(DEMO_BUNDLE))
@@ -33,7 +33,10 @@ system-deps:
 run: install-serve
 	$(BIN)/oodserve serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
+# Lint (ruff: pyflakes, pycodestyle, import order, pyupgrade, bugbear), type check (mypy on service/), then the tests.
 test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bundle: install-test
@@ -42,7 +45,7 @@ bundle: install-test
 # Rebuild the demo bundle (numpy fits on the Fashion-MNIST training split, seconds).
 demo-bundle: install-test
 	rm -rf $(DEMO_BUNDLE)
-	$(BIN)/python -m models.demo_bundle --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
+	$(BIN)/python -m models.bundles.demo_builder --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
 
 # Runtime images (Dockerfile targets; no torch inside). BUNDLE_NAME picks the directory of models/bundles/ to serve.
 BUNDLE_NAME ?= $(notdir $(BUNDLE))

@@ -7,7 +7,6 @@ implementation lazily.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,9 +20,9 @@ def build_bundle_command(
     data: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution data (IDX directory with train-* files)"),
     out: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory to write"),
     work: Path = typer.Option(Path("runs/bundle"), help="where models are trained when no checkpoint is given"),
-    flow_checkpoint: Optional[Path] = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
-    background_checkpoint: Optional[Path] = typer.Option(None, help="checkpoint of the background (mutation) flow"),
-    sngp_checkpoint: Optional[Path] = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
+    flow_checkpoint: Path | None = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
+    background_checkpoint: Path | None = typer.Option(None, help="checkpoint of the background (mutation) flow"),
+    sngp_checkpoint: Path | None = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
     flow_minutes: float = typer.Option(40.0, help="training budget of the flow"),
     background_minutes: float = typer.Option(20.0, help="training budget of the background flow"),
     sngp_minutes: float = typer.Option(25.0, help="training budget of SNGP"),
@@ -31,7 +30,7 @@ def build_bundle_command(
     threads: int = typer.Option(2, help="torch / onnxruntime threads"),
 ) -> None:
     """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
-    from models.bundle_builder.bundle import BuildSettings, build_bundle
+    from models.bundles.builder import BuildSettings, build_bundle
 
     build_bundle(BuildSettings(
         data=str(data), out=str(out), work=str(work),
@@ -49,7 +48,7 @@ def eval_command(
     ood: list[str] = typer.Option([], help="OOD set as NAME=PATH (IDX, .npy (N,28,28) uint8 or PNG folder); repeatable"),
     out: Path = typer.Option(Path("reports/eval"), help="report directory (report.md + PNG plots)"),
     perturbations: bool = typer.Option(True, help="also evaluate self-made perturbations of the in-distribution images"),
-    limit: Optional[int] = typer.Option(None, help="use only the first N images of every set"),
+    limit: int | None = typer.Option(None, help="use only the first N images of every set"),
     threads: int = typer.Option(2, help="onnxruntime threads"),
 ) -> None:
     """Score data sets through the serving engine and write a Markdown report with ROC curves and histograms."""

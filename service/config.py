@@ -1,12 +1,18 @@
-"""Service settings: one pydantic-settings `Settings`, read from OODSERVE_* environment variables."""
+"""Service settings: one pydantic-settings `Settings`, read from OODSERVE_* environment variables, and the
+runtime options (onnxruntime sessions, dynamic batching) derived from them."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.runtime.batching import BatchingOptions
+from service.runtime.sessions import RuntimeOptions
 
 DEFAULT_BUNDLE = Path("models/bundles/fashion-mnist")
 
@@ -16,8 +22,6 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
@@ -56,7 +60,7 @@ class Settings(BaseSettings):
     )
     ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
-    # Dynamic batching (issue 6).
+    # Dynamic batching.
     batching: bool = Field(
         True, description="Merge concurrent score requests into one onnxruntime run per model (false: one run per request)."
     )
@@ -79,7 +83,7 @@ class Settings(BaseSettings):
     batch_deadline_seconds: float = Field(
         10.0, gt=0, description="Longest a score request may spend queued plus in its merged run (else 504)."
     )
-    # Reliability and security (issue 8).
+    # Reliability and security.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys for scoring and model endpoints (comma-separated); empty = open."
     )
@@ -97,7 +101,8 @@ class Settings(BaseSettings):
     keep_alive_seconds: float = Field(
         20.0,
         gt=0,
-        description="Idle keep-alive connections are closed after this; above the clients' own idle expiry (httpx: 5 s) so they close first.",
+        description="Idle keep-alive connections are closed after this; above the clients' own idle expiry (httpx: 5 s) "
+        "so they close first.",
     )
     shutdown_grace_seconds: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may run before they are cancelled."
@@ -114,3 +119,25 @@ class Settings(BaseSettings):
         if self.protect_metrics and not (self.api_keys or self.admin_keys):
             raise ValueError("OODSERVE_PROTECT_METRICS=true needs OODSERVE_API_KEYS or OODSERVE_ADMIN_KEYS")
         return self
+
+    def runtime_options(self) -> RuntimeOptions:
+        """onnxruntime options from the settings."""
+        return RuntimeOptions(
+            providers=tuple(self.providers) if self.providers else None,
+            require_gpu=self.require_gpu,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            allow_spinning=self.onnxruntime_spinning,
+        )
+
+    def batching_options(self) -> BatchingOptions:
+        """Dynamic batching options from the settings."""
+        return BatchingOptions(
+            enabled=self.batching,
+            max_batch_size=self.batch_max_size,
+            max_queue_delay_ms=self.batch_max_delay_ms,
+            queue_capacity=self.batch_queue_capacity,
+            deadline_ms=self.batch_deadline_seconds * 1000.0,
+            inference_threads=self.inference_threads or os.cpu_count() or 1,
+            side_by_side_max_batch=self.batch_side_by_side_max,
+        )

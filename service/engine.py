@@ -11,17 +11,11 @@ import numpy as np
 
 from service.bundle.loader import BundleError, VerifiedBundle, load_bundle
 from service.bundle.manifest import Manifest
+from service.runtime.sampler import Sampler
 from service.runtime.sessions import ModelRunner, RuntimeOptions
-from service.scoring.pipeline import (
-    BatchScores,
-    FusionRule,
-    InstanceResult,
-    SignalDefinition,
-    score_outputs,
-)
-from service.generation import Sampler
 from service.scoring.batch_typicality import BatchTypicalityTest
 from service.scoring.inputs import accepted_instance_shapes
+from service.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, score_outputs
 from service.scoring.signals import SIGNAL_KINDS, SignalSource
 
 logger = logging.getLogger("oodserve.engine")
@@ -179,6 +173,17 @@ class Engine:
         return ",".join(sorted(set(self.runner.active_providers.values())))
 
 
+class NotReadyError(RuntimeError):
+    """The service has not loaded and warmed up its bundles yet (or is shutting down)."""
+
+
+class UnknownModelError(LookupError):
+    """No served model has the requested name (code `model_not_found`) or version (`version_not_found`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 class EngineRegistry:
     """The engines this process serves, by bundle name; the first one is the default model."""
@@ -199,6 +204,15 @@ class EngineRegistry:
 
     def get(self, name: str) -> Engine | None:
         return self.engines.get(name)
+
+    def require(self, name: str, version: str | None = None) -> Engine:
+        """The engine serving `name` (and `version` when given); UnknownModelError naming what is served."""
+        engine = self.engines.get(name)
+        if engine is None:
+            raise UnknownModelError("model_not_found", f"no model named {name!r}; served models: {sorted(self.engines)}")
+        if version is not None and version != engine.version:
+            raise UnknownModelError("version_not_found", f"model {name!r} has version {engine.version!r}, not {version!r}")
+        return engine
 
     def __iter__(self) -> Iterator[Engine]:
         return iter(self.engines.values())

@@ -24,6 +24,12 @@ def _labels_and_scores(in_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[n
     return labels, np.concatenate([in_scores, ood_scores])
 
 
+def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """Area under the ROC curve of scores (higher = more OOD), ties counted half (Mann-Whitney)."""
+    labels, scores = _labels_and_scores(in_scores, ood_scores)
+    return float(roc_auc_score(labels, scores))
+
+
 def fpr_at_tpr(in_scores: np.ndarray, ood_scores: np.ndarray, tpr_level: float = 0.95) -> float:
     """Fraction of in-distribution inputs flagged when the threshold catches `tpr_level` of the OOD ones."""
     labels, scores = _labels_and_scores(in_scores, ood_scores)
@@ -35,7 +41,7 @@ def detection_metrics(in_scores: np.ndarray, ood_scores: np.ndarray) -> Detectio
     """Scores are oriented so that higher means more OOD."""
     labels, scores = _labels_and_scores(in_scores, ood_scores)
     return DetectionMetrics(
-        auroc=float(roc_auc_score(labels, scores)),
+        auroc=auroc(in_scores, ood_scores),
         aupr=float(average_precision_score(labels, scores)),
         fpr_at_95_tpr=fpr_at_tpr(in_scores, ood_scores),
     )

@@ -74,7 +74,7 @@ def evaluate(settings: EvalSettings) -> Path:
     fusion = engine.manifest.fusion
     samples = []
     if engine.sampler is not None:
-        from service.generation import png_grid
+        from service.runtime.sampler import png_grid
 
         Path(settings.out).mkdir(parents=True, exist_ok=True)
         (Path(settings.out) / "samples_t0.7.png").write_bytes(png_grid(engine.sampler.sample(64, 0.7, seed=0)))

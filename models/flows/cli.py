@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,17 +19,17 @@ def train_flow_command(
     lr: float = typer.Option(1e-3, help="peak Adam learning rate (linear warm-up, cosine decay)"),
     warmup_steps: int = typer.Option(200, help="linear warm-up steps"),
     seed: int = typer.Option(0, help="random seed"),
-    max_minutes: Optional[float] = typer.Option(None, help="stop training cleanly after this many minutes"),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
+    max_minutes: float | None = typer.Option(None, help="stop training cleanly after this many minutes"),
+    threads: int | None = typer.Option(None, help="torch intra-op threads"),
     resume: bool = typer.Option(False, help="resume from OUT/checkpoint.pt"),
     mutation_rate: float = typer.Option(0.0, help="Ren et al. 2019 background model: pixel mutation probability"),
     weight_decay: float = typer.Option(0.0, help="L2 penalty (Adam weight_decay)"),
     preset: str = typer.Option("default", help="tiny | small | default"),
-    config: Optional[str] = typer.Option(None, help='JSON overrides of the preset, e.g. \'{"hidden_channels": 96}\''),
+    config: str | None = typer.Option(None, help='JSON overrides of the preset, e.g. \'{"hidden_channels": 96}\''),
     patience: int = typer.Option(3, help="early stop after this many epochs without validation improvement"),
     eval_minutes: float = typer.Option(10.0, help="also validate + checkpoint every this many minutes"),
-    limit_train: Optional[int] = typer.Option(None, help="use only the first N training/validation images"),
-    limit_test: Optional[int] = typer.Option(None, help="use only the first N test images"),
+    limit_train: int | None = typer.Option(None, help="use only the first N training/validation images"),
+    limit_test: int | None = typer.Option(None, help="use only the first N test images"),
 ) -> None:
     """Train a normalizing flow by maximum likelihood on dequantised 8-bit images."""
     from models.flows.train import TrainSettings, train_flow

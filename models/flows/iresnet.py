@@ -2,7 +2,8 @@
 
 A block is `y = x + g(x)` with `g = W3 o ELU o W2 o ELU o W1` (convolutions), each weight spectrally
 normalised with a soft bound `W / max(1, sigma(W) / c)`, `c < 1`, sigma the operator norm of the
-convolution on the block's input size (power iteration on conv / conv-transpose), so Lip(g) < 1.
+convolution on the block's input size (power iteration on conv / conv-transpose, `models.nn.spectral`),
+so Lip(g) < 1.
 
 log det(I + J_g) = sum_k (-1)^(k+1) / k tr(J_g^k) (Behrmann eq. 6), truncated after a fixed number
 of terms, traces by Hutchinson's estimator v^T J^k v:
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from models.flows.base import CompositeTransform, Flatten, Flow, Transform, sum_except_batch
 from models.flows.layers import ActNorm, Squeeze
 from models.flows.preprocessing import LogitTransform
+from models.nn.spectral import SpectralNormConv2d
 
 
 def elu_derivative(preactivation: Tensor) -> Tensor:
@@ -33,54 +35,21 @@ def elu_derivative(preactivation: Tensor) -> Tensor:
     return torch.where(preactivation > 0, torch.ones_like(preactivation), torch.exp(torch.clamp(preactivation, max=0.0)))
 
 
-class SpectralNormConv2d(nn.Module):
-    """Convolution whose weight is divided by max(1, sigma / coefficient) (soft spectral bound).
-
-    sigma = u^T conv_W(v) estimates the operator norm of the convolution on `(C, H, W)` inputs, the
-    singular vectors refined by power iteration during training only (eval is deterministic).
-    """
+class ContractiveConv2d(SpectralNormConv2d):
+    """Same-size convolution (padding kernel_size // 2) whose operator norm on `(C, H, W)` inputs is softly
+    bounded by `coefficient` < 1 (`models.nn.spectral`); sigma is converged at construction, so a new
+    block is contractive in eval mode too."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_hw: tuple[int, int],
                  coefficient: float, power_iterations: int = 1) -> None:
-        super().__init__()
-        self.padding = kernel_size // 2
-        self.coefficient = coefficient
-        self.power_iterations = power_iterations
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        height, width = input_hw
-        self.register_buffer("right_vector", F.normalize(torch.randn(1, in_channels * height * width), dim=1).reshape(1, in_channels, height, width))
-        self.register_buffer("left_vector", torch.zeros(1, out_channels, height, width))
-        self._power_iteration(50)
+        super().__init__(in_channels, out_channels, kernel_size, input_hw, padding=kernel_size // 2,
+                         spectral_bound=coefficient, power_iterations=power_iterations)
+        nn.init.zeros_(self.bias)
+        self.refresh_sigma(max_iterations=50)
 
-    @torch.no_grad()
-    def _power_iteration(self, iterations: int) -> None:
-        right = self.right_vector
-        for _ in range(iterations):
-            left = F.conv2d(right, self.weight, padding=self.padding)
-            left = left / (left.norm() + 1e-12)
-            right = F.conv_transpose2d(left, self.weight, padding=self.padding)
-            right = right / (right.norm() + 1e-12)
-            self.left_vector.copy_(left)
-            self.right_vector.copy_(right)
-
-    def normalized_weight(self) -> Tensor:
-        """The soft-bounded weight (gradients flow through sigma as in Miyato et al. 2018)."""
-        sigma = (self.left_vector * F.conv2d(self.right_vector, self.weight, padding=self.padding)).sum()
-        return self.weight / torch.clamp(sigma / self.coefficient, min=1.0)
-
-    def forward(self, inputs: Tensor, weight: Tensor | None = None) -> Tensor:
-        return F.conv2d(inputs, self.normalized_weight() if weight is None else weight, self.bias, padding=self.padding)
-
-    def linear(self, inputs: Tensor, weight: Tensor) -> Tensor:
-        """The linear part (no bias): the layer's Jacobian applied to `inputs`."""
-        return F.conv2d(inputs, weight, padding=self.padding)
-
-    def refresh(self) -> None:
-        """One training-time power-iteration update of the singular vectors."""
-        if self.training:
-            self._power_iteration(self.power_iterations)
+    @property
+    def coefficient(self) -> float:
+        return self.spectral_bound
 
 
 class ResidualBlock(Transform):
@@ -90,9 +59,9 @@ class ResidualBlock(Transform):
                  training_terms: int, inference_terms: int, inference_probes: int, inverse_iterations: int,
                  probe_seed: int) -> None:
         super().__init__()
-        self.first = SpectralNormConv2d(channels, hidden_channels, 3, input_hw, coefficient)
-        self.second = SpectralNormConv2d(hidden_channels, hidden_channels, 1, input_hw, coefficient)
-        self.third = SpectralNormConv2d(hidden_channels, channels, 3, input_hw, coefficient)
+        self.first = ContractiveConv2d(channels, hidden_channels, 3, input_hw, coefficient)
+        self.second = ContractiveConv2d(hidden_channels, hidden_channels, 1, input_hw, coefficient)
+        self.third = ContractiveConv2d(hidden_channels, channels, 3, input_hw, coefficient)
         self.training_terms = training_terms
         self.inference_terms = inference_terms
         self.inverse_iterations = inverse_iterations
@@ -100,9 +69,7 @@ class ResidualBlock(Transform):
         self.register_buffer("probes", torch.randn(inference_probes, channels, *input_hw, generator=generator))
 
     def weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The three normalised weights (refreshing the power iteration first when training)."""
-        for layer in (self.first, self.second, self.third):
-            layer.refresh()
+        """The three normalised weights (one power-iteration step each first when training)."""
         return self.first.normalized_weight(), self.second.normalized_weight(), self.third.normalized_weight()
 
     def residual(self, inputs: Tensor, weights: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

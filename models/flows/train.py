@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models import perturbations
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
 from models.flows.base import Flow
 from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
@@ -58,13 +59,12 @@ class TrainSettings:
 
 
 def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
-    """Ren et al. 2019 background-model perturbation: each pixel is replaced with probability `rate`
-    by a uniform random value in 0..255. `(N, ...)` uint8 -> same shape and dtype."""
+    """The background model's training inputs (Ren et al. 2019): `models.perturbations.mutate_pixels` on a
+    uint8 tensor `(N, ...)`, seeded from `generator` so a resumed run stays reproducible. Same shape and dtype."""
     if rate <= 0:
         return pixels
-    replace = torch.rand(pixels.shape, generator=generator) < rate
-    random_values = torch.randint(0, 256, pixels.shape, generator=generator, dtype=pixels.dtype)
-    return torch.where(replace, random_values, pixels)
+    rng = np.random.default_rng(int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item()))
+    return torch.from_numpy(perturbations.mutate_pixels(pixels.numpy(), rng, rate))
 
 
 @torch.no_grad()

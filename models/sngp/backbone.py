@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.nn.spectral import SpectralNormConv2d, SpectralNormLinear
 from models.sngp.gp import RandomFeatureGaussianProcess
-from models.sngp.spectral import SpectralNormConv2d, SpectralNormLinear
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -41,7 +41,7 @@ class SNGPConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SNGPConfig":
+    def from_dict(cls, values: dict) -> SNGPConfig:
         values = dict(values)
         values["widths"] = tuple(values["widths"])
         return cls(**values)

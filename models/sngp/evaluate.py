@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from models.evaluation.metrics import detection_metrics as shared_detection_metrics
 from models.sngp.train import _softmax, expected_calibration_error
 
 DEFAULT_OOD_DIR = Path("/work/shared/data/mnist")
@@ -74,15 +75,8 @@ def density_score(features: np.ndarray, means: np.ndarray, covariances: np.ndarr
 
 
 def detection_metrics(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPR (OOD positive) and FPR at 95% TPR for scores where higher = more OOD."""
-    scores = np.concatenate([in_scores, out_scores])
-    is_ood = np.concatenate([np.zeros(len(in_scores)), np.ones(len(out_scores))])
-    threshold = np.quantile(out_scores, 0.05)
-    return {
-        "auroc": float(roc_auc_score(is_ood, scores)),
-        "aupr": float(average_precision_score(is_ood, scores)),
-        "fpr_at_95_tpr": float((in_scores >= threshold).mean()),
-    }
+    """AUROC, AUPR (OOD positive) and FPR at 95% TPR for scores where higher = more OOD, as a dict."""
+    return asdict(shared_detection_metrics(in_scores, out_scores))
 
 
 def evaluate(onnx_path: str | Path, data_dir: str | Path, ood_dir: str | Path, threads: int = 2) -> dict:

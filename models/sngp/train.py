@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
 from models.evaluation.metrics import expected_calibration_error  # noqa: F401 - re-exported for callers
+from models.nn.spectral import refresh_all_sigmas
 from models.sngp.backbone import SNGPClassifier, SNGPConfig
-from models.sngp.spectral import refresh_all_sigmas
 
 
 @dataclass

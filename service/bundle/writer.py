@@ -41,7 +41,7 @@ def bundle_file_names(directory: Path) -> list[str]:
 
 def write_calibration(path: Path | str, arrays: Mapping[str, np.ndarray]) -> None:
     """Save calibration scores as an uncompressed .npz of 1-D float64 arrays (no pickled objects)."""
-    converted = {}
+    converted: dict[str, Any] = {}
     for name, values in arrays.items():
         array = np.asarray(values, dtype=np.float64)
         if array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)):

@@ -106,8 +106,8 @@ def concatenate_scores(parts: Sequence[BatchScores]) -> BatchScores:
         fused_p_value=np.concatenate([part.fused_p_value for part in parts]),
         is_ood=np.concatenate([part.is_ood for part in parts]),
         alpha=first.alpha,
-        predicted_class=None if first.predicted_class is None else np.concatenate([part.predicted_class for part in parts]),  # type: ignore[misc]
-        confidence=None if first.confidence is None else np.concatenate([part.confidence for part in parts]),  # type: ignore[misc]
+        predicted_class=None if first.predicted_class is None else np.concatenate([part.predicted_class for part in parts]),
+        confidence=None if first.confidence is None else np.concatenate([part.confidence for part in parts]),
     )
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class ModelSession:
 
     name: str
     file: str
-    session: object
+    session: Any  # onnxruntime.InferenceSession (untyped package)
     active_provider: str
     providers: tuple[str, ...]
     input_name: str

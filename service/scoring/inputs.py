@@ -41,7 +41,10 @@ def _first_bad_shape(instances: list[Any], accepted: list[list[int]]) -> str:
         array = np.asarray(instance, dtype=object)
         ragged = any(isinstance(value, list) for value in array.reshape(-1).tolist())
         if ragged:
-            return f"instance {index} must be a nested array of shape {wanted}, got ragged or too deeply nested arrays (rows of different lengths)"
+            return (
+                f"instance {index} must be a nested array of shape {wanted}, "
+                "got ragged or too deeply nested arrays (rows of different lengths)"
+            )
         if list(array.shape) not in accepted:
             return f"instance {index} must be a nested array of shape {wanted}, got shape {list(array.shape)}"
     return f"instances must all have shape {wanted}, got mixed shapes"
@@ -86,7 +89,10 @@ def check_image_values(array: np.ndarray, dtype: str, minimum: float, maximum: f
         finite = np.isfinite(array)
         if not finite.all():
             index, where = _first_position(~finite)
-            raise InputError("invalid_value", f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]")
+            raise InputError(
+                "invalid_value",
+                f"instance {index} has {array[(index, *where)]} at {where}; expected finite numbers in [{minimum:g}, {maximum:g}]",
+            )
     if array.dtype.kind in "ui":  # integer dtypes whose whole range fits (uint8 for 0..255) need no range pass
         limits = np.iinfo(array.dtype)
         outside = (array < minimum) | (array > maximum) if limits.min < minimum or limits.max > maximum else None
@@ -94,12 +100,17 @@ def check_image_values(array: np.ndarray, dtype: str, minimum: float, maximum: f
         outside = (array < minimum) | (array > maximum)
     if outside is not None and outside.any():
         index, where = _first_position(outside)
-        raise InputError("out_of_range", f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]")
+        raise InputError(
+            "out_of_range",
+            f"instance {index} has value {array[(index, *where)]:g} at {where}; expected values in [{minimum:g}, {maximum:g}]",
+        )
     if dtype == "uint8" and array.dtype.kind == "f":
         fractional = array != np.floor(array)
         if fractional.any():
             index, where = _first_position(fractional)
-            raise InputError("invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers")
+            raise InputError(
+                "invalid_dtype", f"instance {index} has value {array[(index, *where)]:g} at {where}; input dtype uint8 expects integers"
+            )
 
 
 def instances_to_array(
@@ -133,6 +144,8 @@ def instances_to_array(
     try:
         numbers = values.astype(np.float64)
     except OverflowError as error:
-        raise InputError("out_of_range", f"a value is too large for float64: {error}; expected numbers in [{minimum:g}, {maximum:g}]") from error
+        raise InputError(
+            "out_of_range", f"a value is too large for float64: {error}; expected numbers in [{minimum:g}, {maximum:g}]"
+        ) from error
     check_image_values(numbers, dtype, minimum, maximum)
     return numbers.reshape((numbers.shape[0], *input_shape)).astype(np.float32)

@@ -112,7 +112,7 @@ def compute_signals(definitions: Sequence[SignalDefinition], outputs: ModelOutpu
     values: dict[str, np.ndarray] = {}
     for definition in definitions:
         kind = SIGNAL_KINDS[definition.kind]
-        signal = np.asarray(kind.compute(outputs, images, definition.source, definition.params), dtype=np.float64)
+        signal = np.asarray(kind.score(outputs, images, definition.source, definition.params), dtype=np.float64)
         if signal.shape != (batch_size,):
             raise ValueError(f"signal {definition.name!r} returned shape {list(signal.shape)}, expected [{batch_size}]")
         values[definition.name] = signal

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from deploy_support import (
+from benchmarks.http_driver import free_port
+from tests.helpers.deploy_support import (
     DEMO_BUNDLE,
     PROMETHEUS_DIR,
     STARTUP_SECONDS,
     LiveStack,
-    free_port,
     http_get,
     http_post_json,
     prometheus_config_for,
@@ -77,12 +77,14 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         )
         # Series born with the first request need two samples before rate() and histogram_quantile() see them.
         wait_until(
-            lambda: float(
-                prometheus_query(prometheus_url, 'min(count_over_time(oodserve_http_request_duration_seconds_count{endpoint="/v1/score"}[5m]))')[
-                    "data"
-                ]["result"][0]["value"][1]
-            )
-            >= 2,
+            lambda: (
+                float(
+                    prometheus_query(
+                        prometheus_url, 'min(count_over_time(oodserve_http_request_duration_seconds_count{endpoint="/v1/score"}[5m]))'
+                    )["data"]["result"][0]["value"][1]
+                )
+                >= 2
+            ),
             30,
             "two scrapes of the scoring route's latency histogram",
             prometheus,

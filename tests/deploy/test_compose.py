@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from deploy_support import DEPLOY, REPO
 from service.config import Settings
+from tests.helpers.deploy_support import DEPLOY, REPO
 
 COMPOSE = DEPLOY / "compose.yaml"
 
@@ -62,7 +62,9 @@ def test_prometheus_gets_the_shipped_config_rules_and_finds_the_replicas() -> No
     assert all((DEPLOY / "prometheus" / rules).exists() for rules in config["rule_files"])
     (job,) = config["scrape_configs"]
     (discovery,) = job["dns_sd_configs"]
-    aliases = {alias for service in document["services"].values() for alias in service.get("networks", {}).get("default", {}).get("aliases", [])}
+    aliases = {
+        alias for service in document["services"].values() for alias in service.get("networks", {}).get("default", {}).get("aliases", [])
+    }
     assert discovery["names"] == ["oodserve-replicas"] and discovery["names"][0] in aliases and discovery["port"] == 8000
     assert volumes["/prometheus"] in document["volumes"]
 

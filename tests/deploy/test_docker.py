@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_support import REPO, free_port, http_get, http_post_json, stop, wait_until
+from benchmarks.http_driver import free_port
+from tests.helpers.deploy_support import REPO, http_get, http_post_json, stop, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"
 INSTALL_SCRIPT = "deploy/docker/install-runtime.sh"
@@ -154,9 +155,17 @@ def test_two_runtime_targets_without_torch_non_root_with_health_check() -> None:
 
 def test_dockerignore_sends_only_what_the_images_copy() -> None:
     rules = dockerignore_rules()
-    for kept in ("pyproject.toml", "README.md", "service/app.py", "models/bundles/demo/manifest.json", INSTALL_SCRIPT):
+    for kept in ("pyproject.toml", "README.md", "service/server/app.py", "models/bundles/demo/manifest.json", INSTALL_SCRIPT):
         assert not dockerignore_excludes(kept, rules), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "runs/x/log.txt", "tests/conftest.py", "models/flows/ckpt.pt", "service/__pycache__/a.pyc", "deploy/k8s/service.yaml"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/x/log.txt",
+        "tests/conftest.py",
+        "models/flows/ckpt.pt",
+        "service/__pycache__/a.pyc",
+        "deploy/k8s/service.yaml",
+    ):
         assert dockerignore_excludes(dropped, rules), dropped
 
 
@@ -170,14 +179,13 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     cpu = stages["cpu"]
     context = tmp_path / "context"
     copied = build_context(context)
-    assert "service/app.py" in copied and not any(path.startswith(("tests/", ".venv/")) for path in copied)
-    # cpu-build: the bundles are removed from the source copy, then the install script builds the venv.
+    assert "service/server/app.py" in copied and not any(path.startswith(("tests/", ".venv/")) for path in copied)
+    # cpu-build: the runtime package and the install script are copied, then the script builds the venv.
     source = tmp_path / "src"
-    for relative in ("pyproject.toml", "README.md", "service", "models", INSTALL_SCRIPT):
+    for relative in ("pyproject.toml", "README.md", "service", INSTALL_SCRIPT):
         origin, target = context / relative, source / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, target)
-    shutil.rmtree(source / "models" / "bundles")
     venv = tmp_path / "opt-oodserve"
     environment = {**os.environ, "PYTHON": sys.executable, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     environment.pop("VIRTUAL_ENV", None)
@@ -187,7 +195,9 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert "oodserve runtime ok" in install.stdout and "CPUExecutionProvider" in install.stdout
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
-    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout.lower()
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout.lower()
     assert "onnxruntime==" in installed and "onnxruntime-gpu" not in installed and "torch" not in installed
     # cpu runtime: /app holds the bundles; the image's ENV with /opt/oodserve, /app and /tmp mapped into tmp_path.
     app = tmp_path / "app"
@@ -202,11 +212,15 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     }
     image_environment["OODSERVE_BUNDLE"] = image_environment["OODSERVE_BUNDLE"].replace("${BUNDLE}", cpu.arguments("ARG")[0].split("=")[1])
     image_environment["PATH"] = image_environment["PATH"].replace("$PATH", "/usr/bin:/bin")
-    image_environment.update(OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1")
+    image_environment.update(
+        OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1"
+    )
     before = files_with_stamps(venv, app)
     (command,) = [json.loads(arguments) for arguments in cpu.arguments("CMD")]
     assert command == ["oodserve", "serve"]  # found on the image's PATH: the venv's console script
-    service = subprocess.Popen(command, cwd=app, env=image_environment, stdout=(tmp_path / "service.log").open("wb"), stderr=subprocess.STDOUT)
+    service = subprocess.Popen(
+        command, cwd=app, env=image_environment, stdout=(tmp_path / "service.log").open("wb"), stderr=subprocess.STDOUT
+    )
     try:
         wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 90, "service from the fresh venv ready", service)
         (health,) = cpu.arguments("HEALTHCHECK")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy_support import DEPLOY, PROMETHEUS_DIR, LiveStack
+from tests.helpers.deploy_support import DEPLOY, PROMETHEUS_DIR, LiveStack
 
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "oodserve.json"

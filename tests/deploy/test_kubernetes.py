@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_support import DEPLOY
 from service.config import Settings
+from tests.helpers.deploy_support import DEPLOY
 
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.30.0"

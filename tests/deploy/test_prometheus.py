@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy_support import PROMETHEUS_DIR, LiveStack, http_get, tool
+from tests.helpers.deploy_support import PROMETHEUS_DIR, LiveStack, http_get, tool
 
 RULE_CASES = Path(__file__).with_name("alert_rule_cases.yml")
 

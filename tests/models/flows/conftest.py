@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 
 from models.flows.base import Flow
 from models.flows.zoo import build_flow, preset_config
+from tests.helpers.data import write_idx
 
 FAMILIES = ["nice", "glow", "nsf", "iresnet"]
 
@@ -46,11 +45,6 @@ def use_exact_traces(flow: Flow) -> None:
             module.use_exact_trace()
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), compresslevel=1))
-
-
 @pytest.fixture(scope="session")
 def synthetic_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MNIST-style IDX directory of structured 28x28 images (enough for `bundle_split`)."""
@@ -63,8 +57,8 @@ def synthetic_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     radius = rng.integers(4, 8, size=(count, 1, 1))
     disc = ((rows - centres[:, 0]) ** 2 + (columns - centres[:, 1]) ** 2) < radius**2
     images = np.where(disc, 200, 0) + rng.integers(0, 30, size=(count, 28, 28))
-    _write_idx(directory / "train-images-idx3-ubyte.gz", images)
-    _write_idx(directory / "train-labels-idx1-ubyte.gz", np.zeros(count))
-    _write_idx(directory / "t10k-images-idx3-ubyte.gz", images[:300])
-    _write_idx(directory / "t10k-labels-idx1-ubyte.gz", np.zeros(300))
+    write_idx(directory / "train-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte.gz", np.zeros(count), compress=True)
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", images[:300], compress=True)
+    write_idx(directory / "t10k-labels-idx1-ubyte.gz", np.zeros(300), compress=True)
     return directory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.flows.iresnet import ResidualBlock, SpectralNormConv2d, elu_derivative
+from models.flows.iresnet import ContractiveConv2d, ResidualBlock, elu_derivative
 
 
 def _block(seed: int = 0) -> ResidualBlock:
@@ -45,7 +45,7 @@ def test_inference_estimator_equals_training_estimator_for_same_probes() -> None
 
 def test_soft_spectral_bound_keeps_operator_norm_below_coefficient() -> None:
     torch.manual_seed(2)
-    layer = SpectralNormConv2d(3, 5, 3, (6, 6), coefficient=0.7).double()
+    layer = ContractiveConv2d(3, 5, 3, (6, 6), coefficient=0.7).double()
     with torch.no_grad():
         layer.weight.mul_(10.0)
     layer.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from models.flows.cli import register
-import math
-
 from models.flows.base import Flow, Transform
+from models.flows.cli import register
 from models.flows.train import (
     TrainSettings,
     evaluate_bits_per_dim,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from models.sngp.cli import register
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+from tests.helpers.data import write_idx
 
 
 def fake_fashion_mnist(directory: Path) -> Path:

@@ -1,0 +1,224 @@
+"""Closed-form models exported as hand-written ONNX graphs whose outputs are known exactly.
+
+Two models, written with `onnx.helper` and computed in float64 inside the graph, so a numpy reference
+(`reference_outputs`) reproduces onnxruntime to ~1e-12; the demo bundle and the tests' fixture bundles
+are built from them:
+
+- `GaussianDensity`: a diagonal Gaussian on u = (x + 0.5) / 256 in [0, 1]^D (D = 784), output
+  `log_prob` (N,) in nats, the same convention as the flows (design.md section 3).
+- `LinearGaussianProcess`: features phi = (x / 255 - center) @ projection (N, K), `logits` =
+  phi @ weights + bias (N, C) and the Laplace predictive variance ridge * phi^T Sigma phi (N,)
+  of a linear-feature Gaussian process (the last layer of SNGP, Liu et al. 2020, without the
+  random features), outputs `logits`, `variance`, `features`.
+
+Both are fitted in closed form (`fit_gaussian_density`, `fit_linear_gaussian_process`): numpy only,
+seconds. Needs the `onnx` package (train extra).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INPUT_SHAPE = (1, 28, 28)
+DIMENSIONS = 28 * 28
+OPSET = 17
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianDensity:
+    """Diagonal Gaussian on u = (x + 0.5) / 256: mean (D,), std (D,) > 0."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class LinearGaussianProcess:
+    """center (D,), projection (D, K), weights (K, C), bias (C,), variance_matrix (K, K) = ridge * Sigma."""
+
+    center: np.ndarray
+    projection: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+    variance_matrix: np.ndarray
+
+
+def _constant(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value), name=name)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="oodserve-demo")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _image_input() -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *INPUT_SHAPE])
+
+
+def _flatten_nodes() -> list[onnx.NodeProto]:
+    """x (N,1,28,28) float32 -> flat (N, D) float64."""
+    return [
+        helper.make_node("Cast", ["x"], ["x_double"], to=TensorProto.DOUBLE),
+        helper.make_node("Reshape", ["x_double", "flat_shape"], ["flat"]),
+    ]
+
+
+def gaussian_density_model(density: GaussianDensity) -> onnx.ModelProto:
+    """ONNX graph: log_prob (N,) = sum_d log N(u_d; mean_d, std_d^2), u = (x + 0.5) / 256, in float64."""
+    log_normaliser = -float(np.sum(np.log(density.std))) - 0.5 * DIMENSIONS * math.log(2.0 * math.pi)
+    nodes = [
+        *_flatten_nodes(),
+        helper.make_node("Add", ["flat", "half"], ["shifted"]),
+        helper.make_node("Div", ["shifted", "levels"], ["u"]),
+        helper.make_node("Sub", ["u", "mean"], ["centered"]),
+        helper.make_node("Div", ["centered", "std"], ["z"]),
+        helper.make_node("Mul", ["z", "z"], ["z_squared"]),
+        helper.make_node("ReduceSum", ["z_squared", "sum_axes"], ["sum_squares"], keepdims=0),
+        helper.make_node("Mul", ["sum_squares", "minus_half"], ["quadratic"]),
+        helper.make_node("Add", ["quadratic", "log_normaliser"], ["log_prob"]),
+    ]
+    initializers = [
+        _constant("flat_shape", np.array([-1, DIMENSIONS], dtype=np.int64)),
+        _constant("half", np.array(0.5, dtype=np.float64)),
+        _constant("levels", np.array(256.0, dtype=np.float64)),
+        _constant("mean", density.mean.astype(np.float64)),
+        _constant("std", density.std.astype(np.float64)),
+        _constant("sum_axes", np.array([1], dtype=np.int64)),
+        _constant("minus_half", np.array(-0.5, dtype=np.float64)),
+        _constant("log_normaliser", np.array(log_normaliser, dtype=np.float64)),
+    ]
+    output = helper.make_tensor_value_info("log_prob", TensorProto.DOUBLE, ["N"])
+    return _model(helper.make_graph(nodes, "gaussian_density", [_image_input()], [output], initializers))
+
+
+def linear_gaussian_process_model(classifier: LinearGaussianProcess) -> onnx.ModelProto:
+    """ONNX graph: phi = (x/255 - center) @ projection; logits = phi @ W + b; variance = rowsum((phi @ S) * phi)."""
+    nodes = [
+        *_flatten_nodes(),
+        helper.make_node("Div", ["flat", "pixel_max"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "center"], ["centered"]),
+        helper.make_node("MatMul", ["centered", "projection"], ["features"]),
+        helper.make_node("MatMul", ["features", "weights"], ["logits_no_bias"]),
+        helper.make_node("Add", ["logits_no_bias", "bias"], ["logits"]),
+        helper.make_node("MatMul", ["features", "variance_matrix"], ["features_times_matrix"]),
+        helper.make_node("Mul", ["features_times_matrix", "features"], ["variance_terms"]),
+        helper.make_node("ReduceSum", ["variance_terms", "sum_axes"], ["variance"], keepdims=0),
+    ]
+    initializers = [
+        _constant("flat_shape", np.array([-1, DIMENSIONS], dtype=np.int64)),
+        _constant("pixel_max", np.array(255.0, dtype=np.float64)),
+        _constant("center", classifier.center.astype(np.float64)),
+        _constant("projection", classifier.projection.astype(np.float64)),
+        _constant("weights", classifier.weights.astype(np.float64)),
+        _constant("bias", classifier.bias.astype(np.float64)),
+        _constant("variance_matrix", classifier.variance_matrix.astype(np.float64)),
+        _constant("sum_axes", np.array([1], dtype=np.int64)),
+    ]
+    n_features = classifier.projection.shape[1]
+    n_classes = classifier.weights.shape[1]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.DOUBLE, ["N", n_classes]),
+        helper.make_tensor_value_info("variance", TensorProto.DOUBLE, ["N"]),
+        helper.make_tensor_value_info("features", TensorProto.DOUBLE, ["N", n_features]),
+    ]
+    return _model(helper.make_graph(nodes, "linear_gaussian_process", [_image_input()], outputs, initializers))
+
+
+def gaussian_log_prob(density: GaussianDensity, images: np.ndarray) -> np.ndarray:
+    """numpy reference of `gaussian_density_model`: images (N, ...) raw 0..255 -> log_prob (N,) nats."""
+    u = (np.asarray(images, dtype=np.float64).reshape(len(images), -1) + 0.5) / 256.0
+    z = (u - density.mean) / density.std
+    return -0.5 * np.sum(z * z, axis=1) - np.sum(np.log(density.std)) - 0.5 * u.shape[1] * math.log(2.0 * math.pi)
+
+
+def linear_gaussian_process_outputs(classifier: LinearGaussianProcess, images: np.ndarray) -> dict[str, np.ndarray]:
+    """numpy reference of `linear_gaussian_process_model` -> logits (N, C), variance (N,), features (N, K)."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+    features = (flat - classifier.center) @ classifier.projection
+    return {
+        "logits": features @ classifier.weights + classifier.bias,
+        "variance": np.sum((features @ classifier.variance_matrix) * features, axis=1),
+        "features": features,
+    }
+
+
+ModelParameters = GaussianDensity | LinearGaussianProcess
+
+
+def model_outputs_of(parameters: ModelParameters) -> list[str]:
+    """The ONNX output names of a demo model."""
+    return ["log_prob"] if isinstance(parameters, GaussianDensity) else ["logits", "variance", "features"]
+
+
+def reference_outputs(models: Mapping[str, ModelParameters], images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """numpy outputs[model][output] of every demo model on images (N, 1, 28, 28) or (N, 28, 28)."""
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for name, parameters in models.items():
+        if isinstance(parameters, GaussianDensity):
+            outputs[name] = {"log_prob": gaussian_log_prob(parameters, images)}
+        else:
+            outputs[name] = linear_gaussian_process_outputs(parameters, images)
+    return outputs
+
+
+def save_models(directory: Path, models: Mapping[str, ModelParameters]) -> dict[str, dict[str, Any]]:
+    """Write `<name>.onnx` for every model into `directory`; returns the manifest's `models` entries."""
+    specs = {}
+    for name, parameters in models.items():
+        graph = gaussian_density_model(parameters) if isinstance(parameters, GaussianDensity) else linear_gaussian_process_model(parameters)
+        file_name = f"{name}.onnx"
+        onnx.save_model(graph, directory / file_name)
+        specs[name] = {"file": file_name, "inputs": ["x"], "outputs": model_outputs_of(parameters)}
+    return specs
+
+
+def fit_gaussian_density(images: np.ndarray, std_floor: float) -> GaussianDensity:
+    """Per-pixel mean and std of u = (x + 0.5) / 256 over images (N, 28, 28); std floored at std_floor."""
+    u = (images.reshape(len(images), -1).astype(np.float64) + 0.5) / 256.0
+    return GaussianDensity(mean=u.mean(axis=0), std=np.maximum(u.std(axis=0), std_floor))
+
+
+def fit_linear_gaussian_process(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, n_features: int, ridge: float, validation: tuple[np.ndarray, np.ndarray]
+) -> LinearGaussianProcess:
+    """PCA features (K components of x/255), ridge-regression logits scaled by a temperature chosen on
+    validation negative log-likelihood, and the Laplace variance matrix ridge * (ridge I + Phi^T Phi)^-1."""
+    flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    center = flat.mean(axis=0)
+    _, _, components = np.linalg.svd(flat[:: max(1, len(flat) // 10000)] - center, full_matrices=False)
+    projection = components[:n_features].T
+    features = (flat - center) @ projection
+    targets = np.eye(n_classes)[labels]
+    design = np.hstack([features, np.ones((len(features), 1))])
+    solution = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]), design.T @ targets)
+    weights, bias = solution[:-1], solution[-1]
+    validation_images, validation_labels = validation
+    validation_features = (validation_images.reshape(len(validation_images), -1) / 255.0 - center) @ projection
+    raw_logits = validation_features @ weights + bias
+
+    def negative_log_likelihood(scale: float) -> float:
+        logits = scale * raw_logits
+        logits = logits - logits.max(axis=1, keepdims=True)
+        log_probabilities = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return float(-log_probabilities[np.arange(len(validation_labels)), validation_labels].mean())
+
+    temperature_scale = min(np.linspace(1.0, 30.0, 59), key=negative_log_likelihood)
+    covariance = np.linalg.inv(ridge * np.eye(n_features) + features.T @ features)
+    return LinearGaussianProcess(
+        center=center,
+        projection=projection,
+        weights=weights * temperature_scale,
+        bias=bias * temperature_scale,
+        variance_matrix=ridge * covariance,
+    )

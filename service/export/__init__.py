@@ -1,0 +1,1 @@
+"""Exports of a bundle to other servers (a Triton model repository)."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics: the service registry, score and verdict series, scheduler and engine collectors."""

@@ -1,0 +1,181 @@
+"""The signal-kind contract and its registry: every kind has a pure `score` and a `fit` beside it.
+
+A signal kind turns model outputs (and the raw inputs) into one OOD score per instance, oriented so
+that higher means more out-of-distribution:
+
+- ``score(outputs, images, source, params) -> (N,) float64``: finite, or NaN where a model could not
+  score an instance (the conformal p-value treats NaN as maximally OOD); row ``i`` depends on row ``i``
+  of the inputs only, so the batcher may score merged batches and slice them;
+- ``fit(outputs, images, source, options, labels) -> FittedSignal``: the kind's parameters learned from
+  in-distribution reference data (a training split), given the options a bundle builder chose. Kinds
+  with nothing to learn return the options unchanged.
+
+A kind is registered once in `SIGNAL_KINDS` with `register_signal_kind`; a manifest that names an
+unknown kind or leaves out a required parameter is refused when the bundle loads.
+
+Conventions shared with the exported models (design.md section 3): a flow's `log_prob` is the
+log-density in nats of u = (x + 0.5) / 256 on [0, 1]^D, D = prod(per-instance input shape).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+ModelOutputs = Mapping[str, Mapping[str, np.ndarray]]
+"""outputs[model_name][output_name] -> array with a leading batch axis N."""
+
+PARAMETERS_FILE_KEY = "parameters_file"
+"""A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it and passes its
+arrays to the kind's score function as `params["arrays"]` (name -> ndarray)."""
+
+
+@dataclass(frozen=True)
+class SignalSource:
+    """Which ONNX model output a signal reads (the manifest's `model` and `output`)."""
+
+    model: str
+    output: str
+
+
+@dataclass(frozen=True)
+class FittedSignal:
+    """What `fit` learned: JSON `params` for the manifest and, when the kind has a parameters file,
+    the `arrays` (name -> ndarray) that go into it."""
+
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class SignalScoreFunction(Protocol):
+    """score(outputs, images (N, *input_shape) float raw scale, source, params) -> (N,) float64."""
+
+    def __call__(
+        self, outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]
+    ) -> np.ndarray: ...
+
+
+class SignalFitFunction(Protocol):
+    """fit(reference outputs, reference images (N, *input_shape), source, options, labels (N,) or None)."""
+
+    def __call__(
+        self,
+        outputs: ModelOutputs,
+        images: np.ndarray,
+        source: SignalSource,
+        options: Mapping[str, Any],
+        labels: np.ndarray | None,
+    ) -> FittedSignal: ...
+
+
+def keep_options(
+    outputs: ModelOutputs, images: np.ndarray, source: SignalSource, options: Mapping[str, Any], labels: np.ndarray | None
+) -> FittedSignal:
+    """The `fit` of kinds with nothing to learn: the options are the parameters."""
+    return FittedSignal(dict(options))
+
+
+def no_extra_sources(params: Mapping[str, Any]) -> list[SignalSource]:
+    return []
+
+
+@dataclass(frozen=True)
+class SignalKind:
+    """A registered signal kind: its score and fit functions and what a manifest entry must provide.
+
+    required_params: names that must appear in the signal's `params`.
+    extra_sources: model outputs read besides the signal's own (for example a background model).
+    validate: optional check of (params, per-instance input shape); raises ValueError with a message.
+    """
+
+    name: str
+    score: SignalScoreFunction
+    description: str
+    fit: SignalFitFunction = keep_options
+    required_params: tuple[str, ...] = ()
+    extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources
+    validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None
+
+
+SIGNAL_KINDS: dict[str, SignalKind] = {}
+
+
+def register_signal_kind(
+    name: str,
+    *,
+    description: str,
+    fit: SignalFitFunction = keep_options,
+    required_params: tuple[str, ...] = (),
+    extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources,
+    validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None,
+) -> Callable[[SignalScoreFunction], SignalScoreFunction]:
+    """Decorator adding the decorated score function as a signal kind to `SIGNAL_KINDS` (refuses a duplicate name)."""
+
+    def decorator(score: SignalScoreFunction) -> SignalScoreFunction:
+        if name in SIGNAL_KINDS:
+            raise ValueError(f"signal kind {name!r} is already registered")
+        SIGNAL_KINDS[name] = SignalKind(
+            name=name,
+            score=score,
+            description=description,
+            fit=fit,
+            required_params=required_params,
+            extra_sources=extra_sources,
+            validate=validate,
+        )
+        return score
+
+    return decorator
+
+
+def per_instance_values(array: np.ndarray, what: str) -> np.ndarray:
+    """Flatten a model output of shape (N,) or (N, 1, ...) to (N,) float64; refuses (N, K>1)."""
+    values = np.asarray(array, dtype=np.float64)
+    if values.ndim == 0:
+        raise ValueError(f"{what}: expected one value per instance, got a scalar")
+    flat = values.reshape(values.shape[0], -1)
+    if flat.shape[1] != 1:
+        raise ValueError(f"{what}: expected one value per instance, got shape {list(values.shape)}")
+    return flat[:, 0]
+
+
+def read_output(outputs: ModelOutputs, source: SignalSource) -> np.ndarray:
+    """The array outputs[source.model][source.output]."""
+    return np.asarray(outputs[source.model][source.output])
+
+
+def read_scalar_output(outputs: ModelOutputs, source: SignalSource) -> np.ndarray:
+    """The source output as one float64 value per instance (N,)."""
+    return per_instance_values(read_output(outputs, source), f"{source.model}.{source.output}")
+
+
+def require_number(params: Mapping[str, Any], key: str, *, positive: bool = False) -> None:
+    """ValueError unless params[key] is a finite number (and > 0 when `positive`)."""
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"params.{key} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"params.{key} must be > 0, got {value!r}")
+
+
+def dimensions_of(images: np.ndarray) -> int:
+    """D = number of values per instance of an (N, *input_shape) batch."""
+    return int(np.prod(images.shape[1:]))
+
+
+def bits_per_dim_from_log_prob(log_prob_nats: np.ndarray, dimensions: int) -> np.ndarray:
+    """Discrete 8-bit bits/dim: bpd = -(log p(u) - D ln 256) / (D ln 2); log p(u) in nats on [0,1]^D."""
+    log_prob = np.asarray(log_prob_nats, dtype=np.float64)
+    return -(log_prob - dimensions * math.log(256.0)) / (dimensions * math.log(2.0))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, numerically stable, float64."""
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - np.max(values, axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / np.sum(exponentials, axis=1, keepdims=True)

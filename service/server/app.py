@@ -1,0 +1,109 @@
+"""The FastAPI application factory: settings, metrics, routers, error handlers, and a lifespan that
+loads + verifies bundles and warms them up before readiness."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service import __version__
+from service.config import Settings
+from service.engine import EngineRegistry, load_registry
+from service.observability.metrics import ServiceMetrics
+from service.runtime.batching import BatchScheduler
+from service.server import admin, health, metrics_endpoint
+from service.server.errors import install_error_handlers
+from service.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
+from service.server.middleware.request_metrics import RequestMetricsMiddleware
+from service.server.reload import install_sighup_reload
+from service.server.responses import OrjsonResponse
+from service.server.schemas import ERROR_RESPONSES, v2_error_responses
+from service.server.security import AUTH_ERROR_RESPONSES, METRICS_KEY_DEPENDENCIES, SCORING_KEY_DEPENDENCIES
+from service.server.state import STATE_KEY, AppState, app_state
+from service.server.v1 import generation
+from service.server.v1 import routes as v1
+from service.server.v2 import routes as v2
+
+logger = logging.getLogger("oodserve.app")
+
+
+def load_registry_from_settings(settings: Settings) -> EngineRegistry:
+    """Verify and load settings.bundle (the default model) and settings.extra_bundles."""
+    return load_registry([settings.bundle, *settings.extra_bundles], settings.runtime_options())
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load bundles unless given, warm every engine up, then mark the service ready; unready on shutdown."""
+    state = app_state(app)
+    settings = state.settings
+    if state.registry is None:
+        state.registry = await run_in_threadpool(load_registry_from_settings, settings)
+    registry = state.registry
+    for engine in registry:
+        await run_in_threadpool(engine.warm_up, settings.warmup_batch_size)
+    state.metrics.track_registry(registry)
+    state.ready = True
+    state.metrics.ready.set(1)
+    logger.info("ready: serving %s (default %s)", sorted(registry.engines), registry.default_name)
+    uninstall_sighup = install_sighup_reload(state.reloader) if settings.reload_on_sighup else None
+    try:
+        yield
+    finally:
+        if uninstall_sighup is not None:
+            uninstall_sighup()
+        state.ready = False
+        state.metrics.ready.set(0)
+        await state.batching.close()
+
+
+def create_app(settings: Settings | None = None, registry: EngineRegistry | None = None) -> FastAPI:
+    """Build the app. With `registry` the given engines are served, else the lifespan loads settings.bundle.
+
+    Usable as `uvicorn --factory service.server.app:create_app` (settings from OODSERVE_* variables).
+    """
+    settings = settings or Settings()
+    app = FastAPI(
+        title="oodserve",
+        version=__version__,
+        description="Out-of-distribution detection: normalizing flows and SNGP in ONNX, conformal p-values, fused verdicts.",
+        default_response_class=OrjsonResponse,
+        lifespan=lifespan,
+    )
+    metrics = ServiceMetrics(ood_rate_window=settings.ood_rate_window)
+    state = AppState(
+        settings=settings,
+        metrics=metrics,
+        batching=BatchScheduler(settings.batching_options(), on_queue_wait=metrics.observe_queue_wait),
+        registry=registry,
+    )
+    setattr(app.state, STATE_KEY, state)
+    metrics.track_scheduler(state.batching)
+    install_error_handlers(app)
+    protected = {**AUTH_ERROR_RESPONSES, **LIMIT_ERROR_RESPONSES}  # documented so schema checks hold
+    v2_errors = v2_error_responses({**ERROR_RESPONSES, **protected})  # v2 answers {"error": "..."}
+    routers: list[tuple[APIRouter, list[Any], dict[int | str, dict[str, Any]]]] = [
+        (health.router, [], LIMIT_ERROR_RESPONSES),
+        (v1.router, SCORING_KEY_DEPENDENCIES, protected),
+        (generation.router, SCORING_KEY_DEPENDENCIES, protected),
+        (v2.health_router, [], v2_errors),
+        (v2.router, SCORING_KEY_DEPENDENCIES, v2_errors),
+        (admin.router, [], LIMIT_ERROR_RESPONSES),
+        (metrics_endpoint.router, METRICS_KEY_DEPENDENCIES, protected),
+        (v2.fallback_router, [], {}),  # last: unknown /v2 paths get a v2-style 404
+    ]
+    for router, dependencies, responses in routers:
+        app.include_router(router, dependencies=dependencies, responses=responses)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        timeout_seconds=settings.request_timeout_seconds,
+        routes=[route for router, _, _ in routers for route in router.routes],  # to word errors per router
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

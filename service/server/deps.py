@@ -1,0 +1,61 @@
+"""FastAPI dependencies as Annotated aliases: the app state, settings, metrics, the scheduler, the ready
+engine registry, one engine by name (and version)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.engine import Engine, EngineRegistry
+from service.observability.metrics import ServiceMetrics
+from service.runtime.batching import BatchScheduler
+from service.server.state import AppState, app_state
+
+# Dependencies are `async def` although they never await: FastAPI runs plain `def` dependencies in its
+# thread pool, a thread hop (and GIL hand-over) per dependency per request that costs more than scoring.
+
+
+async def get_state(request: Request) -> AppState:
+    return app_state(request)
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+async def get_metrics(state: StateDep) -> ServiceMetrics:
+    return state.metrics
+
+
+async def get_scheduler(state: StateDep) -> BatchScheduler:
+    return state.batching
+
+
+async def get_ready_registry(state: StateDep) -> EngineRegistry:
+    """The engines, or NotReadyError (503) until bundles are loaded and warmed up."""
+    return state.ready_registry()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+SchedulerDep = Annotated[BatchScheduler, Depends(get_scheduler)]
+RegistryDep = Annotated[EngineRegistry, Depends(get_ready_registry)]
+
+
+async def get_named_engine(name: str, registry: RegistryDep) -> Engine:
+    """The engine serving bundle `name` (a path parameter), else UnknownModelError (404) listing the served names."""
+    return registry.require(name)
+
+
+async def get_versioned_engine(name: str, registry: RegistryDep, version: str | None = None) -> Engine:
+    """As get_named_engine, and the model's version must equal `version` when the path names one (v2)."""
+    return registry.require(name, version)
+
+
+NamedEngineDep = Annotated[Engine, Depends(get_named_engine)]
+VersionedEngineDep = Annotated[Engine, Depends(get_versioned_engine)]

@@ -1,0 +1,1 @@
+"""Pure ASGI middleware: request limits (body size, timeout) and request metrics."""

@@ -1,0 +1,45 @@
+"""The one typed state of an oodserve app (`AppState`), stored on the FastAPI app and read through `app_state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+
+from service.config import Settings
+from service.engine import EngineRegistry, NotReadyError
+from service.observability.metrics import ServiceMetrics
+from service.runtime.batching import BatchScheduler
+from service.server.reload import BundleReloader
+
+STATE_KEY = "oodserve"
+
+@dataclass
+class AppState:
+    """Everything a request handler may read: settings, metrics, the served registry (swapped whole by a
+    reload), readiness, the batch scheduler and the reloader."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    batching: BatchScheduler
+    registry: EngineRegistry | None = None
+    ready: bool = False
+    reloader: BundleReloader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.reloader = BundleReloader(self)
+
+    def ready_registry(self) -> EngineRegistry:
+        """The served engines; NotReadyError until bundles are loaded and warmed up."""
+        registry = self.registry
+        if not self.ready or registry is None:
+            raise NotReadyError("the service is starting: bundles are not loaded and warmed up yet")
+        return registry
+
+
+def app_state(app_or_connection: Starlette | HTTPConnection) -> AppState:
+    """The AppState of an app, or of the app serving a request."""
+    app = app_or_connection.app if isinstance(app_or_connection, HTTPConnection) else app_or_connection
+    state: AppState = getattr(app.state, STATE_KEY)
+    return state

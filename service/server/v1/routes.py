@@ -1,0 +1,109 @@
+"""v1 API: model summaries and scoring of JSON, .npy, PNG and multipart PNG bodies."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from service.engine import Engine
+from service.scoring.pipeline import BatchScores, InstanceResult
+from service.server.deps import NamedEngineDep, RegistryDep
+from service.server.responses import OrjsonResponse
+from service.server.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
+from service.server.state import app_state
+from service.server.v1.scoring import read_score_images
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+_SCORE_DOCS: dict[str, Any] = {
+    "response_model": None,
+    "responses": {200: {"model": ScoreResponse}, **ERROR_RESPONSES},
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ScoreRequest.model_json_schema()},
+                "application/x-npy": {"schema": {"type": "string", "format": "binary", "description": "np.save of (N, *instance shape)"}},
+                "image/png": {
+                    "schema": {"type": "string", "format": "binary", "description": "one image, 8-bit greyscale after conversion"}
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "alpha": {"type": "number"},
+                        },
+                    }
+                },
+            },
+        }
+    },
+}
+
+
+def result_to_json(result: InstanceResult) -> dict[str, Any]:
+    """One result object of the response; `prediction` only when the bundle has a classifier."""
+    body: dict[str, Any] = {
+        "is_ood": result.is_ood,
+        "score": result.score,
+        "p_value": result.p_value,
+        "signals": result.signals,
+        "p_values": result.p_values,
+    }
+    if result.prediction is not None:
+        body["prediction"] = {
+            "class_index": result.prediction.class_index,
+            "label": result.prediction.label,
+            "confidence": result.prediction.confidence,
+        }
+    return body
+
+
+def score_response_body(engine: Engine, scores: BatchScores) -> dict[str, Any]:
+    """The v1 response: model, version, alpha, one result per instance and the batch test when declared."""
+    body: dict[str, Any] = {
+        "model": engine.name,
+        "model_version": engine.version,
+        "alpha": scores.alpha,
+        "results": [result_to_json(result) for result in scores.to_instance_results(engine.manifest.labels)],
+    }
+    batch = engine.batch_test(scores)
+    if batch is not None:
+        body["batch"] = batch
+    return body
+
+
+async def _score(request: Request, engine: Engine) -> OrjsonResponse:
+    """Read any accepted body type, queue the images for a merged run (or run them alone when batching
+    is off), record metrics and answer. Settings, metrics and the scheduler come from the app state
+    directly: every dependency is work FastAPI repeats per request on the hot path."""
+    state = app_state(request)
+    with state.batching.arrival(engine) as arrival:
+        images, alpha = await read_score_images(request, engine, state.settings)
+        started = time.perf_counter()
+        scores = await state.batching.score(engine, images, alpha, arrival)
+    state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
+    return OrjsonResponse(score_response_body(engine, scores))
+
+
+@router.get("/models", summary="Served models: manifest summary, signals, labels, active provider")
+async def list_models(registry: RegistryDep) -> OrjsonResponse:
+    return OrjsonResponse({"default": registry.default_name, "models": [engine.describe() for engine in registry]})
+
+
+@router.get("/models/{name}", summary="One served model", responses=ERROR_RESPONSES)
+async def get_model(engine: NamedEngineDep) -> OrjsonResponse:
+    return OrjsonResponse(engine.describe())
+
+
+@router.post("/score", summary="Score instances with the default model", **_SCORE_DOCS)
+async def score_default(request: Request, registry: RegistryDep) -> OrjsonResponse:
+    return await _score(request, registry.default)
+
+
+@router.post("/models/{name}/score", summary="Score instances with the named model", **_SCORE_DOCS)
+async def score_named(request: Request, engine: NamedEngineDep) -> OrjsonResponse:
+    return await _score(request, engine)

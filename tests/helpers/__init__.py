@@ -1,0 +1,1 @@
+"""Test helpers: closed-form bundle fixtures, live servers, deployment stacks."""
