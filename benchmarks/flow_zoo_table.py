@@ -1,4 +1,4 @@
-"""The flow zoo's results table (issue 3) from trained run directories, one row per run.
+"""The flow zoo's results table from trained run directories, one row per run.
 
 For each `runs/<name>` written by `oodserve train flow`: parameters and training minutes (metrics.json),
 Fashion-MNIST test bits/dim at the bin centre (what the service computes) and under uniform

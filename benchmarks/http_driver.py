@@ -129,7 +129,7 @@ async def send_requests(
 
     Each worker has its own httpx transport holding one keep-alive connection and sends prebuilt
     requests: one shared connection pool costs the client several times more CPU per request as
-    concurrency grows (measured here: 0.9 ms at 1, 4.2 ms at 64), CPU the server on the same machine
+    concurrency grows (README "Throughput"), CPU that the server on the same machine
     would lose.
     """
     import httpx

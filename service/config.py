@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         "models side by side in two threads (lower latency on a quiet service); 0 = never."
     )
     batch_queue_capacity: int = Field(
-        4096, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After. 4096 is about "
-        "2.5 s of work at the Fashion-MNIST bundle's raw limit on 2 cores (1,600 images/s) and holds 64 clients of 32 images."
+        4096, ge=1, description="Most instances waiting per model; more are refused with 503 and Retry-After "
+        "(4096 holds 64 clients of 32 images each)."
     )
     batch_deadline_seconds: float = Field(
         10.0, gt=0, description="Longest a score request may spend queued plus in its merged run (else 504)."

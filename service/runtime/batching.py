@@ -45,9 +45,8 @@ class BatchingOptions:
     waits for requests that are already being read to join a batch (it never waits when none are);
     queue_capacity: most instances waiting in one engine's queue; deadline_ms: per-request limit
     on queueing plus inference; retry_after_s: the Retry-After of a refusal; inference_threads: merged
-    runs in flight at once (one per core with single-threaded onnxruntime sessions: measured on the
-    Fashion-MNIST bundle, two runs of 8 images side by side give 1,232 images/s, one run with two
-    intra-op threads 758).
+    runs in flight at once (one per core with single-threaded onnxruntime sessions, which use small
+    merged batches better than one run with intra-op threads; README "Throughput" has the figures).
     """
 
     enabled: bool = True

@@ -1,6 +1,6 @@
 """Hot reload: load and verify new bundles completely, warm them up, then swap the served registry atomically.
 
-Request handlers read `app.state.registry` once per request (service.server.deps.get_ready_registry) and keep
+Request handlers read `AppState.registry` once per request (service.server.deps.get_ready_registry) and keep
 that object for the whole request, so the swap is a single reference assignment: requests already running
 finish on the old engines, later ones see the new. A refused reload leaves the old registry serving.
 The checks are the start-up ones (service.engine.load_registry: manifest and schema_version, sha256 of every

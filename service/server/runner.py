@@ -21,8 +21,7 @@ def uvicorn_config_options(settings: Settings) -> dict[str, Any]:
         "limit_concurrency": settings.max_concurrent_connections,  # beyond it uvicorn answers 503
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
         # Longer than the clients' idle expiry: a server closing an idle connection just as a client reuses
-        # it resets that request. With 5 s on both sides (uvicorn's and httpx's defaults) a 20,000-request
-        # load run had 2 ReadErrors; this race is the likely cause.
+        # it resets that request (the README's load-test section has the run that showed it).
         "timeout_keep_alive": settings.keep_alive_seconds,
     }
 
