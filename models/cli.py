@@ -42,6 +42,31 @@ def build_bundle_command(
     ))
 
 
+def fit_command(
+    data: Path = typer.Argument(..., help="feature vectors: .npy / .npz (arrays x, y) of shape (N, D), .csv or .parquet"),
+    out: Path = typer.Option(..., "--out", help="bundle directory to write (replaced only once the new bundle is complete)"),
+    name: str | None = typer.Option(None, help="bundle name [default: the --out directory's name]"),
+    minutes: float = typer.Option(5.0, help="wall-clock budget of the whole fit (training, export, calibration, fusion choice)"),
+    labels: str = typer.Option("auto", help="auto: use labels where the data has them (a classifier is trained); none: label-free"),
+    label_column: str | None = typer.Option(None, help="CSV / Parquet: the column holding the labels"),
+    seed: int = typer.Option(0, help="random seed of the splits and the models"),
+    work: Path | None = typer.Option(None, help="resumable work directory [default: OUT.work]; finished stages are reused"),
+) -> None:
+    """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
+    from models.data import DataError
+    from models.fit.run import FitSettings, fit, format_summary
+
+    if labels not in ("auto", "none"):
+        raise typer.BadParameter(f"--labels must be auto or none, got {labels!r}")
+    try:
+        result = fit(FitSettings(data=data, out=out, name=name, minutes=minutes, labels=labels, label_column=label_column,
+                                 seed=seed, work=work))
+    except DataError as error:
+        typer.echo(f"oodserve fit: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    typer.echo(format_summary(result))
+
+
 def eval_command(
     bundle: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory"),
     in_dist: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution test data (IDX dir uses t10k-*)"),
@@ -74,4 +99,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.add_typer(export_app, name="export")
     app.command("build-bundle")(build_bundle_command)
+    app.command("fit")(fit_command)
     app.command("eval")(eval_command)

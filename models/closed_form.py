@@ -222,3 +222,83 @@ def fit_linear_gaussian_process(
         bias=bias * temperature_scale,
         variance_matrix=ridge * covariance,
     )
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+
+
+@dataclass(frozen=True, eq=False)
+class VectorReference:
+    """Standardisation of feature vectors and a stored reference set for k-nearest-neighbour distances.
+
+    kept: indices (D',) of the input columns the models use (constant columns are left out); mean, scale
+    (D',) standardise them; reference (M, D') standardised training rows; k neighbours.
+    """
+
+    kept: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    reference: np.ndarray
+    k: int
+
+
+def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.ModelProto:
+    """ONNX graph on x (N, D) float32: `standardized` (N, D') = (x[:, kept] - mean) / scale in float64, and
+    `knn_distance` (N,) = mean Euclidean distance to the k nearest reference rows (Ramaswamy et al. 2000
+    score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0."""
+    reference = np.asarray(model.reference, dtype=np.float64)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x_double"], to=TensorProto.DOUBLE),
+        helper.make_node("Gather", ["x_double", "kept"], ["selected"], axis=1),
+        helper.make_node("Sub", ["selected", "mean"], ["centered"]),
+        helper.make_node("Div", ["centered", "scale"], ["standardized"]),
+        helper.make_node("Mul", ["standardized", "standardized"], ["squares"]),
+        helper.make_node("ReduceSum", ["squares", "feature_axis"], ["row_norms"], keepdims=1),
+        helper.make_node("MatMul", ["standardized", "reference_t"], ["dots"]),
+        helper.make_node("Mul", ["dots", "minus_two"], ["cross"]),
+        helper.make_node("Add", ["row_norms", "cross"], ["partial"]),
+        helper.make_node("Add", ["partial", "reference_norms"], ["squared_distances"]),
+        helper.make_node("Max", ["squared_distances", "zero"], ["clipped"]),
+        helper.make_node("TopK", ["clipped", "k"], ["nearest", "nearest_index"], axis=1, largest=0, sorted=1),
+        helper.make_node("Sqrt", ["nearest"], ["nearest_distances"]),
+        helper.make_node("ReduceSum", ["nearest_distances", "feature_axis"], ["distance_sum"], keepdims=0),
+        helper.make_node("Div", ["distance_sum", "k_double"], ["knn_distance"]),
+    ]
+    initializers = [
+        _constant("kept", np.asarray(model.kept, dtype=np.int64)),
+        _constant("mean", np.asarray(model.mean, dtype=np.float64)),
+        _constant("scale", np.asarray(model.scale, dtype=np.float64)),
+        _constant("feature_axis", np.array([1], dtype=np.int64)),
+        _constant("reference_t", np.ascontiguousarray(reference.T)),
+        _constant("minus_two", np.array(-2.0, dtype=np.float64)),
+        _constant("reference_norms", np.sum(reference * reference, axis=1)[None, :]),
+        _constant("zero", np.array(0.0, dtype=np.float64)),
+        _constant("k", np.array([model.k], dtype=np.int64)),
+        _constant("k_double", np.array(float(model.k), dtype=np.float64)),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dimensions])]
+    outputs = [
+        helper.make_tensor_value_info("standardized", TensorProto.DOUBLE, ["N", len(model.kept)]),
+        helper.make_tensor_value_info("knn_distance", TensorProto.DOUBLE, ["N"]),
+    ]
+    return _model(helper.make_graph(nodes, "vector_reference", inputs, outputs, initializers))
+
+
+def vector_reference_outputs(model: VectorReference, features: np.ndarray) -> dict[str, np.ndarray]:
+    """numpy reference of `vector_reference_model`: features (N, D) -> standardized (N, D'), knn_distance (N,)."""
+    standardized = (np.asarray(features, dtype=np.float64)[:, model.kept] - model.mean) / model.scale
+    squared = np.sum(standardized**2, axis=1, keepdims=True) - 2.0 * standardized @ model.reference.T
+    squared = np.maximum(squared + np.sum(model.reference**2, axis=1)[None, :], 0.0)
+    nearest = np.sort(squared, axis=1)[:, : model.k]
+    return {"standardized": standardized, "knn_distance": np.sqrt(nearest).mean(axis=1)}
+
+
+def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: int, k: int, rng: np.random.Generator) -> VectorReference:
+    """Mean and standard deviation of the kept columns of training features (N, D), and up to
+    `max_reference` of its rows, standardised, as the neighbour set."""
+    selected = np.asarray(features, dtype=np.float64)[:, kept]
+    mean, scale = selected.mean(axis=0), selected.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    rows = rng.choice(len(selected), size=min(max_reference, len(selected)), replace=False)
+    return VectorReference(kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale,
+                           reference=(selected[np.sort(rows)] - mean) / scale, k=min(k, len(rows)))

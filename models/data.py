@@ -128,3 +128,173 @@ def bundle_split(n: int, n_validation: int = 2000, n_calibration: int = 10000, s
     validation = np.sort(order[n_calibration : n_calibration + n_validation])
     train = np.sort(order[n_calibration + n_validation :])
     return BundleSplit(train=train, validation=validation, calibration=calibration)
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+
+MIN_EXAMPLES = 200
+MIN_PER_CLASS = 5
+MAX_FEATURES = 4096
+VECTOR_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class DataError(ValueError):
+    """A data file `oodserve fit` cannot use; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class VectorSet:
+    """Feature vectors `(N, D)` float64 with their column names, optional labels `(N,)` int64 (indices into
+    `class_names`), and where they came from."""
+
+    features: np.ndarray
+    feature_names: list[str]
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    source: str
+
+
+def _encode_labels(values: np.ndarray, source: str, what: str) -> tuple[np.ndarray, list[str]]:
+    """Labels of any type -> (indices (N,) int64, class names sorted as text)."""
+    if values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)):
+            rows = np.flatnonzero(~np.isfinite(values))[:5].tolist()
+            raise DataError(f"{source}: {what} has missing or non-finite labels in rows {rows}")
+        if np.all(values == np.round(values)):
+            values = values.astype(np.int64)
+    if values.dtype.kind in "iu":
+        names, indices = np.unique(values, return_inverse=True)
+        return indices.astype(np.int64), [str(int(name)) for name in names]
+    as_text = np.asarray([str(value) for value in values])
+    names, indices = np.unique(as_text, return_inverse=True)
+    return indices.astype(np.int64), [str(name) for name in names]
+
+
+def _read_table(path: Path) -> tuple[list[str], list[np.ndarray]]:
+    """Column names and numpy columns of a CSV or Parquet file (pyarrow), errors naming the file."""
+    import pyarrow as pa
+
+    try:
+        if path.suffix.lower() == ".csv":
+            from pyarrow import csv
+
+            table = csv.read_csv(path)
+        else:
+            from pyarrow import parquet
+
+            table = parquet.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot be read as {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'}: {error}") from error
+    columns = []
+    for column in table.columns:
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+            columns.append(column.to_numpy(zero_copy_only=False).astype(np.float64))
+        elif column.null_count == len(column) and len(column):
+            columns.append(np.full(len(column), np.nan))
+        else:
+            columns.append(np.asarray(column.to_pylist(), dtype=object))
+    return [str(name) for name in table.column_names], columns
+
+
+def load_vectors(path: str | Path, label_column: str | None = None, labels: str = "auto") -> VectorSet:
+    """Feature vectors from `.npy` (N, D), `.npz` (arrays `x` and optional `y`), CSV or Parquet (numeric
+    columns; `label_column` names the label column). `labels`: "auto" (use labels where present) or "none".
+
+    Refuses, naming the file: other shapes, non-numeric feature columns (by name), NaN/Inf cells (rows and
+    columns), fewer than 200 rows, more than 4096 features, a class with fewer than 5 examples.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if labels not in ("auto", "none"):
+        raise DataError(f"labels must be 'auto' or 'none', got {labels!r}")
+    suffix = path.suffix.lower()
+    raw_labels: np.ndarray | None = None
+    if suffix in (".npy", ".npz"):
+        if label_column is not None:
+            raise DataError(f"{path}: --label-column applies to CSV and Parquet files; an .npz holds labels in array `y`")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise DataError(f"{path}: not a readable {suffix} file without pickled objects: {error}") from error
+        if suffix == ".npz":
+            with loaded as archive:
+                if "x" not in archive.files:
+                    raise DataError(f"{path}: an .npz needs an array named `x` (and optionally `y`), it holds {archive.files}")
+                features = archive["x"]
+                raw_labels = archive["y"] if "y" in archive.files else None
+        else:
+            features = loaded
+        if features.ndim != 2:
+            raise DataError(f"{path}: vectors must be a 2-D array (N, D), got shape {list(features.shape)}")
+        if features.dtype.kind not in "biuf":
+            raise DataError(f"{path}: vectors must be numbers, got dtype {features.dtype}")
+        names = [f"x{index}" for index in range(features.shape[1])]
+        features = features.astype(np.float64)
+    elif suffix in VECTOR_SUFFIXES:
+        column_names, columns = _read_table(path)
+        if label_column is not None and label_column not in column_names:
+            raise DataError(f"{path}: no column named {label_column!r} for the labels; columns are {column_names}")
+        if label_column is not None:
+            raw_labels = columns[column_names.index(label_column)]
+        kept = [(name, column) for name, column in zip(column_names, columns) if name != label_column]
+        text = [name for name, column in kept if column.dtype == object]
+        if text:
+            hint = "" if label_column else "; name the label column with --label-column"
+            raise DataError(f"{path}: columns {text} are not numeric{hint}")
+        if not kept:
+            raise DataError(f"{path}: no feature columns")
+        names = [name for name, _ in kept]
+        features = np.stack([column for _, column in kept], axis=1)
+    else:
+        raise DataError(f"{path}: vectors are read from .npy, .npz, .csv or .parquet files, not {suffix or 'a file without suffix'}")
+    count, dimensions = features.shape
+    bad = ~np.isfinite(features)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        columns_bad = [names[index] for index in np.flatnonzero(bad.any(axis=0))]
+        raise DataError(
+            f"{path}: {int(bad.sum())} missing or non-finite cells (NaN/Inf) in {rows.size} rows "
+            f"(first rows {rows[:5].tolist()}), columns {columns_bad[:10]}; fill or drop them first"
+        )
+    if count < MIN_EXAMPLES:
+        raise DataError(f"{path}: {count} rows; oodserve fit needs at least {MIN_EXAMPLES} to train and calibrate")
+    if not 1 <= dimensions <= MAX_FEATURES:
+        raise DataError(f"{path}: {dimensions} features; oodserve fit takes 1 to {MAX_FEATURES}")
+    indices = class_names = None
+    if raw_labels is not None and labels == "auto":
+        if len(raw_labels) != count:
+            raise DataError(f"{path}: {len(raw_labels)} labels for {count} rows")
+        indices, class_names = _encode_labels(np.asarray(raw_labels), str(path), "the label column" if label_column else "`y`")
+        check_class_sizes(indices, class_names, str(path))
+    return VectorSet(features, names, indices, class_names, str(path))
+
+
+def check_class_sizes(labels: np.ndarray, class_names: list[str], source: str) -> None:
+    """DataError when a class has fewer than MIN_PER_CLASS examples or there is only one class."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    small = [f"{class_names[index]!r} ({int(counts[index])})" for index in np.flatnonzero(counts < MIN_PER_CLASS)]
+    if small:
+        raise DataError(
+            f"{source}: classes {small} have fewer than {MIN_PER_CLASS} examples; merge or drop them, or fit with --labels none"
+        )
+    if len(class_names) < 2:
+        raise DataError(f"{source}: one class only ({class_names[0]!r}); fit with --labels none for a label-free detector")
+
+
+def is_vector_file(path: str | Path) -> bool:
+    """True for CSV / Parquet, and for .npy / .npz whose features array is 2-D float (images are 3-D or 4-D)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VECTOR_SUFFIXES:
+        return True
+    if suffix not in (".npy", ".npz") or not path.is_file():
+        return False
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return array.ndim == 2
+        with np.load(path, allow_pickle=False) as archive:
+            return "x" in archive.files and archive["x"].ndim == 2
+    except (ValueError, OSError):
+        return False

@@ -91,3 +91,73 @@ def make_perturbed_sets(images: np.ndarray, seed: int = 0, names: list[str] | No
         name: PERTURBATIONS[name](images, np.random.default_rng([seed, index]))
         for index, name in enumerate(chosen)
     }
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+
+VectorPerturbation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""Feature vectors (N, D) float -> (N, D) float, using the batch's own per-feature statistics."""
+
+
+def _spread(features: np.ndarray) -> np.ndarray:
+    std = features.std(axis=0)
+    return np.where(std > 0, std, 1.0)
+
+
+def vector_noise(scale: float) -> VectorPerturbation:
+    """Gaussian noise of `scale` per-feature standard deviations added to every feature."""
+
+    def perturb(features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return features + rng.normal(0.0, 1.0, features.shape) * scale * _spread(features)
+
+    return perturb
+
+
+def shuffle_features_across_rows(features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each column permuted independently: the same marginals, no dependence between features."""
+    return np.stack([rng.permutation(column) for column in features.T], axis=1)
+
+
+def vector_scaling(factor: float) -> VectorPerturbation:
+    """Every row moved `factor` times as far from the feature means."""
+
+    def perturb(features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        mean = features.mean(axis=0)
+        return mean + factor * (features - mean)
+
+    return perturb
+
+
+def single_feature_outlier(features: np.ndarray, rng: np.random.Generator, deviations: float = 5.0) -> np.ndarray:
+    """One random feature per row set `deviations` standard deviations above or below its mean."""
+    perturbed = features.copy()
+    rows = np.arange(len(features))
+    columns = rng.integers(0, features.shape[1], len(features))
+    signs = rng.choice([-1.0, 1.0], len(features))
+    perturbed[rows, columns] = features.mean(axis=0)[columns] + signs * deviations * _spread(features)[columns]
+    return perturbed
+
+
+def gaussian_fit_samples(features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Samples of a multivariate Gaussian with the batch's mean and covariance (right moments, wrong shape)."""
+    covariance = np.atleast_2d(np.cov(features, rowvar=False)) + 1e-9 * np.eye(features.shape[1])
+    return rng.multivariate_normal(features.mean(axis=0), covariance, size=len(features), method="eigh")
+
+
+VECTOR_PERTURBATIONS: dict[str, VectorPerturbation] = {
+    "noise_0.5sd": vector_noise(0.5),
+    "noise_1sd": vector_noise(1.0),
+    "noise_2sd": vector_noise(2.0),
+    "features_shuffled": shuffle_features_across_rows,
+    "scaled_1.5x": vector_scaling(1.5),
+    "single_feature_outlier": single_feature_outlier,
+    "gaussian_fit": gaussian_fit_samples,
+}
+
+
+def make_perturbed_vectors(features: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every vector perturbation applied to `features` (N, D), one seeded generator each."""
+    values = np.asarray(features, dtype=np.float64)
+    return {
+        name: perturb(values, np.random.default_rng([seed, index])) for index, (name, perturb) in enumerate(VECTOR_PERTURBATIONS.items())
+    }

@@ -135,7 +135,7 @@ class Engine:
             "name": manifest.name,
             "version": manifest.version,
             "description": manifest.description,
-            "input": manifest.input.model_dump(mode="json"),
+            "input": manifest.input.model_dump(mode="json", exclude_none=True),
             "accepted_instance_shapes": accepted_instance_shapes(manifest.input.shape),
             "labels": manifest.labels,
             "default_alpha": manifest.default_alpha,

@@ -23,8 +23,11 @@ def open_sessions(model_files: dict[str, Path], threads: int = 2) -> dict[str, o
 def run_models(
     sessions: dict[str, ort.InferenceSession], images: np.ndarray, batch_size: int = 500, description: str = ""
 ) -> dict[str, dict[str, np.ndarray]]:
-    """outputs[model][output] for uint8 images (N, H, W) fed as float32 (N, 1, H, W) in 0..255."""
-    pixels = np.asarray(images, dtype=np.float32).reshape(len(images), 1, *images.shape[-2:])
+    """outputs[model][output] for inputs (N, *input shape) fed as float32; greyscale images (N, H, W) get
+    their channel axis (N, 1, H, W)."""
+    pixels = np.asarray(images, dtype=np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels[:, None]
     collected: dict[str, dict[str, list[np.ndarray]]] = {
         name: {output.name: [] for output in session.get_outputs()} for name, session in sessions.items()
     }

@@ -25,13 +25,15 @@ class StrictModel(BaseModel):
 
 
 class InputSpec(StrictModel):
-    """Per-instance input: shape without the batch axis, dtype of the raw values, value range, layout."""
+    """Per-instance input: shape without the batch axis, dtype of the raw values, value range, layout, and
+    for feature vectors (shape [D]) the names of the D features."""
 
     shape: list[int] = Field(min_length=1)
     dtype: Literal["uint8", "float32"]
     min: float
     max: float
     layout: str = "NCHW"
+    features: list[str] | None = None
 
     @field_validator("shape")
     @classmethod
@@ -44,6 +46,8 @@ class InputSpec(StrictModel):
     def _ordered_range(self) -> InputSpec:
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
             raise ValueError(f"input range needs finite min < max, got min={self.min} max={self.max}")
+        if self.features is not None and (len(self.shape) != 1 or len(self.features) != self.shape[0]):
+            raise ValueError(f"features names one value per feature of a vector input: {len(self.features)} names for shape {self.shape}")
         return self
 
 

@@ -97,10 +97,11 @@ def _features(outputs: ModelOutputs, source: SignalSource) -> np.ndarray:
 def fit_feature_density(
     outputs: ModelOutputs, images: np.ndarray, source: SignalSource, options: Mapping[str, Any], labels: np.ndarray | None
 ) -> FittedSignal:
-    """One Gaussian per class of `labels` (N,) on the reference features (N, F); without labels, one
-    Gaussian for all. The arrays go to the bundle's parameters file (default feature_density.npz)."""
+    """One Gaussian per class of `labels` (N,) on the reference features (N, F); without labels (or with
+    option `class_conditional` false), one Gaussian for all. The arrays go to the bundle's parameters file
+    (option `parameters_file`, default feature_density.npz)."""
     features = _features(outputs, source)
-    if labels is None:
+    if labels is None or not options.get("class_conditional", True):
         classes, n_classes = np.zeros(len(features), dtype=np.int64), 1
     else:
         classes = np.asarray(labels, dtype=np.int64)

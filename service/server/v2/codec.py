@@ -57,7 +57,11 @@ def model_metadata(engine: Engine) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8" if spec.dtype == "uint8" else "FP32", "shape": [-1, *spec.shape]}],
         "outputs": [{"name": name, "datatype": datatype, "shape": [-1]} for name, datatype in output_specs(engine)],
-        "parameters": {"accepted_datatypes": "UINT8,FP32", "default_alpha": engine.default_alpha},
+        "parameters": {
+            "accepted_datatypes": "UINT8,FP32",
+            "default_alpha": engine.default_alpha,
+            **({"feature_names": ",".join(spec.features)} if spec.features is not None else {}),
+        },
     }
 
 
