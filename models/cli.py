@@ -43,7 +43,8 @@ def build_bundle_command(
 
 
 def fit_command(
-    data: Path = typer.Argument(..., help="feature vectors: .npy / .npz (arrays x, y) of shape (N, D), .csv or .parquet"),
+    data: Path = typer.Argument(..., help="vectors: .npy / .npz (x, y) (N, D), .csv, .parquet; images: IDX, .npy / .npz (N, H, W[, C]) "
+                                "or (N, C, H, W), a folder of class folders of PNG/JPEG files, or a folder of images"),
     out: Path = typer.Option(..., "--out", help="bundle directory to write (replaced only once the new bundle is complete)"),
     name: str | None = typer.Option(None, help="bundle name [default: the --out directory's name]"),
     minutes: float = typer.Option(5.0, help="wall-clock budget of the whole fit (training, export, calibration, fusion choice)"),
@@ -51,6 +52,7 @@ def fit_command(
     label_column: str | None = typer.Option(None, help="CSV / Parquet: the column holding the labels"),
     seed: int = typer.Option(0, help="random seed of the splits and the models"),
     work: Path | None = typer.Option(None, help="resumable work directory [default: OUT.work]; finished stages are reused"),
+    resize: str | None = typer.Option(None, help="images: resize every image to HxW pixels (sides 8 to 64), e.g. 32x32"),
 ) -> None:
     """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
     from models.data import DataError
@@ -60,7 +62,7 @@ def fit_command(
         raise typer.BadParameter(f"--labels must be auto or none, got {labels!r}")
     try:
         result = fit(FitSettings(data=data, out=out, name=name, minutes=minutes, labels=labels, label_column=label_column,
-                                 seed=seed, work=work))
+                                 seed=seed, work=work, resize=resize))
     except DataError as error:
         typer.echo(f"oodserve fit: {error}", err=True)
         raise typer.Exit(code=2) from error

@@ -232,7 +232,8 @@ class VectorReference:
     """Standardisation of feature vectors and a stored reference set for k-nearest-neighbour distances.
 
     kept: indices (D',) of the input columns the models use (constant columns are left out); mean, scale
-    (D',) standardise them; reference (M, D') standardised training rows; k neighbours.
+    (D',) standardise them; reference (M, D') standardised training rows; k neighbours; reference_knn (M,)
+    each reference row's own mean distance to its k nearest other reference rows.
     """
 
     kept: np.ndarray
@@ -240,12 +241,15 @@ class VectorReference:
     scale: np.ndarray
     reference: np.ndarray
     k: int
+    reference_knn: np.ndarray
 
 
 def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.ModelProto:
-    """ONNX graph on x (N, D) float32: `standardized` (N, D') = (x[:, kept] - mean) / scale in float64, and
+    """ONNX graph on x (N, D) float32: `standardized` (N, D') = (x[:, kept] - mean) / scale in float64,
     `knn_distance` (N,) = mean Euclidean distance to the k nearest reference rows (Ramaswamy et al. 2000
-    score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0."""
+    score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0, and
+    `knn_ratio` (N,) = knn_distance / the mean of those neighbours' own k-NN distances: a local density
+    ratio in the spirit of the local outlier factor (Breunig et al. 2000), 1 inside the data."""
     reference = np.asarray(model.reference, dtype=np.float64)
     nodes = [
         helper.make_node("Cast", ["x"], ["x_double"], to=TensorProto.DOUBLE),
@@ -263,6 +267,11 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         helper.make_node("Sqrt", ["nearest"], ["nearest_distances"]),
         helper.make_node("ReduceSum", ["nearest_distances", "feature_axis"], ["distance_sum"], keepdims=0),
         helper.make_node("Div", ["distance_sum", "k_double"], ["knn_distance"]),
+        helper.make_node("Gather", ["reference_knn", "nearest_index"], ["neighbour_knn"], axis=0),
+        helper.make_node("ReduceSum", ["neighbour_knn", "feature_axis"], ["neighbour_sum"], keepdims=0),
+        helper.make_node("Div", ["neighbour_sum", "k_double"], ["neighbour_mean"]),
+        helper.make_node("Add", ["neighbour_mean", "tiny"], ["neighbour_floor"]),
+        helper.make_node("Div", ["knn_distance", "neighbour_floor"], ["knn_ratio"]),
     ]
     initializers = [
         _constant("kept", np.asarray(model.kept, dtype=np.int64)),
@@ -275,22 +284,34 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         _constant("zero", np.array(0.0, dtype=np.float64)),
         _constant("k", np.array([model.k], dtype=np.int64)),
         _constant("k_double", np.array(float(model.k), dtype=np.float64)),
+        _constant("reference_knn", np.asarray(model.reference_knn, dtype=np.float64)),
+        _constant("tiny", np.array(1e-12, dtype=np.float64)),
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dimensions])]
     outputs = [
         helper.make_tensor_value_info("standardized", TensorProto.DOUBLE, ["N", len(model.kept)]),
         helper.make_tensor_value_info("knn_distance", TensorProto.DOUBLE, ["N"]),
+        helper.make_tensor_value_info("knn_ratio", TensorProto.DOUBLE, ["N"]),
     ]
     return _model(helper.make_graph(nodes, "vector_reference", inputs, outputs, initializers))
 
 
 def vector_reference_outputs(model: VectorReference, features: np.ndarray) -> dict[str, np.ndarray]:
-    """numpy reference of `vector_reference_model`: features (N, D) -> standardized (N, D'), knn_distance (N,)."""
+    """numpy reference of `vector_reference_model`: features (N, D) -> standardized (N, D'), knn_distance (N,),
+    knn_ratio (N,)."""
     standardized = (np.asarray(features, dtype=np.float64)[:, model.kept] - model.mean) / model.scale
-    squared = np.sum(standardized**2, axis=1, keepdims=True) - 2.0 * standardized @ model.reference.T
-    squared = np.maximum(squared + np.sum(model.reference**2, axis=1)[None, :], 0.0)
-    nearest = np.sort(squared, axis=1)[:, : model.k]
-    return {"standardized": standardized, "knn_distance": np.sqrt(nearest).mean(axis=1)}
+    index, distance = _nearest(standardized, model.reference, model.k)
+    neighbour_mean = model.reference_knn[index].mean(axis=1)
+    return {"standardized": standardized, "knn_distance": distance, "knn_ratio": distance / (neighbour_mean + 1e-12)}
+
+
+def _nearest(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (N, k) of the k nearest reference rows and the mean distance to them (N,); `skip_self` drops
+    each query's first neighbour (the query itself when queries are the reference)."""
+    squared = np.sum(queries**2, axis=1, keepdims=True) - 2.0 * queries @ reference.T
+    squared = np.maximum(squared + np.sum(reference**2, axis=1)[None, :], 0.0)
+    order = np.argsort(squared, axis=1, kind="stable")[:, int(skip_self) : k + int(skip_self)]
+    return order, np.sqrt(np.take_along_axis(squared, order, axis=1)).mean(axis=1)
 
 
 def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: int, k: int, rng: np.random.Generator) -> VectorReference:
@@ -300,5 +321,10 @@ def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: 
     mean, scale = selected.mean(axis=0), selected.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     rows = rng.choice(len(selected), size=min(max_reference, len(selected)), replace=False)
-    return VectorReference(kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale,
-                           reference=(selected[np.sort(rows)] - mean) / scale, k=min(k, len(rows)))
+    reference = (selected[np.sort(rows)] - mean) / scale
+    neighbours = min(k, len(rows) - 1)
+    own = np.concatenate([_nearest(reference[start : start + 1024], reference, neighbours, skip_self=True)[1]
+                          for start in range(0, len(reference), 1024)])
+    return VectorReference(
+        kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale, reference=reference, k=neighbours, reference_knn=own
+    )

@@ -6,6 +6,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -298,3 +299,173 @@ def is_vector_file(path: str | Path) -> bool:
             return "x" in archive.files and archive["x"].ndim == 2
     except (ValueError, OSError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------- images of any size
+
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_SIDE, MAX_SIDE = 8, 64
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images `(N, C, H, W)` uint8 (C = 1 greyscale or 3 RGB), optional labels `(N,)` int64 indexing
+    `class_names`, and where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    source: str
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    """`--resize HxW` -> (H, W); None stays None."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise DataError(f"--resize takes HxW in pixels, for example 32x32; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _as_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}, uint8 or integers in 0..255 -> (N, C, H, W) uint8."""
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+        array = np.moveaxis(array, -1, 1)
+    elif not (array.ndim == 4 and array.shape[1] in (1, 3)):
+        raise DataError(f"{source}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 or 3 channels, got {list(array.shape)}")
+    if array.dtype != np.uint8:
+        if array.dtype.kind not in "iuf" or not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
+            raise DataError(f"{source}: pixels must be uint8 (or numbers in 0..255), got {array.dtype}")
+        if array.dtype.kind == "f" and not np.all(array == np.round(array)):
+            raise DataError(f"{source}: pixels must be whole numbers in 0..255 (8-bit images), got fractional values")
+        array = array.astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, C, H, W) uint8 resized to (N, C, *size) with Pillow's bilinear filter."""
+    from PIL import Image
+
+    height, width = size
+    channels = images.shape[1]
+    out = np.empty((len(images), channels, height, width), dtype=np.uint8)
+    for index, image in enumerate(images):
+        picture = Image.fromarray(image[0] if channels == 1 else np.moveaxis(image, 0, -1))
+        resized = np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR))
+        out[index] = resized[None] if channels == 1 else np.moveaxis(resized, -1, 0)
+    return out
+
+
+def _is_colour(picture: Any) -> bool:
+    """True when a Pillow image has pixels whose red, green and blue differ (grey RGB files are greyscale)."""
+    if picture.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return False
+    rgb = np.asarray(picture.convert("RGB"))
+    return bool(np.any(rgb[..., 0] != rgb[..., 1]) or np.any(rgb[..., 1] != rgb[..., 2]))
+
+
+def _read_image_files(paths: list[Path], source: str) -> np.ndarray:
+    """Image files -> (N, C, H, W) uint8; RGB for all when any is in colour; one size for all (else an error)."""
+    from PIL import Image, UnidentifiedImageError
+
+    pictures = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pictures.append(image.copy())
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path}: not a readable PNG or JPEG image: {error}") from error
+    colour = any(_is_colour(picture) for picture in pictures)
+    sizes = {}
+    for path, picture in zip(paths, pictures):
+        sizes.setdefault(picture.size, path)
+    if len(sizes) > 1:
+        examples = ", ".join(f"{width}x{height} ({path.name})" for (width, height), path in list(sizes.items())[:3])
+        raise DataError(f"{source}: images of different sizes ({examples}); give --resize HxW to bring them to one size")
+    arrays = [np.asarray(picture.convert("RGB" if colour else "L"), dtype=np.uint8) for picture in pictures]
+    stacked = np.stack(arrays)
+    return stacked[:, None] if stacked.ndim == 3 else np.moveaxis(stacked, -1, 1)
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_FILE_SUFFIXES)
+
+
+def load_image_dataset(path: str | Path, labels: str = "auto", resize: tuple[int, int] | None = None,
+                       class_names: list[str] | None = None) -> ImageDataset:
+    """Images from an IDX directory (the `train-*` files) or file, `.npy`, `.npz` (`x`, optional `y`), a folder
+    of class sub-folders of PNG/JPEG files (labels from the folder names) or a flat folder of images.
+
+    Greyscale and RGB, any size with sides 8..64 pixels (`resize` (H, W) brings other sizes there).
+    `labels` "none" drops labels; `class_names` names integer labels (default: the integers as text).
+    Errors (DataError) name the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    raw_labels: np.ndarray | None = None
+    names = None
+    if path.is_dir() and _find_idx(path, "train", "images") is not None:
+        loaded = load_images(path, "train")
+        images, raw_labels = _as_nchw(loaded.images, str(path)), loaded.labels
+    elif path.is_dir():
+        folders = sorted(child for child in path.iterdir() if child.is_dir() and _image_files(child))
+        files = _image_files(path)
+        if folders and files:
+            raise DataError(f"{path}: holds both image files and class folders; use one layout (class folders = labelled)")
+        if folders:
+            per_class = [_image_files(folder) for folder in folders]
+            images = _read_image_files([file for group in per_class for file in group], str(path)) if resize is None else \
+                _resize_files([file for group in per_class for file in group], resize, str(path))
+            raw_labels = np.repeat(np.arange(len(folders)), [len(group) for group in per_class])
+            names = [folder.name for folder in folders]
+        elif files:
+            images = _read_image_files(files, str(path)) if resize is None else _resize_files(files, resize, str(path))
+        else:
+            raise DataError(f"{path}: no IDX files, no class folders of images and no PNG/JPEG files")
+    elif path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if "x" not in archive.files:
+                    raise DataError(f"{path}: an .npz needs an array named `x` (and optionally `y`), it holds {archive.files}")
+                images = _as_nchw(archive["x"], str(path))
+                raw_labels = archive["y"] if "y" in archive.files else None
+        except ValueError as error:
+            raise DataError(f"{path}: not a readable .npz without pickled objects: {error}") from error
+    elif path.suffix.lower() == ".npy":
+        try:
+            images = _as_nchw(np.load(path, allow_pickle=False), str(path))
+        except ValueError as error:
+            raise DataError(f"{path}: not a readable .npy without pickled objects: {error}") from error
+    else:
+        try:
+            images = _as_nchw(read_idx(path), str(path))
+        except ValueError as error:
+            raise DataError(f"{path}: not an image data set (IDX, .npy, .npz or a folder of images): {error}") from error
+    if resize is not None and images.shape[2:] != resize:
+        images = _resized(images, resize)
+    height, width = images.shape[2:]
+    if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+        raise DataError(f"{path}: images are {height}x{width} pixels; oodserve fit takes sides of {MIN_SIDE} to {MAX_SIDE} pixels, "
+                        "resize them with --resize HxW (for example --resize 32x32)")
+    if len(images) < MIN_EXAMPLES:
+        raise DataError(f"{path}: {len(images)} images; oodserve fit needs at least {MIN_EXAMPLES} to train and calibrate")
+    indices = None
+    if raw_labels is not None and labels == "auto":
+        if len(raw_labels) != len(images):
+            raise DataError(f"{path}: {len(raw_labels)} labels for {len(images)} images")
+        indices, found = _encode_labels(np.asarray(raw_labels), str(path), "the labels")
+        names = names or ([class_names[int(name)] for name in found] if class_names is not None else found)
+        check_class_sizes(indices, names, str(path))
+    return ImageDataset(images, indices, names if indices is not None else None, str(path))
+
+
+def _resize_files(paths: list[Path], size: tuple[int, int], source: str) -> np.ndarray:
+    """Image files of any sizes -> (N, C, *size) uint8 (each resized on its own)."""
+    groups = [_resized(_read_image_files([file], source), size) for file in paths]
+    channels = max(group.shape[1] for group in groups)
+    return np.concatenate([np.repeat(group, channels // group.shape[1], axis=1) for group in groups])

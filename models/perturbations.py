@@ -1,8 +1,8 @@
 """Self-made out-of-distribution inputs from in-distribution images (numpy only).
 
 Used to choose the fusion rule without real OOD data and as extra OOD sets in the
-evaluation report. Every function maps uint8 images `(N, H, W)` to uint8 images of the
-same shape and is deterministic given `rng`.
+evaluation report. Every image function maps uint8 images `(N, H, W)` or `(N, C, H, W)` (the last two
+axes are height and width) to uint8 images of the same shape and is deterministic given `rng`.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ def invert(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def flip_vertical(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Upside-down images (Fashion-MNIST objects have a canonical orientation)."""
-    return np.ascontiguousarray(images[:, ::-1, :])
+    return np.ascontiguousarray(images[..., ::-1, :])
 
 
 def rotate_90(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Images rotated by 90 degrees."""
-    return np.ascontiguousarray(np.rot90(images, k=1, axes=(1, 2)))
+    """Images rotated by 90 degrees (by 180 when they are not square, to keep their shape)."""
+    square = images.shape[-1] == images.shape[-2]
+    return np.ascontiguousarray(np.rot90(images, k=1 if square else 2, axes=(-2, -1)))
 
 
 def pixel_shuffle(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -57,15 +58,49 @@ def pixel_shuffle(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def constant_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Flat images of one random grey level each."""
-    levels = rng.integers(0, 256, size=(len(images), 1, 1), dtype=np.uint8)
+    levels = rng.integers(0, 256, size=(len(images),) + (1,) * (images.ndim - 1), dtype=np.uint8)
     return np.broadcast_to(levels, images.shape).copy()
 
 
 def block_patches(images: np.ndarray, rng: np.random.Generator, block: int = 7) -> np.ndarray:
     """Coarse random checkerboards of `block`-pixel squares (simple synthetic glyph-like images)."""
-    n, height, width = images.shape
-    coarse = rng.integers(0, 2, size=(n, -(-height // block), -(-width // block))).astype(np.uint8) * 255
-    return np.ascontiguousarray(np.kron(coarse, np.ones((1, block, block), dtype=np.uint8))[:, :height, :width])
+    leading, (height, width) = images.shape[:-2], images.shape[-2:]
+    coarse = rng.integers(0, 2, size=(*leading, -(-height // block), -(-width // block))).astype(np.uint8) * 255
+    tiles = np.ones((1,) * len(leading) + (block, block), dtype=np.uint8)
+    return np.ascontiguousarray(np.kron(coarse, tiles)[..., :height, :width])
+
+
+def box_blur(images: np.ndarray, rng: np.random.Generator, radius: int = 1) -> np.ndarray:
+    """A (2 radius + 1)^2 box blur with edge padding: the same content without fine detail."""
+    pad = [(0, 0)] * (images.ndim - 2) + [(radius, radius), (radius, radius)]
+    padded = np.pad(images.astype(np.float64), pad, mode="edge")
+    height, width = images.shape[-2:]
+    total = sum(padded[..., dy : dy + height, dx : dx + width] for dy in range(2 * radius + 1) for dx in range(2 * radius + 1))
+    return np.clip(np.rint(total / (2 * radius + 1) ** 2), 0, 255).astype(np.uint8)
+
+
+def colour_shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour images with their channels rotated and a random offset per channel; greyscale images
+    brightened or darkened by a random offset (clipped)."""
+    shifted = images.astype(np.int64)
+    if images.ndim == 4 and images.shape[1] > 1:
+        shifted = np.roll(shifted, 1, axis=1)
+        offsets = rng.integers(-60, 61, size=(len(images), images.shape[1], 1, 1))
+    else:
+        offsets = rng.choice([-80, 80], size=(len(images),) + (1,) * (images.ndim - 1))
+    return np.clip(shifted + offsets, 0, 255).astype(np.uint8)
+
+
+def crop_zoom(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random half-size crop of each image scaled back up (nearest neighbour): objects seen too close."""
+    height, width = images.shape[-2:]
+    out = np.empty_like(images)
+    rows = (np.arange(height) * (height // 2) // height)
+    columns = (np.arange(width) * (width // 2) // width)
+    for index in range(len(images)):
+        top, left = rng.integers(0, height - height // 2 + 1), rng.integers(0, width - width // 2 + 1)
+        out[index] = images[index][..., top + rows[:, None], left + columns[None, :]]
+    return out
 
 
 PERTURBATIONS: dict[str, Perturbation] = {
@@ -78,6 +113,9 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "pixel_shuffled": pixel_shuffle,
     "constant": constant_images,
     "checkerboard": block_patches,
+    "blurred": box_blur,
+    "colour_shifted": colour_shift,
+    "cropped_zoomed": crop_zoom,
 }
 
 

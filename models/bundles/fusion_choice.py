@@ -3,7 +3,12 @@ perturbations of held-out in-distribution images (never on real OOD data).
 
 Each candidate (method, subset of signals) is scored by its AUROC of in-distribution vs each
 perturbation set; the objective is mean AUROC + worst-case AUROC, so a rule that one kind of
-perturbation defeats loses to one that holds up everywhere. Ties go to fewer signals.
+perturbation defeats loses to one that holds up everywhere.
+
+Which candidate is chosen accounts for how much the objective can tell apart: among the candidates
+whose objective is within one standard error of the best (the Hanley and McNeil 1982 standard error of
+the best rule's worst-case AUROC, large when the validation set is small), the one that pools the most
+signals is chosen, since real OOD data may defeat any one signal the perturbations happened to favour.
 """
 
 from __future__ import annotations
@@ -66,4 +71,14 @@ def choose_fusion(
         for method in (methods if size > 1 else methods[:1])
     ]
     ranked = sorted(candidates, key=lambda c: (-round(c.objective, 4), len(c.signals)))
-    return ranked[0], ranked
+    sizes = (len(next(iter(in_dist_p_values.values()))), min(len(next(iter(p.values()))) for p in perturbed_p_values.values()))
+    tolerance = auroc_standard_error(min(ranked[0].auroc_by_set.values()), *sizes)
+    close = [candidate for candidate in ranked if candidate.objective >= ranked[0].objective - tolerance]
+    return max(close, key=lambda c: (len(c.signals), c.objective)), ranked
+
+
+def auroc_standard_error(area: float, negatives: int, positives: int) -> float:
+    """Standard error of an AUROC estimate from `negatives` and `positives` scores (Hanley and McNeil 1982)."""
+    q1, q2 = area / (2.0 - area), 2.0 * area**2 / (1.0 + area)
+    variance = (area * (1.0 - area) + (positives - 1) * (q1 - area**2) + (negatives - 1) * (q2 - area**2)) / max(negatives * positives, 1)
+    return float(np.sqrt(max(variance, 0.0)))

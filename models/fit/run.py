@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.data import DataError, is_vector_file, load_vectors
+from models.data import DataError, is_vector_file, load_image_dataset, load_vectors, parse_resize
+from models.fit.images import ImageFitOptions, fit_images
 from models.fit.vectors import FitResult, fit_vectors
 
 DEFAULT_MINUTES = 5.0
@@ -25,6 +26,9 @@ class FitSettings:
     seed: int = 0
     work: Path | None = None
     default_alpha: float = 0.05
+    resize: str | None = None
+    """Images: HxW to resize every image to (sides 8..64)."""
+    image_options: ImageFitOptions | None = None
 
 
 def bundle_name(settings: FitSettings) -> str:
@@ -34,20 +38,26 @@ def bundle_name(settings: FitSettings) -> str:
     return cleaned if cleaned[0].isalnum() else f"b{cleaned}"
 
 
-def fit(settings: FitSettings) -> FitResult:
-    """Fit a bundle for `settings.data` (feature vectors: .npy / .npz (N, D), CSV, Parquet)."""
+def fit(settings: FitSettings, class_names: list[str] | None = None) -> FitResult:
+    """Fit a bundle for `settings.data`: feature vectors (.npy / .npz (N, D), CSV, Parquet) or images (IDX,
+    .npy / .npz of (N, H, W[, C]) or (N, C, H, W), a folder of class folders or of images)."""
     if settings.minutes <= 0:
         raise DataError(f"--minutes must be positive, got {settings.minutes:g}")
     if not settings.data.exists():
         raise DataError(f"{settings.data}: no such file or directory")
     if is_vector_file(settings.data):
+        if settings.resize is not None:
+            raise DataError(f"{settings.data}: --resize applies to images, and this file holds feature vectors")
         data = load_vectors(settings.data, settings.label_column, settings.labels)
         return fit_vectors(data, settings.out, name=bundle_name(settings), minutes=settings.minutes, seed=settings.seed,
                            work=settings.work, default_alpha=settings.default_alpha)
-    raise DataError(
-        f"{settings.data}: oodserve fit reads feature vectors (.npy / .npz of shape (N, D), .csv, .parquet); "
-        "image data sets are built with `oodserve build-bundle` (28x28 greyscale IDX, .npy or PNG folders)"
-    )
+    if settings.label_column is not None:
+        raise DataError(
+            f"{settings.data}: --label-column names a CSV / Parquet column; image labels come from `y`, IDX label files or class folders"
+        )
+    images = load_image_dataset(settings.data, settings.labels, parse_resize(settings.resize), class_names)
+    return fit_images(images, settings.out, name=bundle_name(settings), minutes=settings.minutes, seed=settings.seed, work=settings.work,
+                      default_alpha=settings.default_alpha, options=settings.image_options)
 
 
 def format_summary(result: FitResult) -> str:

@@ -3,12 +3,13 @@ affords within the budget, export them to ONNX, calibrate every signal, choose t
 vector perturbations, write a verified bundle.
 
 Models (each ONNX graph takes the raw vectors `x` (N, D) float32 and standardises inside):
-- `reference` (closed form): the standardised kept columns and the mean distance to the k = 5 nearest
-  training rows (a k-nearest-neighbour detector, Ramaswamy et al. 2000; the strong tabular baseline);
+- `reference` (closed form): the standardised kept columns, the mean distance to the k = 5 nearest
+  training rows (a k-nearest-neighbour detector, Ramaswamy et al. 2000; the strong tabular baseline) and
+  its ratio to the neighbours' own k-NN distances (local density, after Breunig et al. 2000);
 - `flow` (D' >= 2): an affine-coupling flow on the standardised features (`models.flows.tabular`);
 - `sngp` (with labels): SNGP with a spectral-normalised residual MLP (`models.sngp.tabular`).
 
-Signals: knn distance, Gaussian (Mahalanobis) density of the standardised features, flow negative
+Signals: knn distance and ratio, Gaussian (Mahalanobis) density of the standardised features, flow negative
 log-likelihood and its typicality, and with labels SNGP variance, 1 - max softmax, class-conditional
 Gaussian densities of SNGP features (DDU) and of the inputs. Constant columns of the training split are
 left out of every model (and recorded in the manifest).
@@ -65,6 +66,7 @@ def vector_signal_plans(has_flow: bool, has_classifier: bool) -> list[SignalPlan
     """The signals of a vector bundle (each kind's `fit` learns its parameters on the training split)."""
     plans = [
         SignalPlan("knn_distance", "model_output", "reference", "knn_distance", {"sign": 1.0}),
+        SignalPlan("knn_ratio", "model_output", "reference", "knn_ratio", {"sign": 1.0}),
         SignalPlan("gaussian_density", "feature_density", "reference", "standardized",
                    {"parameters_file": "gaussian.npz", "class_conditional": False}),
     ]

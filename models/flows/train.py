@@ -127,22 +127,39 @@ def load_checkpoint_flow(path: str | Path) -> tuple[Flow, dict[str, Any]]:
 
 
 def _as_image_tensor(images: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+    """uint8 images (N, H, W) or (N, C, H, W) -> a (N, C, H, W) uint8 tensor."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images))
+    return pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
 
 
-def train_flow(settings: TrainSettings) -> dict[str, Any]:
-    """Train, checkpoint, early-stop and evaluate; writes `checkpoint.pt`, `best.pt`, `metrics.json` in `out`."""
+@dataclass(frozen=True)
+class FlowData:
+    """In-memory training data: uint8 images (N, C, H, W) for training, validation and the final test."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[str, Any]:
+    """Train, checkpoint, early-stop and evaluate; writes `checkpoint.pt`, `best.pt`, `metrics.json` in `out`.
+
+    Data: `data` when given (its image shape becomes the flow's input shape), else `settings.data` read with
+    `models.data.load_images` and split by `bundle_split`."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    training_file = load_images(settings.data, "train")
-    split = bundle_split(training_file.images.shape[0])
-    train_pixels = _as_image_tensor(training_file.images[split.train][: settings.limit_train])
-    validation_pixels = _as_image_tensor(training_file.images[split.validation][: settings.limit_train])
+    if data is None:
+        training_file = load_images(settings.data, "train")
+        split = bundle_split(training_file.images.shape[0])
+        data = FlowData(training_file.images[split.train], training_file.images[split.validation],
+                        load_images(settings.data, "test").images)
+    train_pixels = _as_image_tensor(data.train[: settings.limit_train])
+    validation_pixels = _as_image_tensor(data.validation[: settings.limit_train])
 
     torch.manual_seed(settings.seed)
-    config = {**preset_config(settings.family, settings.preset), **settings.overrides}
+    config = {**preset_config(settings.family, settings.preset), "input_shape": tuple(train_pixels.shape[1:]), **settings.overrides}
     model = build_flow(settings.family, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -252,7 +269,7 @@ def train_flow(settings: TrainSettings) -> dict[str, Any]:
 
     train_minutes = elapsed() / 60
     best_flow, best_checkpoint = load_checkpoint_flow(best_path)
-    test_pixels = _as_image_tensor(load_images(settings.data, "test").images[: settings.limit_test])
+    test_pixels = _as_image_tensor(data.test[: settings.limit_test])
     test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
     test_bpd_dequantized = evaluate_dequantized_bits_per_dim(
         best_flow, test_pixels, settings.eval_batch_size, settings.seed, progress="test (dequantised)"

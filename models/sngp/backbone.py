@@ -1,4 +1,4 @@
-"""Small spectral-normalised residual CNN for 28x28 images and an SNGP model around it (Liu et al. 2020).
+"""Small spectral-normalised residual CNN for images (N, C, H, W) and an SNGP model around it (Liu et al. 2020).
 
 Residual blocks `x + g(x)` with spectral-normalised convolutions keep the feature map
 bi-Lipschitz (distance preserving, Sec. 3.2); stage transitions are spectral-normalised strided
@@ -33,12 +33,19 @@ class SNGPConfig:
     ridge: float = 1.0
     lengthscale: float = 1.0
     image_size: int = 28
+    """Image height (and width unless `image_width` is set)."""
+    image_width: int = 0
+    in_channels: int = 1
     pixel_mean: float = FASHION_MNIST_MEAN
     pixel_std: float = FASHION_MNIST_STD
     gp_seed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.image_size, self.image_width or self.image_size
 
     @classmethod
     def from_dict(cls, values: dict) -> SNGPConfig:
@@ -48,18 +55,18 @@ class SNGPConfig:
 
 
 class ResidualBlock(nn.Module):
-    """`x + conv(relu(bn(conv(relu(bn(x))))))` on `(N, C, S, S)` with spectral-normalised 3x3 convs."""
+    """`x + conv(relu(bn(conv(relu(bn(x))))))` on `(N, C, H, W)` with spectral-normalised 3x3 convs."""
 
-    def __init__(self, channels: int, size: int, spectral_bound: float, power_iterations: int) -> None:
+    def __init__(self, channels: int, size: tuple[int, int], spectral_bound: float, power_iterations: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(channels)
         self.conv1 = SpectralNormConv2d(
-            channels, channels, 3, (size, size), padding=1, bias=False,
+            channels, channels, 3, size, padding=1, bias=False,
             spectral_bound=spectral_bound, power_iterations=power_iterations,
         )
         self.norm2 = nn.BatchNorm2d(channels)
         self.conv2 = SpectralNormConv2d(
-            channels, channels, 3, (size, size), padding=1, bias=False,
+            channels, channels, 3, size, padding=1, bias=False,
             spectral_bound=spectral_bound, power_iterations=power_iterations,
         )
 
@@ -69,14 +76,14 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualCNNBackbone(nn.Module):
-    """`(N, 1, 28, 28)` normalised images -> `(N, widths[-1])` pooled features."""
+    """`(N, C, H, W)` normalised images -> `(N, widths[-1])` pooled features."""
 
     def __init__(self, config: SNGPConfig) -> None:
         super().__init__()
         bound, iterations = config.spectral_bound, config.power_iterations
-        size = config.image_size
+        size = config.image_hw
         layers: list[nn.Module] = [
-            SpectralNormConv2d(1, config.widths[0], 3, (size, size), padding=1, bias=False,
+            SpectralNormConv2d(config.in_channels, config.widths[0], 3, size, padding=1, bias=False,
                                spectral_bound=bound, power_iterations=iterations)
         ]
         for stage, width in enumerate(config.widths):
@@ -84,10 +91,10 @@ class ResidualCNNBackbone(nn.Module):
                 layers += [
                     nn.BatchNorm2d(config.widths[stage - 1]),
                     nn.ReLU(),
-                    SpectralNormConv2d(config.widths[stage - 1], width, 3, (size, size), stride=2, padding=1,
+                    SpectralNormConv2d(config.widths[stage - 1], width, 3, size, stride=2, padding=1,
                                        bias=False, spectral_bound=bound, power_iterations=iterations),
                 ]
-                size = (size + 1) // 2
+                size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
             layers += [ResidualBlock(width, size, bound, iterations) for _ in range(config.blocks_per_stage)]
         layers += [nn.BatchNorm2d(config.widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.layers = nn.Sequential(*layers)
@@ -110,11 +117,11 @@ class SNGPClassifier(nn.Module):
         )
 
     def normalize(self, raw_pixels: torch.Tensor) -> torch.Tensor:
-        """Raw pixels `(N, 1, 28, 28)` in 0..255 -> standardised inputs."""
+        """Raw pixels `(N, C, H, W)` in 0..255 -> standardised inputs."""
         return (raw_pixels / 255.0 - self.config.pixel_mean) / self.config.pixel_std
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Standardised `(N, 1, 28, 28)` -> logits `(N, K)`, variance `(N,)`, mean-field `(N, K)`, features `(N, F)`."""
+        """Standardised `(N, C, H, W)` -> logits `(N, K)`, variance `(N,)`, mean-field `(N, K)`, features `(N, F)`."""
         features = self.backbone(inputs)
         logits, variance, mean_field = self.gp(features)
         return logits, variance, mean_field, features

@@ -19,7 +19,7 @@ OUTPUT_NAMES = ["logits", "variance", "features"]
 
 
 class SNGPExportGraph(nn.Module):
-    """Raw pixels `(N, 1, 28, 28)` -> mean-field logits `(N, K)`, variance `(N,)`, backbone features `(N, F)`."""
+    """Raw pixels `(N, C, H, W)` -> mean-field logits `(N, K)`, variance `(N,)`, backbone features `(N, F)`."""
 
     def __init__(self, model: SNGPClassifier) -> None:
         super().__init__()
@@ -37,7 +37,7 @@ def export_model(model: SNGPClassifier, path: str | Path, opset: int = 17) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = SNGPExportGraph(model).eval()
-    example = torch.full((2, 1, model.config.image_size, model.config.image_size), 128.0)
+    example = torch.full((2, model.config.in_channels, *model.config.image_hw), 128.0)
     dynamic_axes = {INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in OUTPUT_NAMES}}
     with torch.no_grad():
         torch.onnx.export(

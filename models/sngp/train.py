@@ -124,9 +124,22 @@ def train_one_epoch(
 
 
 def standardize(images: np.ndarray, config: SNGPConfig) -> torch.Tensor:
-    """uint8 `(N, 28, 28)` -> float32 `(N, 1, 28, 28)` standardised as inside the exported graph."""
-    tensor = torch.from_numpy(images.astype(np.float32))[:, None]
+    """uint8 `(N, H, W)` or `(N, C, H, W)` -> float32 `(N, C, H, W)` standardised as inside the exported graph."""
+    tensor = torch.from_numpy(images.astype(np.float32))
+    tensor = tensor[:, None] if tensor.dim() == 3 else tensor
     return (tensor / 255.0 - config.pixel_mean) / config.pixel_std
+
+
+@dataclass(frozen=True)
+class SNGPData:
+    """In-memory training data: uint8 images (N, C, H, W) and int64 labels for training, validation, test."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    validation_images: np.ndarray
+    validation_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
 
 
 def save_checkpoint(path: Path, model: SNGPClassifier, settings: TrainSettings, extra: dict) -> None:
@@ -145,8 +158,10 @@ def load_checkpoint(path: str | Path) -> tuple[SNGPClassifier, dict]:
     return model, checkpoint
 
 
-def train(settings: TrainSettings) -> dict:
-    """Train, write `checkpoint.pt` every epoch, `model.pt` + `metrics.json` at the end; return the metrics."""
+def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
+    """Train, write `checkpoint.pt` every epoch, `model.pt` + `metrics.json` at the end; return the metrics.
+
+    Data: `data` when given (its image shape sets the network's input), else `settings.data_dir`."""
     started = time.monotonic()
     deadline = started + settings.max_minutes * 60.0
     torch.set_num_threads(settings.threads)
@@ -154,17 +169,24 @@ def train(settings: TrainSettings) -> dict:
     generator = torch.Generator().manual_seed(settings.seed)
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = SNGPConfig.from_dict({**SNGPConfig().to_dict(), **settings.model})
+    if data is None:
+        train_file = load_images(settings.data_dir, "train")
+        test_file = load_images(settings.data_dir, "test")
+        split = bundle_split(len(train_file.images))
+        data = SNGPData(train_file.images[split.train], train_file.labels[split.train], train_file.images[split.validation],
+                        train_file.labels[split.validation], test_file.images, test_file.labels)
+    shape = data.train_images.shape
+    sample = data.train_images[:: max(1, len(data.train_images) // 5000)].astype(np.float64) / 255.0
+    from_data = {"in_channels": 1 if len(shape) == 3 else shape[1], "image_size": shape[-2], "image_width": shape[-1],
+                 "pixel_mean": float(sample.mean()), "pixel_std": float(sample.std() + 1e-6)}
+    config = SNGPConfig.from_dict({**SNGPConfig().to_dict(), **from_data, **settings.model})
     settings.model = config.to_dict()
 
-    train_file = load_images(settings.data_dir, "train")
-    test_file = load_images(settings.data_dir, "test")
-    split = bundle_split(len(train_file.images))
-    train_index = split.train[: settings.limit_train] if settings.limit_train else split.train
-    train_images = standardize(train_file.images[train_index], config)
-    train_labels = torch.from_numpy(train_file.labels[train_index])
-    validation_images = standardize(train_file.images[split.validation], config)
-    validation_labels = train_file.labels[split.validation]
+    limit = settings.limit_train or len(data.train_images)
+    train_images = standardize(data.train_images[:limit], config)
+    train_labels = torch.from_numpy(np.asarray(data.train_labels[:limit], dtype=np.int64))
+    validation_images = standardize(data.validation_images, config)
+    validation_labels = data.validation_labels
 
     model = SNGPClassifier(config)
     parameters = sum(p.numel() for p in model.parameters())
@@ -203,14 +225,14 @@ def train(settings: TrainSettings) -> dict:
     model.gp.update_covariance()
     train_minutes = (time.monotonic() - started) / 60.0
 
-    test_images = standardize(test_file.images, config)
+    test_images = standardize(data.test_images, config)
     test_outputs = predict(model, test_images)
     validation_outputs = predict(model, validation_images)
     test_probabilities = _softmax(test_outputs["mean_field"])
     metrics = {
-        "test_accuracy": float((test_probabilities.argmax(1) == test_file.labels).mean()),
-        "test_ece": expected_calibration_error(test_probabilities, test_file.labels, bins=15),
-        "test_accuracy_plain_logits": float((test_outputs["logits"].argmax(1) == test_file.labels).mean()),
+        "test_accuracy": float((test_probabilities.argmax(1) == data.test_labels).mean()),
+        "test_ece": expected_calibration_error(test_probabilities, data.test_labels, bins=15),
+        "test_accuracy_plain_logits": float((test_outputs["logits"].argmax(1) == data.test_labels).mean()),
         "validation_accuracy": float((validation_outputs["mean_field"].argmax(1) == validation_labels).mean()),
         "train_minutes": train_minutes,
         "epochs_completed": len(history),

@@ -44,12 +44,16 @@ class Sampler:
 
 
 def png_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> bytes:
-    """A PNG of greyscale images (N, H, W) or (N, 1, H, W) tiled in a grid with `padding` pixel gaps."""
-    tiles = images[:, 0] if images.ndim == 4 else images
-    count, height, width = tiles.shape
+    """A PNG of images (N, H, W), (N, 1, H, W) greyscale or (N, 3, H, W) RGB tiled in a grid with `padding` pixel gaps."""
+    if images.ndim == 4:
+        tiles = images[:, 0] if images.shape[1] == 1 else np.moveaxis(images, 1, -1)
+    else:
+        tiles = images
+    count, height, width = tiles.shape[:3]
     columns = columns or int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / columns))
-    canvas = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding), dtype=np.uint8)
+    canvas_shape = (rows * (height + padding) + padding, columns * (width + padding) + padding, *tiles.shape[3:])
+    canvas = np.zeros(canvas_shape, dtype=np.uint8)
     for index, tile in enumerate(tiles):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.scoring.inputs import InputError, accepted_instance_shapes, check_image_values
+from service.scoring.inputs import InputError, accepted_instance_shapes, check_image_values, to_input_layout
 
 ACCEPTED_ARRAY_KINDS = "uif"
 """numpy dtype kinds an image array may have: unsigned and signed integers, floats."""
@@ -22,7 +22,8 @@ def check_image_array(
 ) -> np.ndarray:
     """array (N, *instance shape) of any integer or float dtype -> validated float32 (N, *input_shape).
 
-    The instance shape may be the input shape or, for a leading channel of 1, the shape without it.
+    The instance shape may be the input shape, or the shape without a leading channel of 1, or for
+    colour images channels-last (H, W, C).
     Raises InputError with code: `invalid_dtype` (booleans, complex, strings, structured; or
     non-integers for a uint8 input), `invalid_shape`, `empty_batch`, `too_many_instances`
     (more than max_instances), `invalid_value` (NaN/Inf) or `out_of_range`.
@@ -39,4 +40,4 @@ def check_image_array(
     if count > max_instances:
         raise InputError("too_many_instances", f"got {count} instances; at most {max_instances} per request")
     check_image_values(array, dtype, minimum, maximum)
-    return array.reshape((count, *input_shape)).astype(np.float32)
+    return to_input_layout(array, input_shape).astype(np.float32)

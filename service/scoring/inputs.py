@@ -19,12 +19,32 @@ class InputError(ValueError):
         self.message = message
 
 
+def has_channel_axis(input_shape: Sequence[int]) -> bool:
+    """True for image inputs (C, H, W) with a few colour channels (C > 1, fewer than either side)."""
+    shape = list(input_shape)
+    return len(shape) == 3 and 1 < shape[0] < min(shape[1], shape[2])
+
+
 def accepted_instance_shapes(input_shape: Sequence[int]) -> list[list[int]]:
-    """The instance shape itself and, when it has a leading channel of 1, the shape without it."""
+    """The instance shape itself; when it has a leading channel of 1, the shape without it; for colour
+    images (C, H, W), channels-last (H, W, C) too, as PIL and numpy hold images."""
     shape = list(input_shape)
     if len(shape) > 1 and shape[0] == 1:
         return [shape, shape[1:]]
+    if has_channel_axis(shape):
+        return [shape, [shape[1], shape[2], shape[0]]]
     return [shape]
+
+
+def to_input_layout(array: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+    """A batch (N, *accepted instance shape) as (N, *input_shape): channels-last moved first, a missing
+    leading channel of 1 added."""
+    shape = list(input_shape)
+    if list(array.shape[1:]) == shape:
+        return array
+    if has_channel_axis(shape) and list(array.shape[1:]) == [shape[1], shape[2], shape[0]]:
+        return np.ascontiguousarray(np.moveaxis(array, -1, 1))
+    return array.reshape((array.shape[0], *shape))
 
 
 def _describe(value: Any) -> str:
@@ -52,7 +72,7 @@ def _first_bad_shape(instances: list[Any], accepted: list[list[int]]) -> str:
 
 def _mixed_channel_batch(instances: list[Any], accepted: list[list[int]]) -> np.ndarray:
     """A batch mixing instances with and without the leading channel of 1, as one object array; else InputError."""
-    if len(accepted) < 2 or not all(isinstance(instance, list) for instance in instances):
+    if len(accepted) < 2 or accepted[0][0] != 1 or not all(isinstance(instance, list) for instance in instances):
         raise InputError("invalid_shape", _first_bad_shape(instances, accepted))
     full_shape, short_shape = accepted
     lifted = []
@@ -118,7 +138,7 @@ def instances_to_array(
 ) -> np.ndarray:
     """Validate JSON instances and return a (N, *input_shape) float32 batch in the raw scale.
 
-    Accepts each instance in the input shape or, for a leading channel of 1, without it.
+    Accepts each instance in any of `accepted_instance_shapes(input_shape)`.
     Raises InputError for: not a list, an empty batch, wrong or ragged shape, non-numeric
     values (strings, booleans, null), NaN/Inf, values outside [minimum, maximum], and
     non-integer values when dtype is uint8.
@@ -148,4 +168,4 @@ def instances_to_array(
             "out_of_range", f"a value is too large for float64: {error}; expected numbers in [{minimum:g}, {maximum:g}]"
         ) from error
     check_image_values(numbers, dtype, minimum, maximum)
-    return numbers.reshape((numbers.shape[0], *input_shape)).astype(np.float32)
+    return to_input_layout(numbers, input_shape).astype(np.float32)

@@ -9,23 +9,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image
 
-from service.scoring.signals.base import ModelOutputs, SignalSource, dimensions_of, register_signal_kind
+from service.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, dimensions_of, register_signal_kind
 from service.scoring.signals.bits_per_dim import bits_per_dim_signal
 
 
 def png_length_bits(images: np.ndarray) -> np.ndarray:
-    """L(x) of Serra et al. 2020: 8 * bytes of the lossless PNG of each 8-bit greyscale image.
+    """L(x) of Serra et al. 2020: 8 * bytes of the lossless PNG of each 8-bit image, greyscale or RGB.
 
-    images: (N, H, W) or (N, 1, H, W) in raw 0..255 scale (rounded and clipped to uint8).
-    Pillow, optimize off, zlib level 6 (Pillow's default). Returns (N,) float64 bits.
+    images: (N, H, W), (N, 1, H, W) or (N, 3, H, W) in raw 0..255 scale (rounded and clipped to uint8).
+    Pillow, optimize off, zlib level 6 (Pillow's default); RGB images are coded as RGB PNGs (mode "RGB").
+    Returns (N,) float64 bits.
     """
     pixels = np.asarray(images, dtype=np.float64)
     if pixels.ndim == 4 and pixels.shape[1] == 1:
         pixels = pixels[:, 0]
-    if pixels.ndim != 3:
-        raise ValueError(f"PNG length needs (N, H, W) or (N, 1, H, W) images, got shape {list(pixels.shape)}")
+    elif pixels.ndim == 4 and pixels.shape[1] == 3:
+        pixels = np.moveaxis(pixels, 1, -1)
+    if pixels.ndim not in (3, 4):
+        raise ValueError(f"PNG length needs (N, H, W), (N, 1, H, W) or (N, 3, H, W) images, got shape {list(pixels.shape)}")
     as_bytes = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     lengths = np.empty(as_bytes.shape[0], dtype=np.float64)
     for index, image in enumerate(as_bytes):
@@ -37,16 +41,24 @@ def png_length_bits(images: np.ndarray) -> np.ndarray:
 
 def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
     shape = list(input_shape)
-    if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)):
-        raise ValueError(f"input_complexity needs greyscale images of shape [H, W] or [1, H, W], input shape is {shape}")
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))):
+        raise ValueError(f"input_complexity needs greyscale or RGB images of shape [H, W], [1, H, W] or [3, H, W], input shape is {shape}")
+
+
+def fit_input_complexity(
+    outputs: ModelOutputs, images: np.ndarray, source: SignalSource, options: Mapping[str, Any], labels: np.ndarray | None
+) -> FittedSignal:
+    """Nothing to learn; records the compressor that defines L(x), whose version changes code lengths."""
+    return FittedSignal({**options, "codec": f"PNG, Pillow {PIL.__version__}, zlib level 6"})
 
 
 @register_signal_kind(
     "input_complexity",
     description="-log2 p(x) - L(x), L = PNG length in bits (Serra et al. 2020)",
+    fit=fit_input_complexity,
     validate=_validate,
 )
 def input_complexity_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
-    """bpd(x) * D - L(x) in bits, images (N, 1, H, W) or (N, H, W). Returns (N,) float64."""
+    """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W). Returns (N,) float64."""
     bits = bits_per_dim_signal(outputs, images, source, params) * dimensions_of(images)
     return bits - png_length_bits(images)

@@ -19,6 +19,10 @@ from service.server.errors import ApiError
 
 NPY_MEDIA_TYPE = "application/x-npy"
 PNG_MEDIA_TYPE = "image/png"
+JPEG_MEDIA_TYPE = "image/jpeg"
+PNG_ONLY = ("PNG",)
+JPEG_ONLY = ("JPEG",)
+PNG_OR_JPEG = ("PNG", "JPEG")
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[biuf][0-9]+)', 'fortran_order': (True|False), 'shape': \(([0-9, ]*)\), \} *\n")
@@ -99,46 +103,54 @@ def npy_to_images(body: bytes, spec: InputSpec, max_instances: int) -> np.ndarra
     return checked_images(read_npy(body), spec, max_instances)
 
 
-def image_size(spec: InputSpec) -> tuple[int, int]:
-    """(height, width) of a greyscale image input ([H, W] or [1, H, W]); 415 for other input shapes."""
+def image_size(spec: InputSpec) -> tuple[int, int, int]:
+    """(height, width, channels) of an image input ([H, W], [1, H, W] or [3, H, W]); 415 for other inputs."""
     shape = list(spec.shape)
-    if len(shape) == 3 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) != 2:
-        raise ApiError(415, "unsupported_media_type", f"PNG bodies need a greyscale image input; this model's input shape is {spec.shape}")
-    return shape[0], shape[1]
+    if len(shape) == 2:
+        shape = [1, *shape]
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ApiError(
+            415, "unsupported_media_type", f"image bodies need a greyscale or RGB image input; this model's input shape is {spec.shape}"
+        )
+    return shape[1], shape[2], shape[0]
 
 
-def png_to_pixels(data: bytes, height: int, width: int, what: str) -> np.ndarray:
-    """One PNG -> (height, width) uint8 greyscale pixels (8-bit colour converted with ITU-R 601-2 luma,
-    alpha dropped, 16-bit scaled to 8 bits). Wrong size: 422 (checked before decoding); not a PNG: 400."""
+def png_to_pixels(data: bytes, height: int, width: int, what: str, channels: int = 1, formats: Sequence[str] = PNG_ONLY) -> np.ndarray:
+    """One image file of `formats` (PNG, JPEG) -> uint8 pixels: (height, width) for greyscale inputs (8-bit
+    colour converted with ITU-R 601-2 luma, alpha dropped, 16-bit scaled to 8 bits), (height, width, 3) for
+    RGB inputs. Wrong size: 422 (checked before decoding); not one of `formats`: 400."""
+    kind = " or ".join(formats)
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+        with Image.open(io.BytesIO(data), formats=list(formats)) as image:
             if image.size != (width, height):
                 raise ApiError(
                     422, "invalid_shape", f"{what} is {image.size[0]}x{image.size[1]} pixels; this model takes {width}x{height} images"
                 )
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                pixels = np.asarray(image, dtype=np.int64)
-                return np.clip(pixels >> 8, 0, 255).astype(np.uint8)
-            return np.asarray(image.convert("L"), dtype=np.uint8)
+                pixels = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8)
+                return np.repeat(pixels[:, :, None], 3, axis=2) if channels == 3 else pixels
+            return np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
     except ApiError:
         raise
     except UnidentifiedImageError as error:
-        raise ApiError(400, "malformed_png", f"{what} is not a PNG image") from error
+        raise ApiError(400, "malformed_png", f"{what} is not a {kind} image") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ApiError(400, "malformed_png", f"{what} cannot be decoded as PNG: {error}") from error
+        raise ApiError(400, "malformed_png", f"{what} cannot be decoded as {kind}: {error}") from error
 
 
-def pngs_to_images(files: Sequence[tuple[str, bytes]], spec: InputSpec, max_instances: int) -> np.ndarray:
+def pngs_to_images(
+    files: Sequence[tuple[str, bytes]], spec: InputSpec, max_instances: int, formats: Sequence[str] = PNG_ONLY
+) -> np.ndarray:
     """(description, PNG bytes) per image -> validated (N, *input_shape) float32, in order."""
     if not files:
         raise ApiError(422, "empty_batch", "the body holds no PNG images; send at least one")
     if len(files) > max_instances:
         raise ApiError(413, "too_many_instances", f"got {len(files)} images; at most {max_instances} per request")
-    height, width = image_size(spec)
-    pixels = np.stack([png_to_pixels(data, height, width, what) for what, data in files])
-    return checked_images(pixels.reshape((len(files), *spec.shape)), spec, max_instances)
+    height, width, channels = image_size(spec)
+    pixels = np.stack([png_to_pixels(data, height, width, what, channels, formats) for what, data in files])
+    if channels == 1:
+        pixels = pixels.reshape((len(files), *spec.shape))
+    return checked_images(pixels, spec, max_instances)  # RGB arrives channels-last (N, H, W, 3)
 
 
 async def _single_chunk(body: bytes) -> AsyncGenerator[bytes, None]:
@@ -170,4 +182,4 @@ async def multipart_to_images(headers: Headers, body: bytes, spec: InputSpec, ma
                 raise ApiError(422, "invalid_request", f"unknown form field {field_name!r}; send PNG files and optionally `alpha`")
     finally:
         await form.close()
-    return pngs_to_images(files, spec, max_instances), alpha
+    return pngs_to_images(files, spec, max_instances, PNG_OR_JPEG), alpha

@@ -14,15 +14,18 @@ from service.scoring.inputs import instances_to_array
 from service.server.body import checked_alpha, is_json_media_type, json_type_name, read_body_limited, read_json_request
 from service.server.errors import ApiError
 from service.server.v1.binary import (
+    JPEG_MEDIA_TYPE,
+    JPEG_ONLY,
     MULTIPART_MEDIA_TYPE,
     NPY_MEDIA_TYPE,
     PNG_MEDIA_TYPE,
+    PNG_ONLY,
     multipart_to_images,
     npy_to_images,
     pngs_to_images,
 )
 
-SCORE_MEDIA_TYPES = ("application/json", NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE)
+SCORE_MEDIA_TYPES = ("application/json", NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE)
 INLINE_JSON_INSTANCES = 4
 """JSON batches up to this many instances are checked on the event loop; larger ones in a thread."""
 
@@ -77,18 +80,20 @@ def json_instances_to_images(engine: Engine, instances: list[object]) -> np.ndar
 async def read_score_images(request: Request, engine: Engine, settings: Settings) -> tuple[np.ndarray, float | None]:
     """The request's images (N, *input_shape) float32 and alpha, from any accepted body type.
 
-    JSON `{"instances", "alpha"}`; application/x-npy (N, *instance shape); image/png (one image);
+    JSON `{"instances", "alpha"}`; application/x-npy (N, *instance shape); image/png or image/jpeg (one image);
     multipart/form-data (PNG files, optional `alpha` field). `?alpha=` applies when the body names none.
     """
     query_alpha = parse_alpha_text(request.query_params.get("alpha"), "query parameter")
     spec = engine.manifest.input
     media_type = media_type_of(request)
-    if media_type in (NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE):
+    if media_type in (NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE):
         body = await read_body_limited(request, settings.max_body_bytes)
         if media_type == NPY_MEDIA_TYPE:
             return npy_to_images(body, spec, settings.max_batch_instances), query_alpha
-        if media_type == PNG_MEDIA_TYPE:
-            return pngs_to_images([("the PNG body", body)], spec, settings.max_batch_instances), query_alpha
+        if media_type in (PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE):
+            if media_type == PNG_MEDIA_TYPE:
+                return pngs_to_images([("the PNG body", body)], spec, settings.max_batch_instances, PNG_ONLY), query_alpha
+            return pngs_to_images([("the JPEG body", body)], spec, settings.max_batch_instances, JPEG_ONLY), query_alpha
         images, form_alpha = await multipart_to_images(request.headers, body, spec, settings.max_batch_instances)
         alpha = parse_alpha_text(form_alpha, "form field")
         return images, query_alpha if alpha is None else alpha

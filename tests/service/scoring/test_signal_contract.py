@@ -101,7 +101,10 @@ def test_fit_learns_from_the_reference_outputs(kind: str) -> None:
 
 
 def test_kinds_without_parameters_keep_the_options() -> None:
-    for kind in ("bits_per_dim", "likelihood_ratio", "input_complexity", "max_softmax"):
+    for kind in ("bits_per_dim", "likelihood_ratio", "max_softmax"):
         source, options = EXAMPLES[kind]
         outputs, images, labels = random_batch(10, seed=1)
         assert SIGNAL_KINDS[kind].fit(outputs, images, source, options, labels).params == options
+    source, options = EXAMPLES["input_complexity"]
+    recorded = SIGNAL_KINDS["input_complexity"].fit(*random_batch(10, seed=1)[:2], source, options, None).params
+    assert recorded["codec"].startswith("PNG, Pillow ")
