@@ -7,15 +7,19 @@ perturbation defeats loses to one that holds up everywhere.
 
 Which candidate is chosen accounts for how much the objective can tell apart: among the candidates
 whose objective is within one standard error of the best (the Hanley and McNeil 1982 standard error of
-the best rule's worst-case AUROC, large when the validation set is small), the one that pools the most
-signals is chosen, since real OOD data may defeat any one signal the perturbations happened to favour.
+the best rule's worst-case AUROC, large when the validation set is small), the one whose verdicts flag
+the most perturbed inputs at alpha 0.05 (mean + worst case over the sets; the statistic ranked against
+the in-distribution ones), within its binomial standard error, are kept, and of those the one pooling the
+most signals is chosen: real OOD data may defeat any one
+signal the perturbations happened to favour, while p-values that cannot fall below 1 / (n + 1) make a
+rule diluted by many weak signals miss what one strong signal finds.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,16 +29,33 @@ from service.scoring.fusion import fused_statistic
 
 @dataclass(frozen=True)
 class FusionCandidate:
-    """One evaluated rule and its AUROC per perturbation set."""
+    """One evaluated rule: its AUROC per perturbation set and the share of each perturbation set its
+    verdict at VERDICT_ALPHA flags (fused statistics ranked against the in-distribution ones)."""
 
     method: str
     signals: tuple[str, ...]
     auroc_by_set: dict[str, float]
+    detected_by_set: dict[str, float] = field(default_factory=dict)
 
     @property
     def objective(self) -> float:
         values = list(self.auroc_by_set.values())
         return float(np.mean(values) + np.min(values))
+
+    @property
+    def verdict_objective(self) -> float:
+        values = list(self.detected_by_set.values()) or [0.0]
+        return float(np.mean(values) + np.min(values))
+
+
+VERDICT_ALPHA = 0.05
+
+
+def detected_share(inside: np.ndarray, outside: np.ndarray, alpha: float = VERDICT_ALPHA) -> float:
+    """Share of `outside` statistics whose conformal p-value against `inside` is below alpha."""
+    ordered = np.sort(inside)
+    count_at_least = len(ordered) - np.searchsorted(ordered, outside, side="left")
+    return float(np.mean((1.0 + count_at_least) / (len(ordered) + 1.0) < alpha))
 
 
 def evaluate_candidate(
@@ -43,15 +64,14 @@ def evaluate_candidate(
     in_dist_p_values: Mapping[str, np.ndarray],
     perturbed_p_values: Mapping[str, Mapping[str, np.ndarray]],
 ) -> FusionCandidate:
-    """AUROC of the fused statistic, in-distribution vs each perturbation set."""
+    """AUROC and verdict detection rate of the fused statistic, in-distribution vs each perturbation set."""
     inside = fused_statistic(method, in_dist_p_values, signals)
+    outside = {name: fused_statistic(method, p_values, signals) for name, p_values in perturbed_p_values.items()}
     return FusionCandidate(
         method=method,
         signals=tuple(signals),
-        auroc_by_set={
-            name: auroc(inside, fused_statistic(method, p_values, signals))
-            for name, p_values in perturbed_p_values.items()
-        },
+        auroc_by_set={name: auroc(inside, values) for name, values in outside.items()},
+        detected_by_set={name: detected_share(inside, values) for name, values in outside.items()},
     )
 
 
@@ -74,7 +94,11 @@ def choose_fusion(
     sizes = (len(next(iter(in_dist_p_values.values()))), min(len(next(iter(p.values()))) for p in perturbed_p_values.values()))
     tolerance = auroc_standard_error(min(ranked[0].auroc_by_set.values()), *sizes)
     close = [candidate for candidate in ranked if candidate.objective >= ranked[0].objective - tolerance]
-    return max(close, key=lambda c: (len(c.signals), c.objective)), ranked
+    best_verdicts = max(candidate.verdict_objective for candidate in close)
+    worst_set = min(len(next(iter(p.values()))) for p in perturbed_p_values.values())
+    verdict_tolerance = 2.0 * float(np.sqrt(VERDICT_ALPHA * (1 - VERDICT_ALPHA) / max(worst_set, 1)))  # binomial SE, mean + min
+    pooled = [candidate for candidate in close if candidate.verdict_objective >= best_verdicts - verdict_tolerance]
+    return max(pooled, key=lambda c: (len(c.signals), c.verdict_objective, c.objective)), ranked
 
 
 def auroc_standard_error(area: float, negatives: int, positives: int) -> float:

@@ -11,9 +11,7 @@ elementwise affine layer sits in front.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from models.flows.base import CompositeTransform, Flow, Transform
+from models.nn.training import TimedEarlyStopping
 
 
 def coupling_masks(features: int, couplings: int) -> list[Tensor]:
@@ -135,10 +133,9 @@ def train_tabular_flow(
     optimizer = torch.optim.Adam(flow.parameters(), lr=learning_rate, weight_decay=1e-5)
     train_tensor = torch.as_tensor(train, dtype=torch.float32)
     validation_tensor = torch.as_tensor(validation, dtype=torch.float32)
-    started = time.monotonic()
-    best_state, best_nll, stale, epochs, steps = copy.deepcopy(flow.state_dict()), math.inf, 0, 0, 0
-    bar = tqdm(total=max(seconds, 1e-3), desc=description, unit="s", leave=False, bar_format="{desc}: {percentage:3.0f}% |{bar}| {postfix}")
-    while time.monotonic() - started < seconds and stale < patience:
+    stopping = TimedEarlyStopping(flow, seconds, patience, higher_is_better=False, description=description)
+    steps = 0
+    while stopping.keep_going():
         flow.train()
         order = torch.randperm(len(train_tensor), generator=generator)
         for start in range(0, len(order), batch_size):
@@ -148,21 +145,13 @@ def train_tabular_flow(
             nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
             optimizer.step()
             steps += 1
-            if time.monotonic() - started > seconds:
+            if stopping.out_of_time():
                 break
-        epochs += 1
         nll = validation_nll(flow, validation_tensor)
-        if nll < best_nll - 1e-4:
-            best_state, best_nll, stale = copy.deepcopy(flow.state_dict()), nll, 0
-        else:
-            stale += 1
-        bar.n = min(time.monotonic() - started, seconds)
-        bar.set_postfix_str(f"epoch {epochs}, validation nll/dim {nll / train.shape[1]:.4f}")
-        bar.refresh()
-    bar.close()
-    flow.load_state_dict(best_state)
+        stopping.end_epoch(nll, f"validation nll/dim {nll / train.shape[1]:.4f}")
+    best_nll = stopping.restore_best()
     flow.eval()
-    return TabularFlowFit(flow, best_nll / train.shape[1], epochs, steps, time.monotonic() - started)
+    return TabularFlowFit(flow, best_nll / train.shape[1], stopping.epochs, steps, stopping.elapsed())
 
 
 @torch.no_grad()

@@ -5,9 +5,7 @@ the standardisation inside the ONNX graph (outputs `logits` mean-field, `varianc
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from models.nn.training import TimedEarlyStopping
 from models.sngp.backbone import ResidualMLP
 from models.sngp.gp import RandomFeatureGaussianProcess
 
@@ -69,10 +67,8 @@ def train_tabular_sngp(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     x, y = torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(train_labels, dtype=torch.int64)
     x_val, y_val = torch.as_tensor(validation, dtype=torch.float32), torch.as_tensor(validation_labels, dtype=torch.int64)
-    started = time.monotonic()
-    best_state, best_accuracy, stale, epochs = copy.deepcopy(model.state_dict()), -1.0, 0, 0
-    bar = tqdm(total=max(seconds, 1e-3), desc=description, leave=False, bar_format="{desc}: {percentage:3.0f}% |{bar}| {postfix}")
-    while time.monotonic() - started < seconds and stale < patience:
+    stopping = TimedEarlyStopping(model, seconds, patience, higher_is_better=True, description=description)
+    while stopping.keep_going():
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), batch_size):
@@ -81,26 +77,18 @@ def train_tabular_sngp(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if time.monotonic() - started > seconds:
+            if stopping.out_of_time():
                 break
-        epochs += 1
         current = accuracy(model, x_val, y_val)
-        if current > best_accuracy + 1e-4:
-            best_state, best_accuracy, stale = copy.deepcopy(model.state_dict()), current, 0
-        else:
-            stale += 1
-        bar.n = min(time.monotonic() - started, seconds)
-        bar.set_postfix_str(f"epoch {epochs}, validation accuracy {current:.4f}")
-        bar.refresh()
-    bar.close()
-    model.load_state_dict(best_state)
+        stopping.end_epoch(current, f"validation accuracy {current:.4f}")
+    stopping.restore_best()
     with torch.no_grad():  # exact precision over the training set with the final weights
         model.eval()
         model.gp.reset_precision()
         for start in range(0, len(x), 4096):
             model.gp.accumulate_precision(model.gp.random_features(model.backbone(x[start : start + 4096])))
         model.gp.update_covariance()
-    return TabularSNGPFit(model, accuracy(model, x_val, y_val), epochs, time.monotonic() - started)
+    return TabularSNGPFit(model, accuracy(model, x_val, y_val), stopping.epochs, stopping.elapsed())
 
 
 class TabularSNGPGraph(nn.Module):

@@ -80,6 +80,20 @@ def test_a_class_folder_of_rgb_pngs_fits_into_a_bundle_served_in_every_layout(rg
     assert Image.open(io.BytesIO(grid.content)).mode == "RGB"
 
 
+def test_image_and_vector_bundles_are_served_side_by_side(rgb_bundle: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "rows.npy", rng.normal(size=(300, 4)))
+    vectors = fit(FitSettings(data=tmp_path / "rows.npy", out=tmp_path / "rows", minutes=0.1)).bundle
+    images, _ = coloured_squares(2, seed=4)
+    with TestClient(create_app(Settings(bundle=rgb_bundle, extra_bundles=[vectors], warmup_batch_size=2))) as client:
+        served = {model["name"]: model["input"]["shape"] for model in client.get("/v1/models").json()["models"]}
+        image_answer = client.post("/v1/models/squares/score", json={"instances": images.tolist()})
+        vector_answer = client.post("/v1/models/rows/score", json={"instances": rng.normal(size=(3, 4)).tolist()})
+        crossed = client.post("/v1/models/rows/score", json={"instances": images.tolist()})
+    assert served == {"squares": [3, SIDE, SIDE], "rows": [4]}
+    assert image_answer.status_code == vector_answer.status_code == 200 and crossed.status_code == 422
+
+
 def test_an_unlabelled_greyscale_npz_fits_without_a_classifier(tmp_path: Path) -> None:
     images, _ = coloured_squares(240, seed=1)
     np.savez(tmp_path / "grey.npz", x=images[..., 0])

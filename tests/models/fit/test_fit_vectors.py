@@ -92,6 +92,21 @@ def test_a_csv_with_a_label_column_and_an_unlabelled_fit_from_the_cli(tmp_path: 
     assert "prediction" not in answer["results"][0]
 
 
+def test_parquet_vectors_load_with_their_column_names_and_labels(tmp_path: Path) -> None:
+    import pyarrow as pa
+    from pyarrow import parquet
+
+    features, labels = blobs()
+    columns = {f"feature {i}": features[:, i] for i in range(FEATURES)}
+    parquet.write_table(pa.table({**columns, "class": [f"c{label}" for label in labels]}), tmp_path / "rows.parquet")
+    loaded = load_vectors(tmp_path / "rows.parquet", label_column="class")
+    assert loaded.feature_names == list(columns) and loaded.class_names == ["c0", "c1", "c2"]
+    np.testing.assert_allclose(loaded.features, features)
+    assert (loaded.labels == labels).all()
+    with pytest.raises(DataError, match=r"columns \['class'\] are not numeric; name the label column"):
+        load_vectors(tmp_path / "rows.parquet")
+
+
 def test_a_second_fit_with_the_same_work_directory_reuses_the_trained_models(tmp_path: Path) -> None:
     features, _ = blobs()
     np.save(tmp_path / "data.npy", features)
