@@ -96,7 +96,7 @@ def choose_fusion(
     close = [candidate for candidate in ranked if candidate.objective >= ranked[0].objective - tolerance]
     best_verdicts = max(candidate.verdict_objective for candidate in close)
     worst_set = min(len(next(iter(p.values()))) for p in perturbed_p_values.values())
-    verdict_tolerance = 2.0 * float(np.sqrt(VERDICT_ALPHA * (1 - VERDICT_ALPHA) / max(worst_set, 1)))  # binomial SE, mean + min
+    verdict_tolerance = 2.0 * 0.5 / float(np.sqrt(max(worst_set, 1)))  # mean + min of shares: twice the largest binomial SE
     pooled = [candidate for candidate in close if candidate.verdict_objective >= best_verdicts - verdict_tolerance]
     return max(pooled, key=lambda c: (len(c.signals), c.verdict_objective, c.objective)), ranked
 

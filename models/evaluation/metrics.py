@@ -18,10 +18,15 @@ class DetectionMetrics:
 
 
 def _labels_and_scores(in_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (in 0, OOD 1) and scores with NaN and +inf ranked above every finite score and -inf below
+    (the service's p-values treat NaN as maximally OOD too)."""
     in_scores = np.asarray(in_scores, dtype=np.float64)
     ood_scores = np.asarray(ood_scores, dtype=np.float64)
     labels = np.concatenate([np.zeros(len(in_scores)), np.ones(len(ood_scores))])
-    return labels, np.concatenate([in_scores, ood_scores])
+    scores = np.concatenate([in_scores, ood_scores])
+    finite = scores[np.isfinite(scores)]
+    low, high = (finite.min() - 1.0, finite.max() + 1.0) if finite.size else (-1.0, 1.0)
+    return labels, np.nan_to_num(scores, nan=high, posinf=high, neginf=low)
 
 
 def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
