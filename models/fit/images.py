@@ -28,7 +28,7 @@ from models.bundles.onnx_outputs import open_sessions, run_models
 from models.data import ImageDataset
 from models.fit.budget import Budget
 from models.fit.splits import FitSplit, fit_split
-from models.fit.vectors import FitResult
+from models.fit.summary import FitResult, closing_rows, figure_text
 from models.fit.work import WorkDirectory, data_fingerprint
 from models.perturbations import make_perturbed_sets
 from service.bundle.writer import write_bundle
@@ -363,38 +363,9 @@ def _summary(data: ImageDataset, split: FitSplit, manifest: dict[str, Any], budg
         )
     ]
     rows.append(("splits", ", ".join(f"{key} {value}" for key, value in manifest["provenance"]["splits"].items())))
+    shown = ("test_bpd", "validation_bpd", "test_accuracy", "validation_accuracy", "train_minutes", "parameters", "steps",
+             "epochs_completed", "stop_reason")
     for model, info in manifest["provenance"]["training"].items():
-        shown = {
-            key: value
-            for key, value in info.items()
-            if key
-            in (
-                "test_bpd",
-                "validation_bpd",
-                "test_accuracy",
-                "validation_accuracy",
-                "train_minutes",
-                "parameters",
-                "steps",
-                "epochs_completed",
-                "stop_reason",
-            )
-        }
-        rows.append(
-            (
-                f"model {model}",
-                ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in shown.items()),
-            )
-        )
-    fusion = manifest["fusion"]
-    rows.append(("fusion", f"{fusion['method']} over {fusion['signals']}"))
-    rows.append(("why", fusion["reason"]))
-    rows.append(
-        (
-            "alpha",
-            f"default {manifest['default_alpha']:g}; minimum supported {manifest['provenance']['minimum_alpha']:.4f} "
-            "(1 / (fusion calibration + 1))",
-        )
-    )
-    rows.append(("budget", budget.split_text()))
+        rows.append((f"model {model}", figure_text({key: value for key, value in info.items() if key in shown})))
+    rows += closing_rows(manifest, manifest["provenance"]["minimum_alpha"], budget)
     return rows

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from models.data import DataError, is_vector_file, load_image_dataset, load_vectors, parse_resize
 from models.fit.images import ImageFitOptions, fit_images
-from models.fit.vectors import FitResult, fit_vectors
+from models.fit.summary import FitResult
+from models.fit.vectors import fit_vectors
 
 DEFAULT_MINUTES = 5.0
 

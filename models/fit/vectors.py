@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from models.closed_form import fit_vector_reference, vector_reference_model
 from models.data import VectorSet
 from models.fit.budget import Budget
 from models.fit.splits import FitSplit, fit_split
+from models.fit.summary import FitResult, closing_rows, figure_text
 from models.fit.work import WorkDirectory, data_fingerprint
 from models.perturbations import make_perturbed_vectors
 from service.bundle.writer import write_bundle
@@ -46,15 +46,6 @@ FLOAT32_LIMIT = 3.0e38
 """Vector inputs are refused only when not finite (or beyond float32): OOD rows must be scored, not refused."""
 KNN_NEIGHBOURS = 5
 MAX_REFERENCE_ROWS = 5000
-
-
-@dataclass
-class FitResult:
-    """Where the bundle went and the summary rows printed at the end."""
-
-    bundle: Path
-    summary: list[tuple[str, str]] = field(default_factory=list)
-    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def constant_columns(features: np.ndarray) -> np.ndarray:
@@ -113,8 +104,10 @@ def fit_vectors(
         reference = fit_vector_reference(train, kept, MAX_REFERENCE_ROWS, KNN_NEIGHBOURS, rng)
         onnx.save_model(vector_reference_model(reference, dimensions), staging / "reference.onnx")
     standardized = (features[:, kept] - reference.mean) / reference.scale
-    budget.plan({"flow": 0.6 if has_classifier else 1.0, **({"sngp": 0.4} if has_classifier else {})} if has_flow else
-                ({"sngp": 1.0} if has_classifier else {}))
+    weights = {"flow": 0.6 if has_classifier else 1.0} if has_flow else {}
+    if has_classifier:
+        weights["sngp"] = 0.4 if has_flow else 1.0
+    budget.plan(weights)
     figures: dict[str, dict[str, Any]] = {"reference": {"reference_rows": int(len(reference.reference)), "k": reference.k}}
     if has_flow:
         figures["flow"] = _flow_stage(work_directory, budget, standardized, split, reference, kept, dimensions, staging, seed)
@@ -260,13 +253,5 @@ def _summary(data: VectorSet, split: FitSplit, manifest: dict[str, Any], figures
     if constant.size:
         rows.append(("dropped", f"{constant.size} constant columns: {[data.feature_names[i] for i in constant][:10]}"))
     rows.append(("splits", ", ".join(f"{key} {value}" for key, value in split.sizes().items())))
-    for model, info in figures.items():
-        rows.append((f"model {model}", ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                                   for key, value in info.items())))
-    fusion = manifest["fusion"]
-    rows.append(("fusion", f"{fusion['method']} over {fusion['signals']}"))
-    rows.append(("why", fusion["reason"]))
-    rows.append(("alpha", f"default {manifest['default_alpha']:g}; minimum supported {split.minimum_alpha:.4f} "
-                          f"(1 / (fusion calibration + 1))"))
-    rows.append(("budget", budget.split_text()))
-    return rows
+    rows += [(f"model {model}", figure_text(info)) for model, info in figures.items()]
+    return rows + closing_rows(manifest, split.minimum_alpha, budget)
