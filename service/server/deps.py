@@ -1,5 +1,5 @@
-"""FastAPI dependencies as Annotated aliases: the app state, settings, metrics, the scheduler, the ready
-engine registry, one engine by name (and version)."""
+"""FastAPI dependencies as Annotated aliases: the app state, settings, metrics, the ready engine registry,
+one engine by name (and version)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from fastapi import Depends, Request
 from service.config import Settings
 from service.engine import Engine, EngineRegistry
 from service.observability.metrics import ServiceMetrics
-from service.runtime.batching import BatchScheduler
 from service.server.state import AppState, app_state
 
 # Dependencies are `async def` although they never await: FastAPI runs plain `def` dependencies in its
@@ -32,10 +31,6 @@ async def get_metrics(state: StateDep) -> ServiceMetrics:
     return state.metrics
 
 
-async def get_scheduler(state: StateDep) -> BatchScheduler:
-    return state.batching
-
-
 async def get_ready_registry(state: StateDep) -> EngineRegistry:
     """The engines, or NotReadyError (503) until bundles are loaded and warmed up."""
     return state.ready_registry()
@@ -43,7 +38,6 @@ async def get_ready_registry(state: StateDep) -> EngineRegistry:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-SchedulerDep = Annotated[BatchScheduler, Depends(get_scheduler)]
 RegistryDep = Annotated[EngineRegistry, Depends(get_ready_registry)]
 
 
