@@ -137,19 +137,22 @@ class SetResult:
     fusion: str
     fit_seconds: float
     peers: dict[str, float]
+    signal_aurocs: dict[str, float]
+    """AUROC of each signal alone (through its conformal p-value): what the fusion chose from."""
 
 
-def score_with_engine(bundle: Path, features: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """(fused statistic, is_ood) of every row through the serving engine, in batches of 256."""
+def score_with_engine(bundle: Path, features: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(fused statistic, is_ood, every signal's p-value) of every row through the serving engine, in batches of 256."""
     from service.engine import Engine
 
     engine = Engine.load(bundle)
-    scores, verdicts = [], []
+    scores, verdicts, p_values = [], [], []
     for start in range(0, len(features), 256):
         batch = engine.score(features[start : start + 256].astype(np.float32), alpha)
         scores.append(batch.fused_score)
         verdicts.append(batch.is_ood)
-    return np.concatenate(scores), np.concatenate(verdicts)
+        p_values.append(batch.p_values)
+    return np.concatenate(scores), np.concatenate(verdicts), {name: np.concatenate([p[name] for p in p_values]) for name in p_values[0]}
 
 
 def peer_aurocs(train: np.ndarray, test: np.ndarray, ood: np.ndarray, seed: int) -> dict[str, float]:
@@ -188,15 +191,17 @@ def run_set(data: VectorBenchmarkSet, minutes: float, peers: bool, seed: int, wo
     result = fit_vectors(VectorSet(data.inliers[fit_rows], names, labels, class_names, data.name), work / data.name,
                          name=data.name.replace("_", "-"), minutes=minutes, seed=seed, work=work / f"{data.name}.work")
     seconds = time.monotonic() - started
-    inside_scores, inside_verdicts = score_with_engine(result.bundle, data.inliers[test_rows])
-    ood_scores, _ = score_with_engine(result.bundle, data.ood)
+    inside_scores, inside_verdicts, inside_p = score_with_engine(result.bundle, data.inliers[test_rows])
+    ood_scores, _, ood_p = score_with_engine(result.bundle, data.ood)
+    # a smaller p-value is more OOD; ties in p-values (finite calibration) are left to AUROC's half credit
+    signal_aurocs = {name: auroc(-inside_p[name], -ood_p[name]) for name in inside_p}
     false_positives = int(inside_verdicts.sum())
     peer_results = peer_aurocs(data.inliers[fit_rows], data.inliers[test_rows], data.ood, seed) if peers else {}
     return SetResult(
         data.name, data.description, len(data.inliers), data.inliers.shape[1], data.labels is not None, len(test_rows), len(data.ood),
         auroc(inside_scores, ood_scores), false_positives / len(test_rows), clopper_pearson(false_positives, len(test_rows)),
         result.manifest["provenance"]["splits"]["fusion_calibration"],
-        f"{result.manifest['fusion']['method']} {result.manifest['fusion']['signals']}", seconds, peer_results,
+        f"{result.manifest['fusion']['method']} {result.manifest['fusion']['signals']}", seconds, peer_results, signal_aurocs,
     )
 
 
@@ -237,7 +242,8 @@ def main() -> None:
         for data in benchmark_sets(names):
             results.append(run_set(data, arguments.minutes, arguments.peers, arguments.seed, Path(work)))
             peers = " ".join(f"{k} {v:.4f}" for k, v in results[-1].peers.items())
-            print(f"{data.name}: oodserve {results[-1].oodserve_auroc:.4f} {peers}", flush=True)
+            signals = " ".join(f"{k} {v:.4f}" for k, v in results[-1].signal_aurocs.items())
+            print(f"{data.name}: oodserve {results[-1].oodserve_auroc:.4f} {peers}\n  signals alone: {signals}", flush=True)
     table = format_results(results, arguments.minutes)
     print(table)
     if arguments.out is not None:

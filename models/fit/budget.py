@@ -24,11 +24,13 @@ class Budget:
     def remaining(self) -> float:
         return max(self.total_seconds - self.elapsed(), 0.0)
 
-    def plan(self, weights: dict[str, float]) -> None:
-        """Split what is left, less the reserve, over the named training stages in proportion to `weights`."""
+    def plan(self, weights: dict[str, float], keep: dict[str, float] | None = None) -> None:
+        """Split what is left, less the reserve, over the named training stages in proportion to `weights`;
+        the plans in `keep` of stages not named in `weights` (those already run) stay as they were."""
         available = max(self.remaining() - self.reserve_fraction * self.total_seconds, 0.0)
         total = sum(weights.values()) or 1.0
-        self.planned = {name: available * weight / total for name, weight in weights.items()}
+        kept = {name: seconds for name, seconds in (keep or {}).items() if name not in weights}
+        self.planned = {**kept, **{name: available * weight / total for name, weight in weights.items()}}
 
     def seconds_for(self, stage: str) -> float:
         """The planned seconds of `stage`, never more than what is left less the reserve."""

@@ -65,7 +65,8 @@ class ImageFitOptions:
     sngp_flip: bool = False
     """Random horizontal flips while training SNGP (right for Fashion-MNIST, wrong where mirror images differ)."""
     sngp_epochs: int | None = None
-    """Epochs of SNGP's one-cycle schedule (default from the number of training images)."""
+    """Epochs of SNGP's one-cycle schedule (default: as many as its share of the budget affords, timed on the data,
+    at most `sngp_epoch_cap`)."""
     split: FitSplit | None = None
     """The split to use instead of `fit_split` (checkpoints trained elsewhere must not have seen its calibration)."""
     version: str = "1.0.0"
@@ -76,6 +77,12 @@ class ImageFitOptions:
 def flow_preset_for(count: int) -> str:
     """Glow size from the number of training images: the default (3 levels x 8 steps, 64 channels) from 20,000."""
     return "default" if count >= 20000 else "small"
+
+
+def sngp_epoch_cap(count: int) -> int:
+    """The most epochs SNGP's schedule may take for `count` training images when the budget affords them:
+    about a million image presentations, 10 to 60 epochs."""
+    return int(np.clip(1_000_000 // max(count, 1), 10, 60))
 
 
 def image_signal_plans(level_outputs: list[str], has_classifier: bool) -> list[SignalPlan]:
@@ -108,7 +115,8 @@ def _train_models(
 
     images, labels = data.images, data.labels
     has_classifier = labels is not None
-    budget.plan(STAGE_WEIGHTS_LABELLED if has_classifier else STAGE_WEIGHTS_UNLABELLED)
+    weights = dict(STAGE_WEIGHTS_LABELLED if has_classifier else STAGE_WEIGHTS_UNLABELLED)
+    budget.plan(weights)
     flow_data = FlowData(images[split.train], images[split.validation], images[split.validation])
 
     def minutes(stage: str) -> float:
@@ -122,15 +130,18 @@ def _train_models(
         if stage in options.checkpoints:
             checkpoints[stage] = Path(options.checkpoints[stage])
             continue
+        # a stage that stopped early (validation plateau) hands its time to the stages after it
+        budget.plan({name: weight for name, weight in weights.items() if name not in budget.spent and name not in options.checkpoints},
+                    keep=budget.planned)
         with budget.timed(stage):
             if not work.done(stage):
                 if stage == "sngp":
                     assert labels is not None
-                    epochs = options.sngp_epochs or int(np.clip(300_000 // max(len(split.train), 1), 3, 30))
                     train(
                         SNGPSettings(
                             out_dir=str(checkpoint.parent),
-                            epochs=epochs,
+                            epochs=options.sngp_epochs or 0,
+                            max_epochs=sngp_epoch_cap(len(split.train)),
                             max_minutes=minutes(stage),
                             threads=options.threads,
                             seed=seed,

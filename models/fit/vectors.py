@@ -112,6 +112,7 @@ def fit_vectors(
     if has_flow:
         figures["flow"] = _flow_stage(work_directory, budget, standardized, split, reference, kept, dimensions, staging, seed)
     if has_classifier and data.class_names is not None:
+        budget.plan({"sngp": weights["sngp"]}, keep=budget.planned)  # what an early-stopped flow left over
         figures["sngp"] = _sngp_stage(work_directory, budget, standardized, labels, len(data.class_names), split,
                                       reference, kept, dimensions, staging, seed)
     with budget.timed("calibration and fusion"):

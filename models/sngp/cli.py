@@ -12,7 +12,7 @@ DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 def train_command(
     data: Path = typer.Option(Path(DEFAULT_DATA), "--data", help="Fashion-MNIST IDX directory."),
     out: Path = typer.Option(Path("runs/sngp"), "--out", help="Output directory (checkpoints, metrics.json)."),
-    epochs: int = typer.Option(11, help="Epochs (the LR schedule spans all of them)."),
+    epochs: int = typer.Option(11, help="Epochs (the LR schedule spans all of them); 0 = as many as --max-minutes affords."),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate of the one-cycle schedule."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),

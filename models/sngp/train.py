@@ -31,6 +31,8 @@ class TrainSettings:
     data_dir: str = str(DEFAULT_FASHION_MNIST_DIR)
     out_dir: str = "runs/sngp"
     epochs: int = 10
+    """Epochs of the one-cycle schedule; 0 = as many as `max_minutes` affords (`epochs_for_budget`), at most `max_epochs`."""
+    max_epochs: int = 30
     batch_size: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 5e-4
@@ -158,6 +160,46 @@ def load_checkpoint(path: str | Path) -> tuple[SNGPClassifier, dict]:
     return model, checkpoint
 
 
+def epochs_for_budget(
+    model: SNGPClassifier, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings, seconds: float,
+    validation_count: int, final_forwards: int,
+) -> tuple[int, float]:
+    """How many epochs of `images` (N, C, H, W) fit in `seconds`, from timing `PROBE_STEPS` optimiser steps on a copy
+    of `model` (the copy is discarded, so the real schedule starts untouched). Each epoch also predicts
+    `validation_count` images; `final_forwards` forward passes (precision pass, test predictions) come once at
+    the end. Returns (epochs, estimated seconds per epoch); at least 1, at most `settings.max_epochs`."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.train()
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.learning_rate * 0.1)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    batch_size = min(settings.batch_size, images.shape[0])
+    timings = []
+    for step in range(PROBE_STEPS + 2):
+        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        began = time.monotonic()
+        logits, _, _, _ = probe(augment(images[index], generator, settings.flip, settings.crop_padding))
+        loss = F.cross_entropy(logits, labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= 2:  # the first steps pay one-off allocation costs
+            timings.append(time.monotonic() - began)
+    probe.eval()
+    began = time.monotonic()
+    with torch.no_grad():
+        probe(images[: min(batch_size * 4, images.shape[0])])
+    forward_per_image = (time.monotonic() - began) / min(batch_size * 4, images.shape[0])
+    per_epoch = float(np.median(timings)) * math.ceil(images.shape[0] / batch_size) * EPOCH_OVERHEAD + forward_per_image * validation_count
+    return int(np.clip((seconds - forward_per_image * final_forwards) // per_epoch, 1, settings.max_epochs)), per_epoch
+
+
+PROBE_STEPS = 8
+EPOCH_OVERHEAD = 1.08
+"""Bookkeeping beyond the timed steps (shuffling, the precision update, progress bars), measured on CPU."""
+
+
 def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
     """Train, write `checkpoint.pt` every epoch, `model.pt` + `metrics.json` at the end; return the metrics.
 
@@ -190,6 +232,12 @@ def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
 
     model = SNGPClassifier(config)
     parameters = sum(p.numel() for p in model.parameters())
+    if settings.epochs <= 0:
+        # leave room for the final precision pass, covariance inverse and test predictions (about one epoch of forwards)
+        affordable = settings.max_minutes * 60.0 - (time.monotonic() - started)
+        settings.epochs, per_epoch = epochs_for_budget(model, train_images, train_labels, settings, 0.92 * affordable,
+                                                       len(validation_images), 2 * len(validation_images) + len(data.test_images))
+        tqdm.write(f"time budget {affordable / 60:.1f} min: {settings.epochs} epochs of about {per_epoch:.0f} s")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(train_images.shape[0] / settings.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

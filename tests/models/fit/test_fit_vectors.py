@@ -4,6 +4,7 @@ not, served by the real app; bad data refused with a message naming the file, ro
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,16 @@ def test_splits_are_disjoint_stratified_and_sized_to_the_data() -> None:
     for part in parts[1:]:
         shares = np.bincount(labels[part], minlength=3) / len(part)
         np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.05)
+
+
+def test_a_stage_that_stops_early_hands_its_time_to_the_next() -> None:
+    from models.fit.budget import Budget
+
+    budget = Budget(1000.0, reserve_fraction=0.2, started=time.monotonic())
+    budget.plan({"flow": 0.5, "sngp": 0.5})
+    assert budget.seconds_for("flow") == pytest.approx(400.0, abs=1.0) and budget.seconds_for("sngp") == pytest.approx(400.0, abs=1.0)
+    budget.record("flow", 100.0)
+    budget.started -= 100.0  # the flow stopped after 100 of its 400 seconds
+    budget.plan({"sngp": 0.5}, keep=budget.planned)
+    assert budget.seconds_for("sngp") == pytest.approx(700.0, abs=1.0)
+    assert budget.planned["flow"] == pytest.approx(400.0, abs=1.0)

@@ -69,3 +69,31 @@ def test_time_budget_cut_rebuilds_the_precision_without_gradients(tmp_path: Path
     precision = state["gp.precision"]
     # ridge * I plus the features of all 64 training images (each ||phi||^2 is about 1)
     assert float(torch.trace(precision)) > 32 * 1.0 + 32
+
+
+def test_epochs_zero_takes_as_many_epochs_as_the_budget_affords(tmp_path: Path) -> None:
+    from models.sngp.backbone import SNGPClassifier, SNGPConfig
+    from models.sngp.train import TrainSettings, epochs_for_budget
+
+    model = SNGPClassifier(SNGPConfig.from_dict({**SNGPConfig().to_dict(), "widths": [2, 2, 4], "num_random_features": 32}))
+    images, labels = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    settings = TrainSettings(batch_size=32, threads=1, max_epochs=1000)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    epochs, per_epoch = epochs_for_budget(model, images, labels, settings, seconds=5.0, validation_count=64, final_forwards=128)
+    assert per_epoch > 0 and epochs >= 1
+    # more time buys proportionally more epochs, capped by max_epochs; the probe trains a copy, never the model
+    more, _ = epochs_for_budget(model, images, labels, settings, seconds=50.0, validation_count=64, final_forwards=128)
+    assert more >= 5 * epochs
+    capped, _ = epochs_for_budget(model, images, labels, TrainSettings(batch_size=32, max_epochs=3), 50.0, 64, 128)
+    assert capped == 3
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+    data = fake_fashion_mnist(tmp_path / "data")
+    result = CliRunner().invoke(cli_app(), [
+        "train", "sngp", "--out", str(tmp_path / "auto"), "--epochs", "0", "--max-minutes", "0.1",
+        "--limit-train", "256", "--batch-size", "32", "--widths", "2,2,4", "--random-features", "32", "--threads", "1",
+        "--data", str(data),
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert metrics["epochs_completed"] >= 2 and all(h["complete"] for h in metrics["history"])
