@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.bundles.calibration import SignalPlan, code_version, fit_signals, p_values_against, signal_calibration, write_signal_data
-from models.bundles.fusion_choice import choose_fusion
+from models.bundles.fusion_choice import choice_reason, choose_fusion
 from models.bundles.onnx_outputs import open_sessions, run_models
 from models.data import ImageDataset
 from models.fit.budget import Budget
@@ -278,10 +278,8 @@ def _calibrate_and_write(
     candidates = [d.name for d in definitions if d.name not in NEVER_FUSED]
     best, ranked = choose_fusion(candidates, validation_p, perturbed_p)
     reason = (
-        f"chosen label-free among {len(ranked)} rules (fisher/min_p over subsets of {candidates}) by mean + worst-case "
-        f"AUROC of held-out validation images vs self-made perturbations "
-        f"({', '.join(f'{k} {v:.3f}' for k, v in best.auroc_by_set.items())}); raw bits/dim is never fused because "
-        f"flows give simpler images higher likelihood (Nalisnick et al. 2019)"
+        choice_reason(best, ranked, candidates, len(validation_images), "validation images")
+        + "; raw bits/dim is never fused because flows give simpler images higher likelihood (Nalisnick et al. 2019)"
     )
     rule = FusionRule(best.method, best.signals)
     fusion_signals = signals_of(images[fusion_index], "fusion calibration")

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from models.bundles.calibration import SignalPlan, code_version, fit_signals, p_values_against, signal_calibration, write_signal_data
-from models.bundles.fusion_choice import choose_fusion
+from models.bundles.fusion_choice import choice_reason, choose_fusion
 from models.bundles.onnx_outputs import open_sessions, run_models
 from models.closed_form import fit_vector_reference, vector_reference_model
 from models.data import VectorSet
@@ -196,10 +196,7 @@ def _calibrate_and_write(
     perturbed_p = {kind: p_values_of(values, f"perturbation {kind}") for kind, values in make_perturbed_vectors(validation, seed).items()}
     candidates = [definition.name for definition in definitions]
     best, ranked = choose_fusion(candidates, validation_p, perturbed_p)
-    reason = (
-        f"chosen label-free among {len(ranked)} rules (fisher/min_p over subsets of {candidates}) by mean + worst-case AUROC of "
-        f"held-out validation rows vs self-made vector perturbations ({', '.join(f'{k} {v:.3f}' for k, v in best.auroc_by_set.items())})"
-    )
+    reason = choice_reason(best, ranked, candidates, len(validation), "validation rows")
     rule = FusionRule(best.method, best.signals)
     fusion_outputs = outputs_for(split.fusion_calibration, "fusion calibration")
     fused = fused_calibration_scores(calibration, compute_signals(definitions, fusion_outputs, features[split.fusion_calibration]), rule)

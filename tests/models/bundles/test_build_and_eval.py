@@ -87,3 +87,15 @@ def test_fusion_choice_prefers_the_informative_signal() -> None:
     best, ranked = choose_fusion(["good", "noise"], inside, outside)
     assert best.signals == ("good",)
     assert len(ranked) == 4  # two singletons (one method each) + the pair under fisher and min_p
+
+
+def test_too_few_held_out_rows_fall_back_to_fisher_over_every_signal() -> None:
+    from models.bundles.fusion_choice import MIN_VALIDATION_FOR_CHOICE, choice_reason
+
+    rng = np.random.default_rng(0)
+    count = MIN_VALIDATION_FOR_CHOICE // 4
+    inside = {"good": rng.uniform(size=count), "noise": rng.uniform(size=count)}
+    outside = {"shift": {"good": rng.uniform(size=count) ** 8, "noise": rng.uniform(size=count)}}
+    best, ranked = choose_fusion(["good", "noise"], inside, outside)
+    assert (best.method, best.signals) == ("fisher", ("good", "noise")) and len(ranked) == 4
+    assert "too few" in choice_reason(best, ranked, ["good", "noise"], count, "rows")
