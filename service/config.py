@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.drift.monitor import DriftSettings
 from service.runtime.batching import BatchingOptions
 from service.runtime.sessions import RuntimeOptions
 
@@ -59,6 +60,21 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before and while it is read (else 413)."
     )
     ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
+    # Drift: online conformal tests per model and stream (service/drift).
+    drift: bool = Field(True, description="Run the online exchangeability test and change detector on every model's stream.")
+    drift_delta: float = Field(
+        0.01, gt=0, lt=1, description="Martingale alarm at 1/delta: the probability of any false alarm on a clean stream is at most delta."
+    )
+    drift_change_threshold: float = Field(
+        1e8, gt=1, description="Shiryaev-Roberts alarm threshold: the mean number of clean inputs before a false change alarm is at "
+        "least this."
+    )
+    drift_max_streams: int = Field(
+        32, ge=1, description="Most streams (X-OOD-Stream values) kept at once; the least recently used is dropped."
+    )
+    drift_max_stream_inputs: int = Field(
+        100_000, ge=100, description="A stream restarts after this many inputs (bounded memory); each segment keeps its guarantee."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
     # Dynamic batching.
     batching: bool = Field(
@@ -128,6 +144,15 @@ class Settings(BaseSettings):
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
             allow_spinning=self.onnxruntime_spinning,
+        )
+
+    def drift_settings(self) -> DriftSettings:
+        """Drift monitor options from the settings."""
+        return DriftSettings(
+            delta=self.drift_delta,
+            change_threshold=self.drift_change_threshold,
+            max_streams=self.drift_max_streams,
+            max_stream_inputs=self.drift_max_stream_inputs,
         )
 
     def batching_options(self) -> BatchingOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.drift.monitor import DriftMonitor
 from service.runtime.batching import REFUSAL_REASONS, BatchScheduler
 from service.scoring.pipeline import BatchScores
 
@@ -56,6 +58,62 @@ class VerdictWindow:
 
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+class DriftCollector(Collector):
+    """The streams' online tests, read from the drift monitor at scrape time (nothing on the request path).
+    Labels are bounded: at most OODSERVE_DRIFT_MAX_STREAMS streams live at once, dropped ones disappear."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        reports = self.monitor.reports()
+        stream_labels = ["model", "stream"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "martingale": GaugeMetricFamily(
+                "oodserve_drift_log10_martingale",
+                "log10 of the stream's conformal test martingale; alarm at log10(1/delta) (Ville: P(any false alarm) <= delta).",
+                labels=stream_labels,
+            ),
+            "martingale_max": GaugeMetricFamily(
+                "oodserve_drift_log10_martingale_max", "Largest log10 martingale since the stream's last restart.", labels=stream_labels
+            ),
+            "change": GaugeMetricFamily(
+                "oodserve_drift_log10_change_statistic",
+                "log10 of the stream's conformal Shiryaev-Roberts statistic; alarm at log10(OODSERVE_DRIFT_CHANGE_THRESHOLD).",
+                labels=stream_labels,
+            ),
+            "inputs": GaugeMetricFamily("oodserve_drift_inputs_since_reset", "Inputs the stream's tests saw since their restart.",
+                                        labels=stream_labels),
+            "alarm": GaugeMetricFamily("oodserve_drift_alarm", "1 while the stream's test is in alarm (until a restart), by test.",
+                                       labels=[*stream_labels, "test"]),
+            "alarms": CounterMetricFamily("oodserve_drift_alarms", "Alarms raised on the stream, by test (martingale or change).",
+                                          labels=[*stream_labels, "test"]),
+        }
+        for report in reports:
+            labels = [report.model, report.stream]
+            families["martingale"].add_metric(labels, report.log10_martingale)
+            families["martingale_max"].add_metric(labels, report.log10_martingale_max)
+            families["change"].add_metric(labels, report.log10_change_statistic if report.log10_change_statistic > -1e300 else -300.0)
+            families["inputs"].add_metric(labels, report.inputs_since_reset)
+            families["alarm"].add_metric([*labels, "martingale"], float(report.alarm))
+            families["alarm"].add_metric([*labels, "change"], float(report.change_alarm))
+            for test, count in report.alarms_total.items():
+                families["alarms"].add_metric([*labels, test], count)
+        yield from families.values()
+        yield GaugeMetricFamily("oodserve_drift_alarm_threshold_log10", "log10(1/delta): where the martingale alarms.",
+                                value=-math.log10(self.monitor.settings.delta))
+        evicted = CounterMetricFamily("oodserve_drift_streams_evicted", "Streams dropped as least recently used beyond the limit.",
+                                      labels=["model"])
+        for model, count in sorted(self.monitor.evicted.items()):
+            evicted.add_metric([model], count)
+        yield evicted
+        restarts = CounterMetricFamily("oodserve_drift_restarts", "Stream restarts by reason: bound, reload or admin.",
+                                       labels=["model", "reason"])
+        for (model, reason), count in sorted(self.monitor.restarts.items()):
+            restarts.add_metric([model, reason], count)
+        yield restarts
 
 
 class SchedulerCollector(Collector):
@@ -244,6 +302,10 @@ class ServiceMetrics:
         self.provider_available.clear()
         for provider in available_providers:
             self.provider_available.labels(provider=provider).set(1)
+
+    def track_drift(self, monitor: DriftMonitor) -> None:
+        """Export every stream's drift tests (read at each scrape)."""
+        self.registry.register(DriftCollector(monitor))
 
     def track_scheduler(self, scheduler: BatchScheduler) -> None:
         """Export the scheduler's queue depth, capacity and refusal counts (read at each scrape)."""

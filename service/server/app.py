@@ -13,10 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.config import Settings
+from service.drift.monitor import DriftMonitor
 from service.engine import EngineRegistry, load_registry
 from service.observability.metrics import ServiceMetrics
 from service.runtime.batching import BatchScheduler
-from service.server import admin, health, metrics_endpoint
+from service.server import admin, drift, health, metrics_endpoint
 from service.server.errors import install_error_handlers
 from service.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
 from service.server.middleware.request_metrics import RequestMetricsMiddleware
@@ -81,19 +82,24 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         metrics=metrics,
         batching=BatchScheduler(settings.batching_options(), on_queue_wait=metrics.observe_queue_wait),
         registry=registry,
+        drift=DriftMonitor(settings.drift_settings()) if settings.drift else None,
     )
     setattr(app.state, STATE_KEY, state)
     metrics.track_scheduler(state.batching)
+    if state.drift is not None:
+        metrics.track_drift(state.drift)
     install_error_handlers(app)
     protected = {**AUTH_ERROR_RESPONSES, **LIMIT_ERROR_RESPONSES}  # documented so schema checks hold
     v2_errors = v2_error_responses({**ERROR_RESPONSES, **protected})  # v2 answers {"error": "..."}
     routers: list[tuple[APIRouter, list[Any], dict[int | str, dict[str, Any]]]] = [
         (health.router, [], LIMIT_ERROR_RESPONSES),
         (v1.router, SCORING_KEY_DEPENDENCIES, protected),
+        (drift.router, SCORING_KEY_DEPENDENCIES, protected),
         (generation.router, SCORING_KEY_DEPENDENCIES, protected),
         (v2.health_router, [], v2_errors),
         (v2.router, SCORING_KEY_DEPENDENCIES, v2_errors),
         (admin.router, [], LIMIT_ERROR_RESPONSES),
+        (drift.admin_router, [], LIMIT_ERROR_RESPONSES),
         (metrics_endpoint.router, METRICS_KEY_DEPENDENCIES, protected),
         (v2.fallback_router, [], {}),  # last: unknown /v2 paths get a v2-style 404
     ]

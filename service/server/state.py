@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from service.config import Settings
+from service.drift.monitor import DriftMonitor
 from service.engine import EngineRegistry, NotReadyError
 from service.observability.metrics import ServiceMetrics
 from service.runtime.batching import BatchScheduler
@@ -18,12 +19,14 @@ STATE_KEY = "oodserve"
 @dataclass
 class AppState:
     """Everything a request handler may read: settings, metrics, the served registry (swapped whole by a
-    reload), readiness, the batch scheduler and the reloader."""
+    reload), readiness, the batch scheduler, the drift monitor and the reloader."""
 
     settings: Settings
     metrics: ServiceMetrics
     batching: BatchScheduler
     registry: EngineRegistry | None = None
+    drift: DriftMonitor | None = None
+    """The streams' online tests; None when OODSERVE_DRIFT=false."""
     ready: bool = False
     reloader: BundleReloader = field(init=False, repr=False)
 

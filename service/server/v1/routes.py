@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from service.engine import Engine
 from service.scoring.pipeline import BatchScores, InstanceResult
 from service.server.deps import NamedEngineDep, RegistryDep
+from service.server.drift import observe_stream, stream_of
 from service.server.responses import OrjsonResponse
 from service.server.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
 from service.server.state import app_state
@@ -81,11 +82,13 @@ async def _score(request: Request, engine: Engine) -> OrjsonResponse:
     is off), record metrics and answer. Settings, metrics and the scheduler come from the app state
     directly: every dependency is work FastAPI repeats per request on the hot path."""
     state = app_state(request)
+    stream = stream_of(request)
     with state.batching.arrival(engine) as arrival:
         images, alpha = await read_score_images(request, engine, state.settings)
         started = time.perf_counter()
         scores = await state.batching.score(engine, images, alpha, arrival)
     state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
+    observe_stream(state, stream, engine, scores)
     return OrjsonResponse(score_response_body(engine, scores))
 
 

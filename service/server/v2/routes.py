@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from service import __version__
 from service.server.body import read_body_limited
 from service.server.deps import StateDep, VersionedEngineDep
+from service.server.drift import observe_stream, stream_of
 from service.server.errors import V2_ENVELOPE, ApiError, V2Route
 from service.server.state import app_state
 from service.server.v2.codec import HEADER_LENGTH, infer_response, model_metadata, output_specs, parse_infer_request
@@ -66,6 +67,7 @@ async def get_model_ready(engine: VersionedEngineDep) -> Response:
 async def infer(request: Request, engine: VersionedEngineDep) -> Response:
     state = app_state(request)
     settings = state.settings
+    stream = stream_of(request)
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if encoding != "identity":
         raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
@@ -81,6 +83,7 @@ async def infer(request: Request, engine: VersionedEngineDep) -> Response:
         started = time.perf_counter()
         scores = await state.batching.score(engine, parsed.images, parsed.alpha, arrival)
     state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
+    observe_stream(state, stream, engine, scores)
     return infer_response(engine, scores, parsed)
 
 

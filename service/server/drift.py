@@ -1,0 +1,92 @@
+"""Drift API: the streams' online tests per model (`GET /v1/models/{name}/drift`), their restart by an admin
+(`POST /v1/admin/drift/reset`), and the hooks the scoring routes call (`stream_of`, `observe_stream`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.drift.monitor import DEFAULT_STREAM, DriftMonitor
+from service.engine import Engine
+from service.scoring.pipeline import BatchScores
+from service.server.body import is_json_media_type, json_type_name, parse_json, read_body_limited
+from service.server.deps import NamedEngineDep, StateDep
+from service.server.errors import ApiError
+from service.server.responses import OrjsonResponse
+from service.server.schemas import ERROR_RESPONSES
+from service.server.security import ADMIN_KEY_DEPENDENCIES
+from service.server.state import AppState
+
+STREAM_HEADER = "x-ood-stream"
+STREAM_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_RESET_BODY_BYTES = 4096
+
+router = APIRouter(prefix="/v1", tags=["drift"])
+admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=ADMIN_KEY_DEPENDENCIES)
+
+
+def stream_of(request: Request) -> str:
+    """The request's stream name from `X-OOD-Stream` (default `default`); 422 when it is not 1-64 of [A-Za-z0-9_.:-]."""
+    value = request.headers.get(STREAM_HEADER)
+    if value is None:
+        return DEFAULT_STREAM
+    if not STREAM_PATTERN.fullmatch(value):
+        raise ApiError(422, "invalid_stream", f"header X-OOD-Stream must be 1 to 64 characters of A-Z a-z 0-9 _ . : -, got {value[:80]!r}")
+    return value
+
+
+def observe_stream(state: AppState, stream: str, engine: Engine, scores: BatchScores) -> None:
+    """Feed a scored request's fused statistics into its stream's tests (no-op when drift is off)."""
+    if state.drift is not None:
+        state.drift.observe(engine.name, stream, engine.bundle.calibration.fused, scores.fused_score)
+
+
+def _monitor(state: AppState) -> DriftMonitor:
+    if state.drift is None:
+        raise ApiError(404, "drift_disabled", "drift tests are off (OODSERVE_DRIFT=false)")
+    return state.drift
+
+
+@router.get("/models/{name}/drift", summary="The model's streams: martingale, change statistic, alarms", responses=ERROR_RESPONSES)
+async def get_drift(engine: NamedEngineDep, state: StateDep) -> OrjsonResponse:
+    monitor = _monitor(state)
+    return OrjsonResponse({
+        "model": engine.name,
+        **monitor.describe(),
+        "streams_evicted": monitor.evicted.get(engine.name, 0),
+        "streams": [report.to_json() for report in monitor.reports(engine.name)],
+    })
+
+
+async def _read_reset_request(request: Request) -> tuple[str | None, str | None]:
+    body = await read_body_limited(request, MAX_RESET_BODY_BYTES)
+    if not body.strip():
+        return None, None
+    content_type = request.headers.get("content-type")
+    if not is_json_media_type(content_type):
+        raise ApiError(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
+    payload: Any = parse_json(body)
+    if not isinstance(payload, dict):
+        raise ApiError(
+            422, "invalid_request", f'body must be a JSON object like {{"model": NAME, "stream": ID}}, got a JSON {json_type_name(payload)}'
+        )
+    unknown = sorted(key for key in payload if key not in ("model", "stream"))
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown fields {unknown}; allowed fields are ['model', 'stream']")
+    for key in ("model", "stream"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            raise ApiError(422, "invalid_request", f"`{key}` must be a string, got a JSON {json_type_name(payload[key])}")
+    return payload.get("model"), payload.get("stream")
+
+
+@admin_router.post("/drift/reset", summary="Restart the drift tests of every stream, one model's, or one stream's")
+async def reset_drift(request: Request, state: StateDep) -> OrjsonResponse:
+    monitor = _monitor(state)
+    model, stream = await _read_reset_request(request)
+    if model is not None:
+        state.ready_registry().require(model)
+    count = await run_in_threadpool(monitor.reset, model, stream)
+    return OrjsonResponse({"status": "reset", "streams": count, "model": model, "stream": stream})
