@@ -96,6 +96,8 @@ def test_dashboard_has_the_panels_users_look_for() -> None:
         "Scoring request latency quantiles",
         "Batch size",
         "Active provider",
+        "Drift martingale (log10) vs alarm threshold",
+        "Drift change statistic (log10 Shiryaev-Roberts)",
     ):
         assert title in titles
     by_title = {panel["title"]: panel for panel in panels(board)}
@@ -156,6 +158,9 @@ def substitute_variables(expr: str, signal: str) -> str:
         "Requests by endpoint and status",
         "Queue depth vs capacity",
         "Refused score requests (503 queue full, 504 deadline)",
+        "Drift martingale (log10) vs alarm threshold",
+        "Drift change statistic (log10 Shiryaev-Roberts)",
+        "Drift alarms and inputs since restart",
     ],
 )
 def test_dashboard_panel_queries_return_data_from_prometheus(live_stack: LiveStack, title: str) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.helpers.deploy_support import PROMETHEUS_DIR, LiveStack, http_get, tool
+from tests.helpers.deploy_support import FASHION_MNIST, PROMETHEUS_DIR, LiveStack, http_get, tool
 
 RULE_CASES = Path(__file__).with_name("alert_rule_cases.yml")
 
@@ -24,7 +26,7 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = run_promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 10 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 12 rules found" in rules.stdout + rules.stderr
 
 
 def test_the_issue_alerts_are_present() -> None:
@@ -33,6 +35,8 @@ def test_the_issue_alerts_are_present() -> None:
     for name in (
         "OodserveOodRateFarAboveAlpha",
         "OodserveFusedPValuesNotUniform",
+        "OodserveDriftMartingaleAlarm",
+        "OodserveDriftChangeDetected",
         "OodserveHighErrorRate",
         "OodserveHighP99Latency",
         "OodserveRunningOnCpuWhereGpuExpected",
@@ -79,7 +83,7 @@ def test_alert_rules_evaluate_cleanly_on_live_data(live_stack: LiveStack) -> Non
         if rules and all(rule["health"] == "ok" for rule in rules) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(rules) == 10
+    assert len(rules) == 12
     assert {rule["name"]: (rule["health"], rule.get("lastError", "")) for rule in rules} == {
         rule["name"]: ("ok", "") for rule in rules
     }
@@ -89,3 +93,37 @@ def test_alert_rules_evaluate_cleanly_on_live_data(live_stack: LiveStack) -> Non
         for rule in group["rules"]:
             answer = live_stack.query(rule["expr"])
             assert answer["status"] == "success", (rule["alert"], answer)
+
+
+MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() or not MNIST.exists(),
+                    reason="needs the Debian Fashion-MNIST package and the shared MNIST test set")
+def test_prometheus_sees_the_drift_alarm_of_an_mnist_stream_and_none_on_fashion_mnist(live_stack: LiveStack) -> None:
+    """Last in this file: it sends more traffic than the counts above expect."""
+    from models.data import load_images
+
+    streams = {"fashion": load_images(FASHION_MNIST, "t10k").images[1000:1400], "mnist": load_images(MNIST, "t10k").images[:400]}
+    for stream, images in streams.items():
+        for start in range(0, len(images), 100):
+            request = urllib.request.Request(
+                f"{live_stack.service_url}/v1/score",
+                data=json.dumps({"instances": images[start : start + 100].reshape(-1, 1, 28, 28).tolist()}).encode(),
+                headers={"content-type": "application/json", "x-ood-stream": stream},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 200
+    drift = json.loads(http_get(f"{live_stack.service_url}/v1/models/{live_stack.model}/drift")[1])
+    by_stream = {item["stream"]: item for item in drift["streams"]}
+    assert by_stream["mnist"]["alarm"] and not by_stream["fashion"]["alarm"], by_stream
+
+    def alarm(stream: str) -> float | None:
+        return live_stack.scalar(f'oodserve_drift_alarm{{model="{live_stack.model}",stream="{stream}",test="martingale"}}')
+
+    deadline = time.monotonic() + 30
+    while alarm("mnist") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alarm("mnist") == 1.0 and alarm("fashion") == 0.0
+    firing = live_stack.query('ALERTS{alertname="OodserveDriftMartingaleAlarm"}')["data"]["result"]
+    assert "fashion" not in {item["metric"]["stream"] for item in firing}  # the fixture's stream sent noise: it may fire
