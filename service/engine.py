@@ -14,7 +14,7 @@ from service.bundle.manifest import Manifest
 from service.runtime.sampler import Sampler
 from service.runtime.sessions import ModelRunner, RuntimeOptions
 from service.scoring.batch_typicality import BatchTypicalityTest
-from service.scoring.inputs import accepted_instance_shapes
+from service.scoring.inputs import InputError, accepted_instance_shapes
 from service.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, score_outputs
 from service.scoring.signals import SIGNAL_KINDS, SignalSource
 
@@ -80,6 +80,21 @@ class Engine:
     def default_alpha(self) -> float:
         return self.manifest.default_alpha
 
+    @property
+    def minimum_alpha(self) -> float:
+        """The smallest fused p-value this bundle can give, 1 / (n + 1) for n fused calibration scores: an alpha
+        below it would flag nothing, whatever the input."""
+        return 1.0 / (self.bundle.calibration.fused.size + 1.0)
+
+    def check_alpha(self, alpha: float | None) -> None:
+        """InputError `alpha_below_resolution` (naming the smallest supported alpha) for an alpha below `minimum_alpha`."""
+        if alpha is not None and alpha < self.minimum_alpha:
+            raise InputError(
+                "alpha_below_resolution",
+                f"alpha {alpha:g} is below the smallest p-value bundle {self.name!r} can give: with "
+                f"{self.bundle.calibration.fused.size} calibration scores the smallest supported alpha is {self.minimum_alpha:.6g}",
+            )
+
     def score(self, images: np.ndarray, alpha: float | None = None) -> BatchScores:
         """images: (N, *input_shape) float32 raw scale, already validated -> BatchScores of arrays (N,)."""
         return self.score_model_outputs(images, self.runner.run(images), alpha)
@@ -139,6 +154,7 @@ class Engine:
             "accepted_instance_shapes": accepted_instance_shapes(manifest.input.shape),
             "labels": manifest.labels,
             "default_alpha": manifest.default_alpha,
+            "minimum_alpha": self.minimum_alpha,
             "signals": [
                 {
                     "name": signal.name,

@@ -25,12 +25,14 @@ def conformal_p_values(sorted_calibration_scores: np.ndarray, scores: np.ndarray
 
     sorted_calibration_scores: (n,) ascending float64 (see `sort_calibration_scores`).
     scores: (N,) test scores. Ties count as ">=", so a score equal to every calibration score
-    gets p = 1 and a score above all of them gets p = 1 / (n + 1). NaN scores are treated as
-    +inf (maximally OOD): a model that cannot score an input has no evidence it is in-distribution.
+    gets p = 1 and a score above all of them gets p = 1 / (n + 1). Every non-finite score (NaN,
+    +inf and -inf alike) is treated as +inf, maximally OOD: a model that cannot score an input, or
+    gives it an infinite log-density, has no evidence it is in-distribution, and -inf must never
+    read as the most typical input there is.
     Returns (N,) float64 in [1/(n+1), 1].
     """
     calibration = np.asarray(sorted_calibration_scores, dtype=np.float64)
     values = np.asarray(scores, dtype=np.float64)
-    values = np.where(np.isnan(values), np.inf, values)
+    values = np.where(np.isfinite(values), values, np.inf)
     count_at_least = calibration.size - np.searchsorted(calibration, values, side="left")
     return (1.0 + count_at_least) / (calibration.size + 1.0)

@@ -85,6 +85,7 @@ async def _score(request: Request, engine: Engine) -> OrjsonResponse:
     stream = stream_of(request)
     with state.batching.arrival(engine) as arrival:
         images, alpha = await read_score_images(request, engine, state.settings)
+        engine.check_alpha(alpha)
         started = time.perf_counter()
         scores = await state.batching.score(engine, images, alpha, arrival)
     state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)

@@ -80,6 +80,7 @@ async def infer(request: Request, engine: VersionedEngineDep) -> Response:
             settings.max_batch_instances,
             [output_name for output_name, _ in output_specs(engine)],
         )
+        engine.check_alpha(parsed.alpha)
         started = time.perf_counter()
         scores = await state.batching.score(engine, parsed.images, parsed.alpha, arrival)
     state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)

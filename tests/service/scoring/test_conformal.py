@@ -67,3 +67,11 @@ def test_p_values_are_valid_on_exchangeable_data() -> None:
     for alpha in (0.05, 0.1, 0.3):
         # with n = 19 the p-value is uniform on {1/20, ..., 1}: P(p <= alpha) = floor(20 alpha) / 20 <= alpha
         assert np.mean(p <= alpha + 1e-12) <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_every_non_finite_score_counts_as_the_most_ood() -> None:
+    from service.scoring.conformal import conformal_p_values, sort_calibration_scores
+
+    calibration = sort_calibration_scores(np.arange(9.0))
+    p_values = conformal_p_values(calibration, np.array([np.nan, np.inf, -np.inf, -1e300]))
+    np.testing.assert_allclose(p_values, [0.1, 0.1, 0.1, 1.0])  # -inf is not "more typical than anything"
