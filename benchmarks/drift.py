@@ -133,6 +133,7 @@ def delay_replays(scores: dict[str, np.ndarray], shifted: str, fraction: float, 
     calibration, test = scores["calibration"], scores["test"]
     sorted_calibration = np.sort(calibration)
     delays: dict[str, list[float]] = {"martingale": [], "change": [], "ood_rate_rule": []}
+    early = {name: 0 for name in delays}
     for replay in range(replays):
         rng = np.random.default_rng([seed, 20_000 + replay])
         prefix = rng.choice(test, clean)
@@ -146,13 +147,16 @@ def delay_replays(scores: dict[str, np.ndarray], shifted: str, fraction: float, 
             crossing = first_crossing(path, level)
             # an alarm inside the clean prefix is a false alarm: counted as delay 0; none at all: censored at `after`
             delays[name].append(math.inf if crossing is None else max(crossing - clean, 0))
+            early[name] += crossing is not None and crossing < clean
         rule = ood_rate_rule_delay(conformal_p_values(sorted_calibration, stream) < ALPHA, clean)
         delays["ood_rate_rule"].append(math.inf if rule is None else max(rule, 0))
+        early["ood_rate_rule"] += rule is not None and rule < 0
     summary = {}
     for name, values in delays.items():
         array = np.asarray(values)
-        summary[name] = {"median": float(np.median(array)), "p90": float(np.quantile(array, 0.9)),
-                         "missed": int(np.isinf(array).sum()), "replays": replays}
+        finite = np.where(np.isinf(array), after, array)  # quantiles with misses censored at `after`
+        summary[name] = {"median": float(np.median(finite)), "p90": float(np.quantile(finite, 0.9)),
+                         "missed": int(np.isinf(array).sum()), "alarms_before_the_change": early[name], "replays": replays}
     return summary
 
 
