@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     onnxruntime_spinning: bool = Field(
         False, description="Let onnxruntime's pool threads busy-wait between runs (faster hand-off, but they take CPU from the event loop)."
     )
+    allow_codec_mismatch: bool = Field(
+        False, description="Serve a bundle whose signals this machine computes differently (another PNG encoder) with a warning."
+    )
     warmup_batch_size: int = Field(8, ge=1, description="Instances in the warm-up run done before readiness.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances one score request may carry (else 413).")
     max_body_bytes: int = Field(
@@ -144,6 +147,7 @@ class Settings(BaseSettings):
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
             allow_spinning=self.onnxruntime_spinning,
+            allow_codec_mismatch=self.allow_codec_mismatch,
         )
 
     def drift_settings(self) -> DriftSettings:

@@ -21,6 +21,21 @@ from service.scoring.signals import SIGNAL_KINDS, SignalSource
 logger = logging.getLogger("oodserve.engine")
 
 
+def check_signal_environment(bundle: VerifiedBundle, allow_mismatch: bool) -> None:
+    """BundleError (or a warning when `allow_mismatch`) for a signal this machine would compute otherwise than the fit did."""
+    for signal in bundle.manifest.signals:
+        check = SIGNAL_KINDS[signal.kind].check_environment
+        if check is None:
+            continue
+        problem = check({**signal.params, "arrays": bundle.signal_arrays.get(signal.name, {})})
+        if problem is None:
+            continue
+        message = f"bundle {bundle.manifest.name!r}, signal {signal.name!r}: {problem}"
+        if not allow_mismatch:
+            raise BundleError(message + "; refit the bundle here, or set OODSERVE_ALLOW_CODEC_MISMATCH=true to serve it anyway")
+        logger.warning("%s (served anyway: OODSERVE_ALLOW_CODEC_MISMATCH=true)", message)
+
+
 class Engine:
     """Holds one bundle's sessions and sorted calibration scores and turns image batches into verdicts.
 
@@ -55,8 +70,10 @@ class Engine:
     def load(cls, directory: Path | str, options: RuntimeOptions | None = None) -> Engine:
         """Verify the bundle at `directory` (sha256 of every file), create its sessions, build the engine."""
         bundle = load_bundle(directory)
-        runner = ModelRunner.for_bundle(bundle, options or RuntimeOptions())
-        engine = cls(bundle, runner, Sampler.for_bundle(bundle, options or RuntimeOptions()))
+        options = options or RuntimeOptions()
+        check_signal_environment(bundle, options.allow_codec_mismatch)
+        runner = ModelRunner.for_bundle(bundle, options)
+        engine = cls(bundle, runner, Sampler.for_bundle(bundle, options))
         logger.info(
             "bundle %s %s loaded from %s: models %s, signals %s, fusion %s",
             engine.name,

@@ -29,6 +29,9 @@ class RuntimeOptions:
     allow_spinning: bool = False
     """onnxruntime's pool threads busy-wait for the next run when True; off, they sleep and leave the cores to
     the event loop (which shares the machine's few cores with inference)."""
+    allow_codec_mismatch: bool = False
+    """Load a bundle whose signals this machine computes differently (for example another zlib behind the PNG
+    length of input_complexity) with a warning instead of refusing it."""
 
 
 @dataclass(frozen=True)

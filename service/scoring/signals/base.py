@@ -90,6 +90,8 @@ class SignalKind:
     required_params: names that must appear in the signal's `params`.
     extra_sources: model outputs read besides the signal's own (for example a background model).
     validate: optional check of (params, per-instance input shape); raises ValueError with a message.
+    check_environment: optional check, when the bundle loads, that this machine computes the signal as the
+    machine that fitted it did (params with `arrays`); returns what differs, or None.
     """
 
     name: str
@@ -99,6 +101,7 @@ class SignalKind:
     required_params: tuple[str, ...] = ()
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None
+    check_environment: Callable[[Mapping[str, Any]], str | None] | None = None
 
 
 SIGNAL_KINDS: dict[str, SignalKind] = {}
@@ -112,6 +115,7 @@ def register_signal_kind(
     required_params: tuple[str, ...] = (),
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources,
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None,
+    check_environment: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Callable[[SignalScoreFunction], SignalScoreFunction]:
     """Decorator adding the decorated score function as a signal kind to `SIGNAL_KINDS` (refuses a duplicate name)."""
 
@@ -126,6 +130,7 @@ def register_signal_kind(
             required_params=required_params,
             extra_sources=extra_sources,
             validate=validate,
+            check_environment=check_environment,
         )
         return score
 

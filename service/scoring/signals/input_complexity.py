@@ -5,6 +5,7 @@ likelihood-based generative models"); L is the PNG length in bits."""
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,14 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from service.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, dimensions_of, register_signal_kind
+from service.scoring.signals.base import (
+    PARAMETERS_FILE_KEY,
+    FittedSignal,
+    ModelOutputs,
+    SignalSource,
+    dimensions_of,
+    register_signal_kind,
+)
 from service.scoring.signals.bits_per_dim import bits_per_dim_signal
 
 
@@ -45,11 +53,40 @@ def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
         raise ValueError(f"input_complexity needs greyscale or RGB images of shape [H, W], [1, H, W] or [3, H, W], input shape is {shape}")
 
 
+REFERENCE_IMAGES = 8
+CODEC_FILE = "input_complexity_codec.npz"
+
+
+def codec_name() -> str:
+    """The compressor that defines L(x) here: Pillow's PNG writer on the zlib it was built with."""
+    return f"PNG, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}, level 6"
+
+
 def fit_input_complexity(
     outputs: ModelOutputs, images: np.ndarray, source: SignalSource, options: Mapping[str, Any], labels: np.ndarray | None
 ) -> FittedSignal:
-    """Nothing to learn; records the compressor that defines L(x), whose version changes code lengths."""
-    return FittedSignal({**options, "codec": f"PNG, Pillow {PIL.__version__}, zlib level 6"})
+    """Nothing to learn; records the compressor that defines L(x) and, in a parameters file, the PNG lengths of
+    a few reference images, so that a machine whose encoder codes them differently is found when the bundle loads."""
+    reference = np.clip(np.rint(np.asarray(images[:REFERENCE_IMAGES], dtype=np.float64)), 0, 255).astype(np.uint8)
+    return FittedSignal(
+        {**options, "codec": codec_name(), PARAMETERS_FILE_KEY: options.get(PARAMETERS_FILE_KEY, CODEC_FILE)},
+        {"reference_images": reference, "reference_png_bits": png_length_bits(reference)},
+    )
+
+
+def check_codec(params: Mapping[str, Any]) -> str | None:
+    """None when this machine's PNG encoder gives the bundle's reference images the recorded lengths, else what differs."""
+    arrays = params.get("arrays")
+    if not arrays or "reference_images" not in arrays or "reference_png_bits" not in arrays:
+        return None  # bundles fitted before the reference images were recorded
+    here = png_length_bits(arrays["reference_images"])
+    if np.array_equal(here, arrays["reference_png_bits"]):
+        return None
+    return (
+        f"the PNG encoder here ({codec_name()}) codes the bundle's reference images in {here.astype(int).tolist()} bits, the fit "
+        f"recorded {np.asarray(arrays['reference_png_bits']).astype(int).tolist()} ({params.get('codec', 'codec not recorded')}): "
+        "input_complexity values and their p-values would be shifted"
+    )
 
 
 @register_signal_kind(
@@ -57,6 +94,7 @@ def fit_input_complexity(
     description="-log2 p(x) - L(x), L = PNG length in bits (Serra et al. 2020)",
     fit=fit_input_complexity,
     validate=_validate,
+    check_environment=check_codec,
 )
 def input_complexity_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
     """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W). Returns (N,) float64."""

@@ -127,3 +127,24 @@ def test_image_folders_of_mixed_sizes_need_resize(tmp_path: Path) -> None:
         Image.fromarray(np.zeros((10 + index, 12), np.uint8)).save(tmp_path / f"{index}.png")
     with pytest.raises(DataError, match="different sizes.*--resize"):
         load_image_dataset(tmp_path)
+
+
+def test_a_machine_whose_png_encoder_codes_differently_is_refused_unless_allowed(
+    rgb_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.bundle.loader import BundleError
+    from service.engine import Engine
+    from service.runtime.sessions import RuntimeOptions
+    from service.scoring.signals import input_complexity
+
+    manifest = json.loads((rgb_bundle / "manifest.json").read_text())
+    complexity = next(signal for signal in manifest["signals"] if signal["kind"] == "input_complexity")
+    assert complexity["params"]["parameters_file"] == input_complexity.CODEC_FILE and "zlib" in complexity["params"]["codec"]
+    Engine.load(rgb_bundle)  # this machine fitted it: the reference lengths agree
+    real = input_complexity.png_length_bits
+    monkeypatch.setattr(input_complexity, "png_length_bits", lambda images: real(images) + 8.0)  # one byte longer each
+    with pytest.raises(BundleError, match="PNG encoder here .* OODSERVE_ALLOW_CODEC_MISMATCH"):
+        Engine.load(rgb_bundle)
+    with caplog.at_level("WARNING", logger="oodserve.engine"):
+        Engine.load(rgb_bundle, RuntimeOptions(allow_codec_mismatch=True))
+    assert "served anyway" in caplog.text
