@@ -1,8 +1,9 @@
 """Train the SNGP classifier on Fashion-MNIST (`split.train` only; `split.validation` for monitoring).
 
-The GP precision matrix is reset at the start of every epoch and summed exactly over it, so the
-covariance `(ridge I + Phi^T Phi)^-1` comes from the last complete epoch (Liu et al. 2020, Alg. 1).
-If the time budget cuts an epoch short, a gradient-free pass over `split.train` rebuilds it.
+The GP precision matrix is reset at the start of every epoch and summed exactly over it (Liu et al. 2020,
+Alg. 1). After the last epoch and the final spectral-norm refresh, a gradient-free eval-mode pass over
+`split.train` sums it once more on the features the exported graph computes, so the covariance
+`(ridge I + Phi^T Phi)^-1` matches inference (and an epoch the time budget cut short loses nothing).
 """
 
 from __future__ import annotations
@@ -267,9 +268,11 @@ def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
         if not precision_complete:
             break
     refresh_all_sigmas(model)
-    if not precision_complete:
-        tqdm.write("last epoch was cut short: gradient-free precision pass over split.train")
-        precision_pass(model, train_images, settings.batch_size)
+    # The per-epoch sum used train-mode features (batch statistics, weights changing within the epoch); the
+    # served graph computes eval-mode features with the final sigmas, so the precision is summed again on those.
+    tqdm.write("precision: eval-mode pass over split.train with the final spectral norms"
+               + ("" if precision_complete else " (the last epoch was cut short)"))
+    precision_pass(model, train_images, settings.batch_size)
     model.gp.update_covariance()
     train_minutes = (time.monotonic() - started) / 60.0
 

@@ -97,3 +97,23 @@ def test_epochs_zero_takes_as_many_epochs_as_the_budget_affords(tmp_path: Path) 
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "auto" / "metrics.json").read_text())
     assert metrics["epochs_completed"] >= 2 and all(h["complete"] for h in metrics["history"])
+
+
+def test_the_final_precision_is_summed_on_eval_mode_features_of_the_trained_model(tmp_path: Path) -> None:
+    from models.sngp.train import load_checkpoint, standardize
+
+    data = fake_fashion_mnist(tmp_path / "data")
+    result = CliRunner().invoke(cli_app(), [
+        "train", "sngp", "--out", str(tmp_path / "run"), "--epochs", "2", "--limit-train", "64", "--batch-size", "32",
+        "--widths", "2,2,4", "--random-features", "32", "--threads", "1", "--data", str(data),
+    ])
+    assert result.exit_code == 0, result.output
+    model, checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
+    from models.data import bundle_split, load_images
+
+    train = load_images(data, "train")
+    images = standardize(train.images[bundle_split(len(train.images)).train][:64], model.config)
+    with torch.no_grad():
+        phi = model.gp.random_features(model.backbone(images)).double()  # eval mode: what the ONNX graph computes
+    expected = model.config.ridge * torch.eye(phi.shape[1], dtype=torch.float64) + phi.t() @ phi
+    assert torch.allclose(model.gp.precision, expected, rtol=1e-6, atol=1e-6)
