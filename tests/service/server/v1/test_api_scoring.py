@@ -50,7 +50,8 @@ def test_instances_with_and_without_the_channel_axis_are_equal(client: TestClien
 
 def test_alpha_override_changes_the_verdict_only(client: TestClient, bundle_dir: Path, make_images, score_oracle, results_match) -> None:
     images = make_images(8, 41)
-    for alpha in (0.001, 0.5, 0.999):
+    smallest = client.get("/v1/models").json()["models"][0]["minimum_alpha"]  # below it: 422 alpha_below_resolution
+    for alpha in (1.5 * smallest, 0.5, 0.999):
         body = client.post("/v1/score", json={"instances": images.tolist(), "alpha": alpha}).json()
         assert body["alpha"] == alpha
         results_match(body["results"], score_oracle(bundle_dir, images, alpha))
