@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +11,7 @@ from service.server.body import is_json_media_type, json_type_name, parse_json, 
 from service.server.deps import StateDep
 from service.server.errors import ApiError
 from service.server.responses import OrjsonResponse
-from service.server.schemas import ErrorResponse
+from service.server.schemas import error_responses
 from service.server.security import ADMIN_KEY_DEPENDENCIES
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=ADMIN_KEY_DEPENDENCIES)
@@ -46,20 +45,17 @@ class ReloadResponse(BaseModel):
     seconds: float = Field(description="Time to verify, load and warm up the new bundles.")
 
 
-_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Body is not valid JSON.",
-        401: "No admin key sent (`Authorization: Bearer KEY`).",
-        403: "Wrong admin key, or admin endpoints disabled (no OODSERVE_ADMIN_KEYS).",
-        409: "Another reload is running.",
-        413: "Body too large.",
-        415: "Body sent with a Content-Type other than application/json.",
-        422: "Invalid body, or the bundle was refused (the message says why); the old bundles keep serving.",
-        500: "The reload failed unexpectedly; the old bundles keep serving.",
-        503: "The service is still starting.",
-    }.items()
-}
+_ADMIN_ERRORS = error_responses({
+    400: "Body is not valid JSON.",
+    401: "No admin key sent (`Authorization: Bearer KEY`).",
+    403: "Wrong admin key, or admin endpoints disabled (no OODSERVE_ADMIN_KEYS).",
+    409: "Another reload is running.",
+    413: "Body too large.",
+    415: "Body sent with a Content-Type other than application/json.",
+    422: "Invalid body, or the bundle was refused (the message says why); the old bundles keep serving.",
+    500: "The reload failed unexpectedly; the old bundles keep serving.",
+    503: "The service is still starting.",
+})
 
 
 async def read_reload_request(request: Request) -> Path | None:

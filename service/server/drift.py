@@ -16,7 +16,7 @@ from service.server.body import is_json_media_type, json_type_name, parse_json, 
 from service.server.deps import NamedEngineDep, StateDep
 from service.server.errors import ApiError
 from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES, ErrorResponse
+from service.server.schemas import ERROR_RESPONSES, error_responses
 from service.server.security import ADMIN_KEY_DEPENDENCIES
 from service.server.state import AppState
 
@@ -82,19 +82,16 @@ async def _read_reset_request(request: Request) -> tuple[str | None, str | None]
     return payload.get("model"), payload.get("stream")
 
 
-_RESET_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Body is not valid JSON.",
-        401: "No admin key sent (`Authorization: Bearer KEY`).",
-        403: "Wrong admin key, or admin endpoints disabled (no OODSERVE_ADMIN_KEYS).",
-        404: "Unknown model, or drift tests switched off (OODSERVE_DRIFT=false).",
-        413: "Body too large.",
-        415: "Body sent with a Content-Type other than application/json.",
-        422: "Invalid body: fields other than `model` and `stream`, or not strings.",
-        503: "The service is still starting.",
-    }.items()
-}
+_RESET_ERRORS = error_responses({
+    400: "Body is not valid JSON.",
+    401: "No admin key sent (`Authorization: Bearer KEY`).",
+    403: "Wrong admin key, or admin endpoints disabled (no OODSERVE_ADMIN_KEYS).",
+    404: "Unknown model, or drift tests switched off (OODSERVE_DRIFT=false).",
+    413: "Body too large.",
+    415: "Body sent with a Content-Type other than application/json.",
+    422: "Invalid body: fields other than `model` and `stream`, or not strings.",
+    503: "The service is still starting.",
+})
 
 
 @admin_router.post(

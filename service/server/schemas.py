@@ -73,14 +73,16 @@ def v2_error_responses(responses: dict[int | str, dict[str, Any]]) -> dict[int |
     }
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Malformed body (not JSON).",
-        404: "Unknown model.",
-        413: "Body or batch too large.",
-        415: "Content type is not application/json.",
-        422: "Wrong shape, dtype, NaN/Inf, out-of-range values, empty batch or invalid alpha.",
-        503: "Not ready yet.",
-    }.items()
-}
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route: each error status with the v1 error body and what it means."""
+    return {status: {"model": ErrorResponse, "description": description} for status, description in descriptions.items()}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = error_responses({
+    400: "Malformed body (not JSON).",
+    404: "Unknown model.",
+    413: "Body or batch too large.",
+    415: "Content type is not application/json.",
+    422: "Wrong shape, dtype, NaN/Inf, out-of-range values, empty batch, invalid alpha or alpha below the bundle's resolution.",
+    503: "Not ready yet.",
+})
