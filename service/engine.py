@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class Engine:
         self.classifier_logits = SignalSource(classifier.model, classifier.logits) if classifier is not None else None
         test = self.manifest.batch_typicality
         self.batch_typicality = (
-            BatchTypicalityTest(bundle.batch_reference_bpd, test.entropy_bpd, n_bootstrap=test.n_bootstrap)
+            BatchTypicalityTest(bundle.batch_reference_bpd, test.entropy_bpd)
             if test is not None and bundle.batch_reference_bpd is not None
             else None
         )
@@ -104,12 +105,12 @@ class Engine:
         return 1.0 / (self.bundle.calibration.fused.size + 1.0)
 
     def check_alpha(self, alpha: float | None) -> None:
-        """InputError `alpha_below_resolution` (naming the smallest supported alpha) for an alpha below `minimum_alpha`."""
-        if alpha is not None and alpha < self.minimum_alpha:
+        """InputError `alpha_below_resolution` for an alpha at or below `minimum_alpha` (nothing could be flagged)."""
+        if alpha is not None and alpha <= self.minimum_alpha:
             raise InputError(
                 "alpha_below_resolution",
-                f"alpha {alpha:g} is below the smallest p-value bundle {self.name!r} can give: with "
-                f"{self.bundle.calibration.fused.size} calibration scores the smallest supported alpha is {self.minimum_alpha:.6g}",
+                f"alpha {alpha:g} is not above the smallest p-value bundle {self.name!r} can give: with "
+                f"{self.bundle.calibration.fused.size} calibration scores alpha must be above {self.minimum_alpha:.6g}",
             )
 
     def score(self, images: np.ndarray, alpha: float | None = None) -> BatchScores:
@@ -142,14 +143,23 @@ class Engine:
         if self.batch_typicality is None or test is None or scores.is_ood.size < 2:
             return None
         outcome = self.batch_typicality.test(scores.signals[test.signal], scores.alpha)
-        return {
+        body: dict[str, Any] = {
             "test": "typicality",
             "size": outcome.size,
-            "statistic": outcome.statistic,
+            "statistic": outcome.statistic if math.isfinite(outcome.statistic) else None,
+            "p_value": outcome.p_value,
+            "minimum_alpha": outcome.minimum_alpha,
+            "reference_batches": outcome.reference_batches,
             "threshold": outcome.threshold,
             "alpha": outcome.alpha,
             "is_ood": outcome.is_ood,
         }
+        if outcome.is_ood is None:
+            body["note"] = (
+                f"not tested: alpha {outcome.alpha:g} is not above this batch size's resolution {outcome.minimum_alpha:.4g} "
+                f"({outcome.reference_batches} disjoint reference batches of {outcome.size}); send smaller batches or a larger alpha"
+            )
+        return body
 
     def warm_up(self, batch_size: int = 8) -> None:
         """Run the full scoring path once on a mid-grey batch so the first request pays no set-up cost."""

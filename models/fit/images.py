@@ -320,7 +320,6 @@ def _calibrate_and_write(
             "signal": "bits_per_dim",
             "entropy_bpd": float(np.mean(reference_bpd)),
             "parameters_file": BATCH_TYPICALITY_FILE,
-            "n_bootstrap": 2000,
         },
         "default_alpha": max(default_alpha, minimum_alpha),
         "provenance": {

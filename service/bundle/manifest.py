@@ -108,12 +108,12 @@ class SamplerSpec(StrictModel):
 
 class BatchTypicalitySpec(StrictModel):
     """Batch typicality test (Nalisnick et al. 2019b) over a bits/dim signal; `parameters_file` holds
-    `reference_bpd`, held-out in-distribution bits/dim for the bootstrap."""
+    `reference_bpd`, held-out in-distribution bits/dim, partitioned into disjoint reference batches."""
 
     signal: str
     entropy_bpd: float
     parameters_file: str
-    n_bootstrap: int = Field(2000, ge=100, le=100000)
+    n_bootstrap: int = Field(2000, ge=100, le=100000, description="Unused since the test became conformal; kept so older bundles load.")
 
 
 class Provenance(BaseModel):

@@ -36,10 +36,14 @@ class BatchResult(BaseModel):
 
     test: str = Field(description="Always 'typicality'.")
     size: int = Field(description="M, the number of instances in the batch.")
-    statistic: float = Field(description="|mean bits/dim of the batch - training entropy|.")
-    threshold: float = Field(description="Bootstrap (1 - alpha) quantile of the statistic for batches of M in-distribution inputs.")
+    statistic: float | None = Field(description="|mean bits/dim of the batch - training entropy| (null when not finite).")
+    p_value: float = Field(description="Conformal p-value against K disjoint batches of M held-out in-distribution inputs.")
+    minimum_alpha: float = Field(description="1 / (K + 1): the smallest p-value a batch of this size can get.")
+    reference_batches: int = Field(description="K, the disjoint reference batches of M.")
+    threshold: float | None = Field(description="The (1 - alpha) conformal quantile of the reference statistics, for plots.")
     alpha: float
-    is_ood: bool = Field(description="statistic > threshold: the batch as a whole is atypical.")
+    is_ood: bool | None = Field(description="p_value < alpha: the batch as a whole is atypical; null when alpha <= minimum_alpha.")
+    note: str | None = Field(None, description="Why the batch was not tested, when is_ood is null.")
 
 
 class ScoreResponse(BaseModel):

@@ -20,6 +20,7 @@ def test_alpha_below_the_calibration_resolution_is_refused_on_v1_and_v2(
     v1 = client.post("/v1/score", json={"instances": image.tolist(), "alpha": too_small})
     assert v1.status_code == 422 and v1.json()["error"]["code"] == "alpha_below_resolution"
     assert f"{minimum:.6g}" in v1.json()["error"]["message"]
+    assert client.post("/v1/score", json={"instances": image.tolist(), "alpha": minimum}).status_code == 422  # nothing could be flagged
     buffer = io.BytesIO()
     np.save(buffer, image.astype(np.float32))
     npy = client.post(f"/v1/score?alpha={too_small}", content=buffer.getvalue(), headers={"content-type": "application/x-npy"})
@@ -29,6 +30,6 @@ def test_alpha_below_the_calibration_resolution_is_refused_on_v1_and_v2(
         "parameters": {"alpha": too_small},
     }
     v2 = client.post(f"/v2/models/{model['name']}/infer", json=body)
-    assert v2.status_code == 400 and "smallest supported alpha" in v2.json()["error"]
+    assert v2.status_code == 400 and "alpha must be above" in v2.json()["error"]
     body["parameters"] = {"alpha": minimum * 1.01}
     assert client.post(f"/v2/models/{model['name']}/infer", json=body).status_code == 200

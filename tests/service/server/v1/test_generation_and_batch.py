@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.bundle.loader import BundleError, load_bundle
 from service.bundle.writer import write_bundle
-from service.scoring.batch_typicality import bootstrap_statistics, bootstrap_threshold
+from service.scoring.batch_typicality import BatchTypicalityTest
 from service.server.app import create_app
 
 ENTROPY = 7.5
@@ -103,12 +103,12 @@ def test_batch_object_matches_numpy(extended_client: TestClient, make_images, re
     body = response.json()
     bpd = np.array([r["signals"]["bits_per_dim"] for r in body["results"]])
     statistic = abs(bpd.mean() - ENTROPY)
-    threshold = bootstrap_threshold(bootstrap_statistics(reference, ENTROPY, 5, 500, 0), 0.1)
+    expected = BatchTypicalityTest(reference, ENTROPY).test(bpd, 0.1)
     batch = body["batch"]
-    assert batch["size"] == 5 and batch["alpha"] == 0.1
+    assert batch["size"] == 5 and batch["alpha"] == 0.1 and batch["reference_batches"] == len(reference) // 5
     assert batch["statistic"] == pytest.approx(statistic, abs=1e-9)
-    assert batch["threshold"] == pytest.approx(threshold, abs=1e-12)
-    assert batch["is_ood"] == (statistic > threshold)
+    assert batch["p_value"] == pytest.approx(expected.p_value) and batch["minimum_alpha"] == pytest.approx(1 / (len(reference) // 5 + 1))
+    assert batch["is_ood"] == (batch["p_value"] < 0.1)
 
 
 def test_single_instance_has_no_batch_object(extended_client: TestClient, make_images) -> None:
