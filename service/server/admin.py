@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.server.body import is_json_media_type, json_type_name, parse_json, read_body_limited
+from service.server.body import json_type_name, read_optional_json_object
 from service.server.deps import StateDep
 from service.server.errors import ApiError
 from service.server.responses import OrjsonResponse
@@ -60,18 +60,9 @@ _ADMIN_ERRORS = error_responses({
 
 async def read_reload_request(request: Request) -> Path | None:
     """The optional `bundle` path of the body: empty body = none; else JSON (415/400) {"bundle": str} (422)."""
-    body = await read_body_limited(request, MAX_ADMIN_BODY_BYTES)
-    if not body.strip():
+    payload = await read_optional_json_object(request, MAX_ADMIN_BODY_BYTES, ("bundle",), '{"bundle": PATH}')
+    if payload is None:
         return None
-    content_type = request.headers.get("content-type")
-    if not is_json_media_type(content_type):
-        raise ApiError(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
-    payload = parse_json(body)
-    if not isinstance(payload, dict):
-        raise ApiError(422, "invalid_request", f'body must be a JSON object like {{"bundle": PATH}}, got a JSON {json_type_name(payload)}')
-    unknown = sorted(key for key in payload if key != "bundle")
-    if unknown:
-        raise ApiError(422, "invalid_request", f"unknown fields {unknown}; the only field is `bundle`")
     bundle = payload.get("bundle")
     if bundle is None:
         return None

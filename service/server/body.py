@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -68,6 +69,26 @@ async def read_json_request(request: Request, max_bytes: int) -> Any:
     body = await read_body_limited(request, max_bytes)
     check_json_depth(body, app_state(request).settings.max_json_depth)
     return parse_json(body)
+
+
+async def read_optional_json_object(request: Request, max_bytes: int, fields: Sequence[str], example: str) -> dict[str, Any] | None:
+    """An optional JSON object body with only `fields`: None for an empty body; else the content type (415),
+    size (413), JSON syntax (400) and object shape with no other keys (422) are checked. `example` shows the
+    expected object in the error message."""
+    body = await read_body_limited(request, max_bytes)
+    if not body.strip():
+        return None
+    content_type = request.headers.get("content-type")
+    if not is_json_media_type(content_type):
+        raise ApiError(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
+    payload = parse_json(body)
+    if not isinstance(payload, dict):
+        raise ApiError(422, "invalid_request", f"body must be a JSON object like {example}, got a JSON {json_type_name(payload)}")
+    unknown = sorted(key for key in payload if key not in fields)
+    if unknown:
+        allowed = f"the only field is `{fields[0]}`" if len(fields) == 1 else f"allowed fields are {list(fields)}"
+        raise ApiError(422, "invalid_request", f"unknown fields {unknown}; {allowed}")
+    return payload
 
 
 def json_type_name(value: Any) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.drift.monitor import DEFAULT_STREAM, DriftMonitor
 from service.engine import Engine
 from service.scoring.pipeline import BatchScores
-from service.server.body import is_json_media_type, json_type_name, parse_json, read_body_limited
+from service.server.body import json_type_name, read_optional_json_object
 from service.server.deps import NamedEngineDep, StateDep
 from service.server.errors import ApiError
 from service.server.responses import OrjsonResponse
@@ -62,20 +61,9 @@ async def get_drift(engine: NamedEngineDep, state: StateDep) -> OrjsonResponse:
 
 
 async def _read_reset_request(request: Request) -> tuple[str | None, str | None]:
-    body = await read_body_limited(request, MAX_RESET_BODY_BYTES)
-    if not body.strip():
+    payload = await read_optional_json_object(request, MAX_RESET_BODY_BYTES, ("model", "stream"), '{"model": NAME, "stream": ID}')
+    if payload is None:
         return None, None
-    content_type = request.headers.get("content-type")
-    if not is_json_media_type(content_type):
-        raise ApiError(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
-    payload: Any = parse_json(body)
-    if not isinstance(payload, dict):
-        raise ApiError(
-            422, "invalid_request", f'body must be a JSON object like {{"model": NAME, "stream": ID}}, got a JSON {json_type_name(payload)}'
-        )
-    unknown = sorted(key for key in payload if key not in ("model", "stream"))
-    if unknown:
-        raise ApiError(422, "invalid_request", f"unknown fields {unknown}; allowed fields are ['model', 'stream']")
     for key in ("model", "stream"):
         if payload.get(key) is not None and not isinstance(payload[key], str):
             raise ApiError(422, "invalid_request", f"`{key}` must be a string, got a JSON {json_type_name(payload[key])}")
