@@ -26,14 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 from sortedcontainers import SortedList
 
+from service.scoring.conformal import as_non_conformity
+
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.linspace(0.05, 0.95, 10))
 """The mixing grid of the power martingale: small eps bets hard on tiny p-values, large eps gently."""
-
-
-def non_conformity(scores: np.ndarray) -> np.ndarray:
-    """Fused statistics (N,) as non-conformity scores: NaN (a signal that failed) counts as the most OOD."""
-    values = np.asarray(scores, dtype=np.float64)
-    return np.where(np.isnan(values), np.inf, values)
 
 
 class OnlineConformalPValues:
@@ -43,7 +39,7 @@ class OnlineConformalPValues:
     then s_n joins the reference when `grow` (the exchangeable, exactly uniform version)."""
 
     def __init__(self, calibration: np.ndarray, rng: np.random.Generator, grow: bool = True) -> None:
-        self.reference = SortedList(non_conformity(calibration).tolist())
+        self.reference = SortedList(as_non_conformity(calibration).tolist())
         self.calibration_size = len(self.reference)
         self.rng = rng
         self.grow = grow
@@ -54,7 +50,7 @@ class OnlineConformalPValues:
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """The p-value of each score (N,) in order, each against the reference before it (then added)."""
-        values = non_conformity(scores).tolist()
+        values = as_non_conformity(scores).tolist()
         taus = self.rng.random(len(values)).tolist()
         reference = self.reference
         out = np.empty(len(values))

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from service.scoring.conformal import conformal_p_values
+
 
 @dataclass(frozen=True)
 class BatchTypicalityResult:
@@ -80,8 +82,7 @@ class BatchTypicalityTest:
         statistic = batch_typicality_statistic(batch_bits_per_dim, self.entropy_bpd)
         reference = self._statistics_for_size(size)
         count = len(reference)
-        at_least = 0 if math.isnan(statistic) else count - int(np.searchsorted(reference, statistic, side="left"))
-        p_value = (1.0 + at_least) / (count + 1.0)
+        p_value = float(conformal_p_values(reference, np.array([statistic]))[0])
         minimum = 1.0 / (count + 1.0)
         resolvable = alpha > minimum and count > 0  # p >= minimum always: at or below it nothing could be flagged
         return BatchTypicalityResult(

@@ -20,6 +20,12 @@ def sort_calibration_scores(calibration_scores: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.sort(scores))
 
 
+def as_non_conformity(scores: np.ndarray) -> np.ndarray:
+    """Scores (N,) as float64 with every non-finite value (NaN, +inf, -inf) replaced by +inf, the most OOD."""
+    values = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.inf)
+
+
 def conformal_p_values(sorted_calibration_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """p = (1 + #{calibration >= s}) / (n + 1) for every score s (higher score = more OOD).
 
@@ -32,7 +38,6 @@ def conformal_p_values(sorted_calibration_scores: np.ndarray, scores: np.ndarray
     Returns (N,) float64 in [1/(n+1), 1].
     """
     calibration = np.asarray(sorted_calibration_scores, dtype=np.float64)
-    values = np.asarray(scores, dtype=np.float64)
-    values = np.where(np.isfinite(values), values, np.inf)
+    values = as_non_conformity(scores)
     count_at_least = calibration.size - np.searchsorted(calibration, values, side="left")
     return (1.0 + count_at_least) / (calibration.size + 1.0)
