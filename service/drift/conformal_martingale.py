@@ -64,11 +64,19 @@ class OnlineConformalPValues:
         return out
 
 
+P_VALUE_FLOOR = 1e-300
+"""p-values are clamped to [P_VALUE_FLOOR, 1] before their log is taken."""
+
+
+def _log_p(p: float) -> float:
+    return math.log(min(max(p, P_VALUE_FLOOR), 1.0))
+
+
 def log_betting_components(p_values: np.ndarray, epsilons: Sequence[float] = DEFAULT_EPSILONS) -> np.ndarray:
     """log(eps_k * p_i^(eps_k - 1)) for p-values (N,) and K epsilons: (N, K). Each eps * p^(eps - 1)
     integrates to 1 over [0, 1], so it is a valid betting function."""
     eps = np.asarray(epsilons, dtype=np.float64)
-    logs = np.log(np.clip(np.asarray(p_values, dtype=np.float64), 1e-300, 1.0))
+    logs = np.log(np.clip(np.asarray(p_values, dtype=np.float64), P_VALUE_FLOOR, 1.0))
     return np.log(eps)[None, :] + (eps - 1.0)[None, :] * logs[:, None]
 
 
@@ -108,7 +116,7 @@ class MixturePowerMartingale:
             out = np.empty(len(p_values))
             components, mix = self.log_components, math.log(len(self.epsilons))
             for index, p in enumerate(np.asarray(p_values, dtype=np.float64).tolist()):
-                log_p = math.log(min(max(p, 1e-300), 1.0))
+                log_p = _log_p(p)
                 components = [c + le + (e - 1.0) * log_p for c, le, e in zip(components, self._log_epsilons, self.epsilons, strict=True)]
                 out[index] = _logsumexp(components) - mix
             self.log_components = components
@@ -146,7 +154,7 @@ class ShiryaevRoberts:
         components, mix = self.log_components, math.log(len(self.epsilons))
         pairs = list(zip(self._log_epsilons, self.epsilons, strict=True))
         for index, p in enumerate(np.asarray(p_values, dtype=np.float64).tolist()):
-            log_p = math.log(min(max(p, 1e-300), 1.0))
+            log_p = _log_p(p)
             # log(S + 1) = logaddexp(log S, 0), then times eps p^(eps - 1)
             components = [
                 (c + math.log1p(math.exp(-c)) if c > 0 else math.log1p(math.exp(c))) + le + (e - 1.0) * log_p

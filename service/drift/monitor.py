@@ -45,11 +45,15 @@ class StreamState:
     p_values: OnlineConformalPValues
     martingale: MixturePowerMartingale = field(default_factory=MixturePowerMartingale)
     change: ShiryaevRoberts = field(default_factory=ShiryaevRoberts)
-    inputs: int = 0
     since: float = field(default_factory=time.time)
     alarm: bool = False
     change_alarm: bool = False
     alarms: dict[str, int] = field(default_factory=lambda: {"martingale": 0, "change": 0})
+
+    @property
+    def inputs(self) -> int:
+        """Inputs since the restart: the stream scores the online p-values hold."""
+        return self.p_values.stream_size
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,6 @@ class DriftMonitor:
         p_values = state.p_values.p_values(scores)
         log_martingale = state.martingale.update(p_values)
         log_change = state.change.update(p_values)
-        state.inputs += len(scores)
         if not state.alarm and log_martingale.max() >= self._log_martingale_threshold:
             state.alarm = True
             state.alarms["martingale"] += 1
