@@ -89,6 +89,19 @@ def precision_pass(model: SNGPClassifier, images: torch.Tensor, batch_size: int)
         model.gp.accumulate_precision(model.gp.random_features(features))
 
 
+def training_step(
+    model: SNGPClassifier, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on an augmented batch `(B, C, H, W)`; returns (logits (B, K), loss)."""
+    logits, _, _, _ = model(augment(images, generator, settings.flip, settings.crop_padding))
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def train_one_epoch(
     model: SNGPClassifier,
     images: torch.Tensor,
@@ -111,12 +124,7 @@ def train_one_epoch(
             bar.close()
             return total_loss / max(seen, 1), total_correct / max(seen, 1), False
         index = order[start : start + settings.batch_size]
-        batch = augment(images[index], generator, settings.flip, settings.crop_padding)
-        logits, _, _, _ = model(batch)
-        loss = F.cross_entropy(logits, labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss = training_step(model, optimizer, images[index], labels[index], settings, generator)
         if scheduler is not None:
             scheduler.step()
         total_loss += float(loss.detach()) * index.numel()
@@ -180,11 +188,7 @@ def epochs_for_budget(
     for step in range(PROBE_STEPS + 2):
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         began = time.monotonic()
-        logits, _, _, _ = probe(augment(images[index], generator, settings.flip, settings.crop_padding))
-        loss = F.cross_entropy(logits, labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(probe, optimizer, images[index], labels[index], settings, generator)
         if step >= 2:  # the first steps pay one-off allocation costs
             timings.append(time.monotonic() - began)
     probe.eval()
