@@ -238,10 +238,12 @@ def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
     model = SNGPClassifier(config)
     parameters = sum(p.numel() for p in model.parameters())
     if settings.epochs <= 0:
-        # leave room for the final precision pass, covariance inverse and test predictions (about one epoch of forwards)
+        # leave room for what follows the last epoch: the eval-mode precision pass over the training images and
+        # the validation and test predictions
         affordable = settings.max_minutes * 60.0 - (time.monotonic() - started)
+        final_forwards = train_images.shape[0] + 2 * len(validation_images) + len(data.test_images)
         settings.epochs, per_epoch = epochs_for_budget(model, train_images, train_labels, settings, 0.92 * affordable,
-                                                       len(validation_images), 2 * len(validation_images) + len(data.test_images))
+                                                       len(validation_images), final_forwards)
         tqdm.write(f"time budget {affordable / 60:.1f} min: {settings.epochs} epochs of about {per_epoch:.0f} s")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(train_images.shape[0] / settings.batch_size)
