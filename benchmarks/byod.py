@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, VectorSet, load_images
-from models.evaluation.metrics import auroc
+from models.evaluation.metrics import auroc, clopper_pearson
 from models.fit.vectors import fit_vectors
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -109,16 +109,6 @@ def benchmark_sets(names: list[str] | None = None) -> list[VectorBenchmarkSet]:
     if unknown:
         raise SystemExit(f"unknown or unavailable sets {unknown}; available: {sorted(makers)}")
     return [makers[name]() for name in chosen]
-
-
-def clopper_pearson(failures: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial confidence interval of a rate."""
-    from scipy.stats import beta
-
-    tail = (1.0 - level) / 2.0
-    low = 0.0 if failures == 0 else float(beta.ppf(tail, failures, trials - failures + 1))
-    high = 1.0 if failures == trials else float(beta.ppf(1.0 - tail, failures + 1, trials - failures))
-    return low, high
 
 
 @dataclass

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from scipy.stats import beta
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from models.evaluation.metrics import clopper_pearson
 from models.perturbations import rotate_90
 from service.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
 from service.drift.monitor import DriftMonitor, DriftSettings
@@ -40,13 +40,6 @@ MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mn
 ALPHA = 0.05
 RATE_WINDOW, RATE_HOLD = 3000, 6000
 """The OOD-rate rule in inputs at 10 inputs/s: rate over 5 minutes, held for 10 minutes."""
-
-
-def clopper_pearson(failures: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    tail = (1.0 - level) / 2.0
-    low = 0.0 if failures == 0 else float(beta.ppf(tail, failures, trials - failures + 1))
-    high = 1.0 if failures == trials else float(beta.ppf(1.0 - tail, failures + 1, trials - failures))
-    return low, high
 
 
 def fused_scores(cache: Path) -> dict[str, np.ndarray]:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import beta, kstest
+from scipy.stats import kstest
 
+from models.evaluation.metrics import clopper_pearson
 from service.drift.conformal_martingale import (
     DEFAULT_EPSILONS,
     MixturePowerMartingale,
@@ -19,13 +20,13 @@ from service.drift.conformal_martingale import (
 )
 
 
-def upper_bound(failures: int, trials: int, level: float = 0.99) -> float:
-    """One-sided Clopper-Pearson upper bound of a rate."""
-    return 1.0 if failures == trials else float(beta.ppf(level, failures + 1, trials - failures))
+def upper_bound(failures: int, trials: int) -> float:
+    """One-sided 99% upper bound of a rate (the upper end of the two-sided 98% interval)."""
+    return clopper_pearson(failures, trials, level=0.98)[1]
 
 
-def lower_bound(failures: int, trials: int, level: float = 0.99) -> float:
-    return 0.0 if failures == 0 else float(beta.ppf(1.0 - level, failures, trials - failures + 1))
+def lower_bound(failures: int, trials: int) -> float:
+    return clopper_pearson(failures, trials, level=0.98)[0]
 
 
 def test_online_p_values_are_uniform_even_with_ties() -> None:

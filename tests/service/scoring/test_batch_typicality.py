@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from scipy.stats import beta
 
+from models.evaluation.metrics import clopper_pearson
 from service.scoring.batch_typicality import (
     BatchTypicalityTest,
     batch_typicality_statistic,
@@ -33,7 +33,7 @@ def test_false_positive_rate_on_exchangeable_batches_is_at_most_alpha(size: int,
         values = rng.gamma(2.0, 0.3, 3000 + size)  # skewed: the bootstrap's normal-ish assumptions would not hold
         test = BatchTypicalityTest(values[size:], entropy_bpd=0.6, seed=trial)
         flagged += bool(test.test(values[:size], alpha=alpha).is_ood)
-    lower = float(beta.ppf(0.005, flagged, trials - flagged + 1)) if flagged else 0.0
+    lower = clopper_pearson(flagged, trials, level=0.99)[0]
     assert lower <= alpha, f"{flagged}/{trials} exchangeable batches of {size} flagged at alpha {alpha}"
 
 
