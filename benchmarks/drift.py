@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,31 +77,29 @@ def stream_alarm(calibration: np.ndarray, stream: np.ndarray, rng: np.random.Gen
     return martingale.log_max >= -math.log(delta)
 
 
-def null_replays(pool: np.ndarray, replays: int, length: int, calibration_size: int, delta: float, seed: int) -> dict[str, object]:
+def replay_alarms(replays: int, make_streams: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]], delta: float,
+                  seed: int, first_replay: int = 0) -> dict[str, object]:
+    """Alarm counts, rates and 95% intervals over `replays` (calibration, stream) pairs from `make_streams`, each
+    tested with online p-values and against the calibration alone."""
     counts = {"online": 0, "fixed_calibration": 0}
     for replay in range(replays):
-        rng = np.random.default_rng([seed, replay])
-        calibration = rng.choice(pool, calibration_size)
-        stream = rng.choice(pool, length)
+        rng = np.random.default_rng([seed, first_replay + replay])
+        calibration, stream = make_streams(rng)
         counts["online"] += stream_alarm(calibration, stream, rng, True, delta)
         counts["fixed_calibration"] += stream_alarm(calibration, stream, rng, False, delta)
-    return _alarm_rates(counts, replays)
-
-
-def _alarm_rates(counts: dict[str, int], replays: int) -> dict[str, object]:
     return {
         variant: {"alarms": count, "rate": count / replays, "ci95": clopper_pearson(count, replays)} for variant, count in counts.items()
     }
 
 
+def null_replays(pool: np.ndarray, replays: int, length: int, calibration_size: int, delta: float, seed: int) -> dict[str, object]:
+    """Calibration and stream drawn i.i.d. from `pool`: exchangeable by construction."""
+    return replay_alarms(replays, lambda rng: (rng.choice(pool, calibration_size), rng.choice(pool, length)), delta, seed)
+
+
 def test_file_replays(calibration: np.ndarray, test: np.ndarray, replays: int, delta: float, seed: int) -> dict[str, object]:
-    counts = {"online": 0, "fixed_calibration": 0}
-    for replay in range(replays):
-        rng = np.random.default_rng([seed, 10_000 + replay])
-        stream = rng.permutation(test)
-        counts["online"] += stream_alarm(calibration, stream, rng, True, delta)
-        counts["fixed_calibration"] += stream_alarm(calibration, stream, rng, False, delta)
-    return _alarm_rates(counts, replays)
+    """Shuffles of the test file against the bundle's calibration."""
+    return replay_alarms(replays, lambda rng: (calibration, rng.permutation(test)), delta, seed, first_replay=10_000)
 
 
 def first_crossing(path: np.ndarray, level: float) -> int | None:
