@@ -23,6 +23,8 @@ def build_bundle_command(
     flow_checkpoint: Path | None = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
     background_checkpoint: Path | None = typer.Option(None, help="checkpoint of the background (mutation) flow"),
     sngp_checkpoint: Path | None = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
+    reuse_from: Path | None = typer.Option(None, help="an earlier bundle whose exported --reuse models are kept, not retrained"),
+    reuse: list[str] = typer.Option([], help="flow, background or sngp: copy this model from --reuse-from (repeatable)"),
     flow_minutes: float = typer.Option(40.0, help="training budget of the flow"),
     background_minutes: float = typer.Option(20.0, help="training budget of the background flow"),
     sngp_minutes: float = typer.Option(25.0, help="training budget of SNGP"),
@@ -37,6 +39,7 @@ def build_bundle_command(
         flow_checkpoint=str(flow_checkpoint) if flow_checkpoint else None,
         background_checkpoint=str(background_checkpoint) if background_checkpoint else None,
         sngp_checkpoint=str(sngp_checkpoint) if sngp_checkpoint else None,
+        reuse_from=str(reuse_from) if reuse_from else None, reuse=tuple(reuse),
         flow_minutes=flow_minutes, background_minutes=background_minutes, sngp_minutes=sngp_minutes,
         seed=seed, threads=threads,
     ))

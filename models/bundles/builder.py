@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, bundle_split, load_image_dataset
-from models.fit.images import ImageFitOptions, fit_images
+from models.fit.images import REUSED_FILES, ImageFitOptions, fit_images
 from models.fit.splits import FitSplit
 
 EXPORT_AND_CALIBRATION_MINUTES = 15.0
@@ -38,6 +38,9 @@ class BuildSettings:
     flow_checkpoint: str | None = None
     background_checkpoint: str | None = None
     sngp_checkpoint: str | None = None
+    reuse_from: str | None = None
+    """An earlier bundle directory whose exported `reuse` models are kept as they are instead of retrained."""
+    reuse: tuple[str, ...] = ()
     flow_minutes: float = 40.0
     background_minutes: float = 20.0
     sngp_minutes: float = 25.0
@@ -54,6 +57,9 @@ class BuildSettings:
 
 def build_bundle(settings: BuildSettings) -> Path:
     """Build the bundle directory `settings.out` and return it."""
+    unknown = sorted(set(settings.reuse) - set(REUSED_FILES))
+    if unknown or (settings.reuse and not settings.reuse_from):
+        raise ValueError(f"reuse takes models of {sorted(REUSED_FILES)} together with reuse_from; got {list(settings.reuse)}")
     data = load_image_dataset(settings.data, class_names=FASHION_MNIST_LABELS)
     held_out = bundle_split(len(data.images), seed=settings.seed)
     halves = np.array_split(np.random.default_rng(settings.seed).permutation(held_out.calibration), 2)
@@ -62,6 +68,8 @@ def build_bundle(settings: BuildSettings) -> Path:
     stage_minutes = {"flow": settings.flow_minutes, "background": settings.background_minutes, "sngp": settings.sngp_minutes}
     options = ImageFitOptions(
         checkpoints={stage: Path(path) for stage, path in given.items() if path},
+        reuse_bundle=Path(settings.reuse_from) if settings.reuse_from else None,
+        reuse_models=tuple(settings.reuse),
         stage_minutes=stage_minutes,
         flow_preset="default",
         background_preset="small",
@@ -71,14 +79,15 @@ def build_bundle(settings: BuildSettings) -> Path:
         reference_size=settings.reference_size,
         threads=settings.threads,
         sngp_flip=True,
-        sngp_epochs=10,
+        sngp_epochs=None,  # as many as the SNGP minutes afford, timed on the data (at most sngp_epoch_cap)
         split=split,
         version=settings.version,
         description="Fashion-MNIST OOD detector: Glow flow + mutation-trained background flow + SNGP classifier, "
                     "conformal p-values per signal, fused into one calibrated verdict.",
         extra_provenance=settings.extra_provenance,
     )
-    minutes = sum(minutes for stage, minutes in stage_minutes.items() if stage not in options.checkpoints) + EXPORT_AND_CALIBRATION_MINUTES
+    kept = set(options.checkpoints) | set(options.reuse_models)
+    minutes = sum(minutes for stage, minutes in stage_minutes.items() if stage not in kept) + EXPORT_AND_CALIBRATION_MINUTES
     result = fit_images(data, Path(settings.out), name=settings.name, minutes=minutes, seed=settings.seed, work=Path(settings.work),
                         default_alpha=settings.default_alpha, options=options)
     fusion = result.manifest["fusion"]

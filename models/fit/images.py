@@ -48,12 +48,18 @@ class ImageFitOptions:
     """What a caller may fix instead of the data-driven defaults (build-bundle uses them for Fashion-MNIST).
 
     checkpoints: trained `flow` / `background` (train flow best.pt) and `sngp` (model.pt) to use as they are;
+    reuse_bundle / reuse_models: exported models of an earlier bundle to keep (for example its flows, when only
+    SNGP is retrained);
     stage_minutes: training minutes per stage instead of the split of the budget; flow_preset: the Glow size
     (default from the data); limit: at most this many images per held-out split (quick smoke builds);
     reference_size: training images the signal parameters are fitted on.
     """
 
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    reuse_bundle: Path | None = None
+    """An earlier bundle whose exported `reuse_models` are copied as they are (not retrained); their training
+    record is carried over from its manifest."""
+    reuse_models: tuple[str, ...] = ()
     stage_minutes: dict[str, float] = field(default_factory=dict)
     flow_preset: str | None = None
     background_preset: str = "small"
@@ -126,12 +132,15 @@ def _train_models(
     stages: list[tuple[str, Path]] = [("flow", work.file("flow") / "best.pt"), ("background", work.file("background") / "best.pt")]
     if has_classifier:
         stages.append(("sngp", work.file("sngp") / "model.pt"))
+    given = set(options.checkpoints) | set(options.reuse_models)
     for stage, checkpoint in stages:
+        if stage in options.reuse_models:
+            continue
         if stage in options.checkpoints:
             checkpoints[stage] = Path(options.checkpoints[stage])
             continue
         # a stage that stopped early (validation plateau) hands its time to the stages after it
-        budget.plan({name: weight for name, weight in weights.items() if name not in budget.spent and name not in options.checkpoints},
+        budget.plan({name: weight for name, weight in weights.items() if name not in budget.spent and name not in given},
                     keep=budget.planned)
         with budget.timed(stage):
             if not work.done(stage):
@@ -179,17 +188,46 @@ def _train_models(
     return checkpoints
 
 
-def _export(checkpoints: dict[str, Path], staging: Path) -> dict[str, Path]:
+REUSED_FILES = {"flow": ("flow.onnx", "flow_sample.onnx"), "background": ("background.onnx",), "sngp": ("sngp.onnx",)}
+"""The bundle files each model stage writes (the first is the model itself)."""
+
+
+def _export(checkpoints: dict[str, Path], staging: Path, options: ImageFitOptions) -> dict[str, Path]:
     from models.flows.export import export_checkpoint as export_flow
     from models.sngp.export import export_checkpoint as export_sngp
 
-    flow_path, _ = export_flow(checkpoints["flow"], staging / "flow.onnx")
-    background_path, background_sampler = export_flow(checkpoints["background"], staging / "background.onnx")
-    background_sampler.unlink()  # the background model never generates
-    files = {"flow": flow_path, "background": background_path}
+    files: dict[str, Path] = {}
+    for stage in options.reuse_models:
+        assert options.reuse_bundle is not None
+        for name in REUSED_FILES[stage]:
+            source = options.reuse_bundle / name
+            if not source.is_file():
+                raise FileNotFoundError(f"{source}: the bundle to reuse {stage!r} from has no {name}")
+            shutil.copyfile(source, staging / name)
+        files[stage] = staging / REUSED_FILES[stage][0]
+    if "flow" in checkpoints:
+        files["flow"], _ = export_flow(checkpoints["flow"], staging / "flow.onnx")
+    if "background" in checkpoints:
+        files["background"], background_sampler = export_flow(checkpoints["background"], staging / "background.onnx")
+        background_sampler.unlink()  # the background model never generates
     if "sngp" in checkpoints:
         files["sngp"] = export_sngp(checkpoints["sngp"], staging / "sngp.onnx")
-    return files
+    return {stage: files[stage] for stage in REUSED_FILES if stage in files}
+
+
+def _training_record(checkpoints: dict[str, Path], options: ImageFitOptions) -> dict[str, Any]:
+    """Each model's training metrics: from its checkpoint's run, or carried over from the bundle it was reused from."""
+    record: dict[str, Any] = {stage: _read_metrics(path) for stage, path in checkpoints.items()}
+    if options.reuse_models:
+        assert options.reuse_bundle is not None
+        earlier = json.loads((options.reuse_bundle / "manifest.json").read_text())
+        earlier_training = earlier.get("provenance", {}).get("training", {})
+        for stage in options.reuse_models:
+            record[stage] = {
+                **earlier_training.get(stage, {}),
+                "reused_from": f"{earlier.get('name')} {earlier.get('version')} (code {earlier.get('provenance', {}).get('code_version')})",
+            }
+    return {stage: record[stage] for stage in REUSED_FILES if stage in record}
 
 
 def fit_images(
@@ -215,7 +253,7 @@ def fit_images(
     staging.mkdir(parents=True)
     checkpoints = _train_models(data, split, budget, options, work_directory, seed)
     with budget.timed("export"):
-        model_files = _export(checkpoints, staging)
+        model_files = _export(checkpoints, staging, options)
     with budget.timed("calibration and fusion"):
         manifest = _calibrate_and_write(
             data, staging, split, model_files, checkpoints, budget, options, name=name, seed=seed, default_alpha=default_alpha
@@ -336,7 +374,7 @@ def _calibrate_and_write(
                 "fusion_calibration_used": len(fusion_index),
             },
             "minimum_alpha": minimum_alpha,
-            "training": {stage: _read_metrics(path) for stage, path in checkpoints.items()},
+            "training": _training_record(checkpoints, options),
             "budget": budget.split_text(),
             "fusion_candidates_top5": [
                 {

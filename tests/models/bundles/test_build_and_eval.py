@@ -79,6 +79,30 @@ def test_eval_report(tiny_bundle: Path, tmp_path: Path) -> None:
     assert (tmp_path / "report" / "samples_t0.7.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_rebuild_keeps_the_reused_flows_and_retrains_only_sngp(tiny_bundle: Path, tmp_path: Path) -> None:
+    import torch
+
+    from models.sngp.train import TrainSettings as SNGPSettings
+    from models.sngp.train import train
+
+    torch.set_num_threads(1)
+    train(SNGPSettings(out_dir=str(tmp_path / "sngp"), epochs=1, batch_size=32, limit_train=128, threads=1, seed=3,
+                       model={"widths": [4, 8, 8], "num_random_features": 64}))
+    out = tmp_path / "rebuilt"
+    build_bundle(BuildSettings(out=str(out), reuse_from=str(tiny_bundle), reuse=("flow", "background"),
+                               sngp_checkpoint=str(tmp_path / "sngp" / "model.pt"), limit=120, reference_size=200, threads=1))
+    for name in ("flow.onnx", "flow_sample.onnx", "background.onnx"):
+        assert (out / name).read_bytes() == (tiny_bundle / name).read_bytes()
+    assert (out / "sngp.onnx").read_bytes() != (tiny_bundle / "sngp.onnx").read_bytes()
+    before = json.loads((tiny_bundle / "manifest.json").read_text())["provenance"]["training"]
+    after = json.loads((out / "manifest.json").read_text())["provenance"]["training"]
+    assert list(after) == ["flow", "background", "sngp"]
+    assert after["flow"]["steps"] == before["flow"]["steps"] and "reused_from" in after["flow"]
+    assert "reused_from" not in after["sngp"]
+    with pytest.raises(ValueError, match="reuse"):
+        build_bundle(BuildSettings(out=str(tmp_path / "bad"), reuse=("flow",)))
+
+
 def test_fusion_choice_prefers_the_informative_signal() -> None:
     rng = np.random.default_rng(0)
     inside = {"good": rng.uniform(size=500), "noise": rng.uniform(size=500)}
