@@ -23,11 +23,12 @@ install-serve: $(BIN)/python
 install-test: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e '.[cpu,train,dev]'
 
-# Debian packages the tests use: the Fashion-MNIST data and a real Prometheus (promtool).
+# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool) and headless Chromium with its driver.
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver
 system-deps:
-	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus >/dev/null; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus >/dev/null; fi; \
+	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi; \
 	fi
 
 run: install-serve

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before and while it is read (else 413)."
     )
+    console: bool = Field(True, description="Serve the browser console at / and the API docs at /docs (assets shipped in the package).")
     ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
     # Drift: online conformal tests per model and stream (service/drift).
     drift: bool = Field(True, description="Run the online exchangeability test and change detector on every model's stream.")

@@ -207,6 +207,7 @@ class Engine:
                 for name, spec in manifest.models.items()
             },
             "provider": self.provider_summary,
+            "sampler": self.sampler is not None,
             "provenance": manifest.provenance.model_dump(mode="json"),
         }
 

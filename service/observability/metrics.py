@@ -59,6 +59,11 @@ class VerdictWindow:
     def __len__(self) -> int:
         return len(self._verdicts)
 
+    def counts(self) -> tuple[int, int]:
+        """(verdicts held, OOD verdicts among them)."""
+        with self._lock:
+            return len(self._verdicts), self._ood_count
+
 
 class DriftCollector(Collector):
     """The streams' online tests, read from the drift monitor at scrape time (nothing on the request path).

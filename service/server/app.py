@@ -17,7 +17,7 @@ from service.drift.monitor import DriftMonitor
 from service.engine import EngineRegistry, load_registry
 from service.observability.metrics import ServiceMetrics
 from service.runtime.batching import BatchScheduler
-from service.server import admin, drift, health, metrics_endpoint
+from service.server import admin, console, drift, health, metrics_endpoint
 from service.server.errors import install_error_handlers
 from service.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
 from service.server.middleware.request_metrics import RequestMetricsMiddleware
@@ -26,7 +26,7 @@ from service.server.responses import OrjsonResponse
 from service.server.schemas import ERROR_RESPONSES, v2_error_responses
 from service.server.security import AUTH_ERROR_RESPONSES, METRICS_KEY_DEPENDENCIES, SCORING_KEY_DEPENDENCIES
 from service.server.state import STATE_KEY, AppState, app_state
-from service.server.v1 import generation
+from service.server.v1 import evidence, generation
 from service.server.v1 import routes as v1
 from service.server.v2 import routes as v2
 
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         description="Out-of-distribution detection: normalizing flows and SNGP in ONNX, conformal p-values, fused verdicts.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
+        docs_url=None,  # served by service.server.console from packaged assets, never from a CDN
+        redoc_url=None,
     )
     metrics = ServiceMetrics(ood_rate_window=settings.ood_rate_window)
     state = AppState(
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         (v1.router, SCORING_KEY_DEPENDENCIES, protected),
         (drift.router, SCORING_KEY_DEPENDENCIES, protected),
         (generation.router, SCORING_KEY_DEPENDENCIES, protected),
+        (evidence.router, SCORING_KEY_DEPENDENCIES, protected),
         (v2.health_router, [], v2_errors),
         (v2.router, SCORING_KEY_DEPENDENCIES, v2_errors),
         (admin.router, [], LIMIT_ERROR_RESPONSES),
@@ -103,6 +106,8 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         (metrics_endpoint.router, METRICS_KEY_DEPENDENCIES, protected),
         (v2.fallback_router, [], {}),  # last: unknown /v2 paths get a v2-style 404
     ]
+    if settings.console:
+        routers.insert(0, (console.router, [], {}))
     for router, dependencies, responses in routers:
         app.include_router(router, dependencies=dependencies, responses=responses)
     app.add_middleware(
