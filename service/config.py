@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body in bytes, checked before and while it is read (else 413)."
     )
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve KServe v2 gRPC on this port beside HTTP (same host); unset = off, 0 = any free port."
+    )
     console: bool = Field(True, description="Serve the browser console at / and the API docs at /docs (assets shipped in the package).")
     ood_rate_window: int = Field(1000, ge=1, description="Last verdicts per model that the oodserve_ood_rate gauge averages.")
     # Drift: online conformal tests per model and stream (service/drift).

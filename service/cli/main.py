@@ -40,12 +40,13 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env OODSERVE_HOST, default 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [env OODSERVE_PORT, default 8000].")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [env OODSERVE_LOG_LEVEL].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="Also serve KServe v2 gRPC on this port [env OODSERVE_GRPC_PORT; off].")] = None,
 ) -> None:
-    """Verify the bundle(s), then serve the HTTP API (ready after warm-up)."""
+    """Verify the bundle(s), then serve the HTTP API (and gRPC with --grpc-port; ready after warm-up)."""
     from service.bundle.loader import BundleError
     from service.runtime.providers import GpuRequiredError
 
-    settings = _settings(bundle=bundle, host=host, port=port, log_level=log_level)
+    settings = _settings(bundle=bundle, host=host, port=port, log_level=log_level, grpc_port=grpc_port)
     _configure_logging(settings.log_level)
     from service.server.app import create_app, load_registry_from_settings
 

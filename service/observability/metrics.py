@@ -179,6 +179,19 @@ class ServiceMetrics:
             ["endpoint", "method", "status"],
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "oodserve_grpc_requests",
+            "KServe v2 gRPC calls by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_request_duration = Histogram(
+            "oodserve_grpc_request_duration_seconds",
+            "KServe v2 gRPC call duration by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.http_request_duration = Histogram(
             "oodserve_http_request_duration_seconds",
             "Wall time of HTTP requests by route template and method.",
@@ -337,6 +350,11 @@ class ServiceMetrics:
         self.observe_batch_size(model, instances)
         for onnx_model, seconds in seconds_per_onnx_model.items():
             self.inference_duration.labels(model=model, onnx_model=onnx_model).observe(seconds)
+
+    def observe_grpc(self, method: str, code: str, seconds: float) -> None:
+        """One gRPC call: its method, final status code name and duration."""
+        self.grpc_requests.labels(method=method, code=code).inc()
+        self.grpc_request_duration.labels(method=method).observe(seconds)
 
     def verdict_window(self, model: str) -> VerdictWindow:
         with self._windows_lock:

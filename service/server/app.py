@@ -53,9 +53,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.ready.set(1)
     logger.info("ready: serving %s (default %s)", sorted(registry.engines), registry.default_name)
     uninstall_sighup = install_sighup_reload(state.reloader) if settings.reload_on_sighup else None
+    grpc_server = None
+    if settings.grpc_port is not None:
+        from service.server.v2_grpc.service import start_grpc_server
+
+        grpc_server, state.grpc_port = await start_grpc_server(state, settings.host, settings.grpc_port)
     try:
         yield
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(settings.shutdown_grace_seconds)
         if uninstall_sighup is not None:
             uninstall_sighup()
         state.ready = False

@@ -29,7 +29,11 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=ADMIN_
 
 def stream_of(request: Request) -> str:
     """The request's stream name from `X-OOD-Stream` (default `default`); 422 when it is not 1-64 of [A-Za-z0-9_.:-]."""
-    value = request.headers.get(STREAM_HEADER)
+    return check_stream_name(request.headers.get(STREAM_HEADER))
+
+
+def check_stream_name(value: str | None) -> str:
+    """A stream name as sent (`X-OOD-Stream` header or gRPC metadata), `default` when none; 422 when malformed."""
     if value is None:
         return DEFAULT_STREAM
     if not STREAM_PATTERN.fullmatch(value):

@@ -28,6 +28,8 @@ class AppState:
     drift: DriftMonitor | None = None
     """The streams' online tests; None when OODSERVE_DRIFT=false."""
     ready: bool = False
+    grpc_port: int | None = None
+    """The port the KServe v2 gRPC server listens on once started (OODSERVE_GRPC_PORT; 0 binds a free one)."""
     reloader: BundleReloader = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

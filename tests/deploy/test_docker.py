@@ -212,8 +212,10 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     }
     image_environment["OODSERVE_BUNDLE"] = image_environment["OODSERVE_BUNDLE"].replace("${BUNDLE}", cpu.arguments("ARG")[0].split("=")[1])
     image_environment["PATH"] = image_environment["PATH"].replace("$PATH", "/usr/bin:/bin")
+    grpc_port = free_port()
     image_environment.update(
-        OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1"
+        OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1",
+        OODSERVE_GRPC_PORT=str(grpc_port),
     )
     before = files_with_stamps(venv, app)
     (command,) = [json.loads(arguments) for arguments in cpu.arguments("CMD")]
@@ -230,6 +232,16 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
         answer = http_post_json(f"http://127.0.0.1:{port}/v1/score", {"instances": np.zeros((2, 1, 28, 28), dtype=int).tolist()})
         assert len(answer["results"]) == 2
         assert "oodserve_inputs_scored_total" in http_get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+        # The installed package carries the console, the docs' Swagger UI and the gRPC descriptor set.
+        for path in ("/", "/console/console.js", "/docs", "/docs/assets/swagger-ui-bundle.js"):
+            assert http_get(f"http://127.0.0.1:{port}{path}")[0] == 200, path
+        import tritonclient.grpc as triton_grpc
+
+        client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        try:
+            assert client.is_server_ready() and client.get_model_metadata("fashion-mnist").name == "fashion-mnist"
+        finally:
+            client.close()
     finally:
         stop(service)
     # A read-only root file system is enough: nothing under the venv or /app was written.

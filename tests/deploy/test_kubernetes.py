@@ -93,7 +93,12 @@ def test_service_hpa_pdb_and_service_monitor_select_the_pods() -> None:
     pod_labels = {name: deployment["spec"]["template"]["metadata"]["labels"] for name, deployment in deployments.items()}
     (service,) = by_kind("Service").values()
     assert all(selects(service["spec"]["selector"], labels) for labels in pod_labels.values())
-    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {"http": "http"}
+    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
+    for deployment in deployments.values():  # every named target port exists on the pods, gRPC switched on at its port
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        environment = {item["name"]: item.get("value") for item in container["env"]}
+        assert set(ports) == {"http", "grpc"} and environment["OODSERVE_GRPC_PORT"] == str(ports["grpc"])
     for hpa in by_kind("HorizontalPodAutoscaler").values():
         target = hpa["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments
