@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         description="onnxruntime execution providers in order (comma-separated); default: CUDA first where available, then CPU.",
     )
     require_gpu: bool = Field(False, description="Refuse to start unless every session runs on CUDAExecutionProvider.")
+    cuda_provider_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Options of the CUDA execution provider as a JSON object, e.g. "
+        "{\"use_tf32\": \"0\", \"cudnn_conv_algo_search\": \"DEFAULT\"}.",
+    )
     intra_op_threads: int = Field(
         1,
         ge=0,
@@ -151,6 +156,7 @@ class Settings(BaseSettings):
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
             allow_spinning=self.onnxruntime_spinning,
+            cuda_provider_options=tuple(sorted((str(k), str(v)) for k, v in self.cuda_provider_options.items())),
             allow_codec_mismatch=self.allow_codec_mismatch,
         )
 

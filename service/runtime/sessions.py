@@ -29,6 +29,9 @@ class RuntimeOptions:
     allow_spinning: bool = False
     """onnxruntime's pool threads busy-wait for the next run when True; off, they sleep and leave the cores to
     the event loop (which shares the machine's few cores with inference)."""
+    cuda_provider_options: tuple[tuple[str, str], ...] = ()
+    """Options of onnxruntime's CUDA execution provider (for example ("use_tf32", "0") so convolutions and matrix
+    products run in full fp32 like the CPU the bundle was calibrated on; ("cudnn_conv_algo_search", "DEFAULT"))."""
     allow_codec_mismatch: bool = False
     """Load a bundle whose signals this machine computes differently (for example another zlib behind the PNG
     length of input_complexity) with a warning instead of refusing it."""
@@ -52,6 +55,11 @@ def _check_names(kind: str, declared: list[str], actual: list[str], file_name: s
         raise BundleError(f"model file {file_name!r}: {kind} names are {actual}, the manifest declares {declared}")
 
 
+def provider_entries(providers: list[str], cuda_options: tuple[tuple[str, str], ...]) -> list[str | tuple[str, dict[str, str]]]:
+    """onnxruntime's `providers` argument: names, with the CUDA provider as (name, options) when options are set."""
+    return [(provider, dict(cuda_options)) if provider == CUDA_PROVIDER and cuda_options else provider for provider in providers]
+
+
 def create_model_session(
     name: str, spec: ModelSpec, model_bytes: bytes, input_shape: list[int], providers: list[str], options: RuntimeOptions
 ) -> ModelSession:
@@ -71,7 +79,9 @@ def create_model_session(
     session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     try:
-        session = onnxruntime.InferenceSession(model_bytes, sess_options=session_options, providers=providers)
+        session = onnxruntime.InferenceSession(
+            model_bytes, sess_options=session_options, providers=provider_entries(providers, options.cuda_provider_options)
+        )
     except Exception as error:  # noqa: BLE001 - onnxruntime raises several exception types for bad models
         raise BundleError(f"model file {spec.file!r} cannot be loaded by onnxruntime: {error}") from error
     inputs = session.get_inputs()
