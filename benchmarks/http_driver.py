@@ -123,8 +123,10 @@ async def send_requests(
     api_key: str | None = None,
     max_seconds: float | None = None,
     outcomes: Outcomes | None = None,
+    path: str = "/v1/score",
+    extra_headers: dict[str, str] | None = None,
 ) -> Outcomes:
-    """`requests` POSTs of the bodies (in turn) to url/v1/score from `concurrency` workers; stops early after
+    """`requests` POSTs of the bodies (in turn) to url + path from `concurrency` workers; stops early after
     `max_seconds` when given. Fills and returns `outcomes` (a fresh one by default), live as answers come.
 
     Each worker has its own httpx transport holding one keep-alive connection and sends prebuilt
@@ -135,11 +137,11 @@ async def send_requests(
     import httpx
 
     result = outcomes if outcomes is not None else Outcomes()
-    headers = {"content-type": content_type}
+    headers = {"content-type": content_type, **(extra_headers or {})}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     timeouts = {"timeout": {"connect": 30.0, "read": 120.0, "write": 30.0, "pool": 120.0}}
-    prepared = [httpx.Request("POST", f"{url}/v1/score", content=body, headers=headers, extensions=timeouts) for body in bodies]
+    prepared = [httpx.Request("POST", f"{url}{path}", content=body, headers=headers, extensions=timeouts) for body in bodies]
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     transports = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(min(concurrency, max(requests, 1)))]
     deadline = None if max_seconds is None else time.monotonic() + max_seconds

@@ -1,0 +1,2 @@
+"""Peer-server comparisons: oodserve beside another model server on the same bundle, same machine, same run
+(`python -m benchmarks.peers.compare`)."""
