@@ -118,7 +118,8 @@ def test_console_shows_models_verdicts_evidence_samples_and_traffic(server: Serv
         verdict, shown = upload_and_wait(browser, write_png(digits[outside], tmp_path / "digit.png"), shown)
         assert verdict == "ood"
 
-    # The alpha slider moves the verdict of an input near the threshold (re-scored by the API at the new alpha).
+    # The alpha slider moves the verdict of an input near the threshold: is_ood = p_value < alpha redrawn from the
+    # p-values the API returned, without another request (which would feed the drift stream the same inputs again).
     near = int(np.argmin(np.where((fashion_p > 0.07) & (fashion_p < 0.3), fashion_p, np.inf)))
     p = float(fashion_p[near])
     verdict, shown = upload_and_wait(browser, write_png(fashion[near], tmp_path / "near.png"), shown)
@@ -133,12 +134,14 @@ def test_console_shows_models_verdicts_evidence_samples_and_traffic(server: Serv
     # Samples from the flow, and the live stream view (refreshed every few seconds).
     browser.find_element(By.ID, "samples-button").click()
     wait_for(browser, lambda d: d.execute_script("const i = document.querySelector('#samples img'); return i && i.naturalWidth > 0;"))
-    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#drift tr[data-stream='default']"), timeout=15)
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#drift tr[data-stream='console']"), timeout=15)
     assert "% of the last" in browser.find_element(By.ID, "traffic-facts").text
 
     requests = page_requests(browser)
     assert requests and all(same_origin(r, server.url) for r in requests), [r.url for r in requests if not same_origin(r, server.url)]
     assert [r for r in requests if r.failure] == []
+    scored = [r for r in requests if r.method == "POST" and r.url.endswith("/score?alpha=0.05")]
+    assert len(scored) == (3 if MNIST.exists() else 2)  # one per upload: the slider sent none
     refused = [r for r in requests if r.status is not None and r.status >= 400]
     assert refused and all(r.status == 401 for r in refused)  # only the calls made before the key was typed
     problems = [m for m in console_problems(browser) if "status of 401" not in m]

@@ -6,7 +6,10 @@ const state = {
   models: [],
   model: null,          // the selected model's /v1/models entry
   histograms: null,     // its /v1/models/{name}/calibration
-  lastInputs: null,     // {kind, body, contentType, previews} of the last scored request, re-sent when alpha moves
+  lastInputs: null,     // {body, contentType, previews} of the last scored request
+  lastBody: null,       // its response: verdicts are redrawn from its p-values when alpha moves
+  requestSerial: 0,     // answers to older score requests are dropped
+  polling: false,
   alpha: null,
   rateHistory: [],      // [{time, rate}] polled OOD rates of the selected model
 };
@@ -15,6 +18,9 @@ const $ = (id) => document.getElementById(id);
 const SLIDER_STEPS = 1000;
 const MAX_ALPHA = 0.5;
 const POLL_MS = 3000;
+const CONSOLE_STREAM = "console";
+// The console's own scoring requests form their own drift stream, so trying inputs here never feeds the
+// production stream's exchangeability test.
 
 function element(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
@@ -81,7 +87,9 @@ async function loadModels() {
 async function selectModel(name) {
   state.model = state.models.find((m) => m.name === name);
   state.histograms = null;
+  releasePreviews(state.lastInputs, null);
   state.lastInputs = null;
+  state.lastBody = null;
   state.rateHistory = [];
   $("results").replaceChildren();
   $("batch-test").hidden = true;
@@ -126,8 +134,9 @@ function isImageModel(model) {
 // ---- alpha: a log-scale slider from the smallest supported alpha to 0.5, and a number box ----
 
 function alphaRange() {
-  const low = Math.log10(state.model.minimum_alpha * 1.0001);
-  return { low, high: Math.log10(MAX_ALPHA) };
+  const high = Math.log10(MAX_ALPHA);
+  const low = Math.min(Math.log10(state.model.minimum_alpha * 1.0001), high - 1);
+  return { low, high };
 }
 
 function sliderToAlpha(position) {
@@ -141,17 +150,25 @@ function alphaToSlider(alpha) {
 }
 
 function setAlpha(alpha, rescore) {
+  if (!state.model) return;
   state.alpha = Math.min(Math.max(alpha, state.model.minimum_alpha * 1.0001), MAX_ALPHA);
   $("alpha").value = String(alphaToSlider(state.alpha));
   $("alpha-number").value = state.alpha.toPrecision(4);
   $("alpha-hint").textContent = `an input is OOD when its fused p-value is below ${state.alpha.toPrecision(4)}`;
-  if (rescore && state.lastInputs) scheduleRescore();
+  if (rescore && state.lastBody) renderResults(withAlpha(state.lastBody, state.alpha), state.lastInputs);
 }
 
-let rescoreTimer = null;
-function scheduleRescore() {
-  clearTimeout(rescoreTimer);
-  rescoreTimer = setTimeout(() => score(state.lastInputs), 150);
+// The verdict at another alpha, from the p-values the service returned: is_ood = p_value < alpha, the service's
+// own rule (p-values do not depend on alpha), so moving the slider sends nothing and records nothing.
+function withAlpha(body, alpha) {
+  const results = body.results.map((r) => ({ ...r, is_ood: r.p_value < alpha }));
+  let batch = body.batch;
+  if (batch && batch.p_value != null) {
+    const testable = alpha > batch.minimum_alpha;
+    batch = { ...batch, alpha, is_ood: testable ? batch.p_value < alpha : null,
+              note: testable ? batch.note : `alpha ${alpha.toPrecision(3)} is at or below this batch size's resolution ${batch.minimum_alpha.toPrecision(3)}` };
+  }
+  return { ...body, alpha, results, batch };
 }
 
 // ---- inputs: files, drops, pasted JSON ----
@@ -212,25 +229,33 @@ function inputsFromPaste(text) {
 // ---- scoring ----
 
 async function score(inputs) {
-  if (!inputs) return;
-  state.lastInputs = inputs;
+  if (!inputs || !state.model) return;
+  const serial = ++state.requestSerial;
   const path = `/v1/models/${encodeURIComponent(state.model.name)}/score?alpha=${state.alpha}`;
-  const options = { method: "POST" };
+  const options = { method: "POST", headers: { "X-OOD-Stream": CONSOLE_STREAM } };
   if (inputs.contentType === "application/json") {
     options.body = JSON.stringify({ instances: inputs.body });
-    options.headers = { "Content-Type": "application/json" };
+    options.headers["Content-Type"] = "application/json";
   } else {
     options.body = inputs.body;
-    if (inputs.contentType) options.headers = { "Content-Type": inputs.contentType };
+    if (inputs.contentType) options.headers["Content-Type"] = inputs.contentType;
   }
   try {
     const body = await (await api(path, options)).json();
+    if (serial !== state.requestSerial) return;  // a newer request was sent meanwhile
     showError(null);
+    releasePreviews(state.lastInputs, inputs);
+    state.lastInputs = inputs;
+    state.lastBody = body;
     renderResults(body, inputs);
     pollTraffic();
   } catch (error) {
-    showError(error);
+    if (serial === state.requestSerial) showError(error);
   }
+}
+
+function releasePreviews(old, current) {
+  if (old && old !== current && old.previews) for (const preview of old.previews) URL.revokeObjectURL(preview.url);
 }
 
 function renderResults(body, inputs) {
@@ -342,10 +367,13 @@ async function drawSamples() {
 // ---- live traffic: the OOD rate against alpha, and the drift tests per stream ----
 
 async function pollTraffic() {
-  if (!state.model) return;
-  const name = encodeURIComponent(state.model.name);
+  if (!state.model || state.polling) return;
+  state.polling = true;
+  const model = state.model;
+  const name = encodeURIComponent(model.name);
   try {
     const traffic = await (await api(`/v1/models/${name}/traffic`)).json();
+    if (model !== state.model) return;  // the model was switched meanwhile
     if (traffic.ood_rate != null) state.rateHistory.push({ time: Date.now(), rate: traffic.ood_rate });
     state.rateHistory = state.rateHistory.slice(-120);
     renderTraffic(traffic);
@@ -359,6 +387,8 @@ async function pollTraffic() {
     $("traffic-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
     $("traffic-updated").textContent = `not updated: ${error instanceof ApiFailure ? `${error.code}: ${error.message}` : error}`;
+  } finally {
+    state.polling = false;
   }
 }
 
@@ -440,7 +470,8 @@ function wire() {
   $("alpha").addEventListener("input", (event) => setAlpha(sliderToAlpha(Number(event.target.value)), true));
   $("alpha-number").addEventListener("change", (event) => {
     const value = Number(event.target.value);
-    if (value > 0 && value < 1) setAlpha(value, true);
+    if (value > 0 && value <= MAX_ALPHA) setAlpha(value, true);
+    else if (value > MAX_ALPHA && value < 1) showError(new Error(`the console's slider goes up to alpha ${MAX_ALPHA}; the API takes any alpha in (0, 1)`));
     else showError(new Error(`alpha must be a number in (0, 1), got ${event.target.value}`));
   });
   $("file-input").addEventListener("change", async (event) => {
