@@ -12,6 +12,20 @@ ACCEPTED_ARRAY_KINDS = "uif"
 """numpy dtype kinds an image array may have: unsigned and signed integers, floats."""
 
 
+def check_batch_shape(shape: Sequence[int], input_shape: Sequence[int], max_instances: int) -> None:
+    """A declared batch shape (N, *instance shape), checked before any data is read or allocated: InputError
+    `invalid_shape`, `empty_batch` or `too_many_instances` (more than max_instances)."""
+    accepted = accepted_instance_shapes(input_shape)
+    wanted = " or ".join(str([-1, *instance]) for instance in accepted)
+    if len(shape) < 1 or list(shape[1:]) not in accepted:
+        raise InputError("invalid_shape", f"array must have shape {wanted} (a batch of instances), got shape {list(shape)}")
+    count = int(shape[0])
+    if count == 0:
+        raise InputError("empty_batch", "the array holds no instances; send at least one")
+    if count > max_instances:
+        raise InputError("too_many_instances", f"got {count} instances; at most {max_instances} per request")
+
+
 def check_image_array(
     array: np.ndarray,
     input_shape: Sequence[int],
@@ -30,14 +44,6 @@ def check_image_array(
     """
     if array.dtype.kind not in ACCEPTED_ARRAY_KINDS or array.dtype.fields is not None:
         raise InputError("invalid_dtype", f"array dtype {array.dtype.str!r} is not accepted; send integers or floats")
-    accepted = accepted_instance_shapes(input_shape)
-    wanted = " or ".join(str([-1, *shape]) for shape in accepted)
-    if array.ndim < 1 or list(array.shape[1:]) not in accepted:
-        raise InputError("invalid_shape", f"array must have shape {wanted} (a batch of instances), got shape {list(array.shape)}")
-    count = int(array.shape[0])
-    if count == 0:
-        raise InputError("empty_batch", "the array holds no instances; send at least one")
-    if count > max_instances:
-        raise InputError("too_many_instances", f"got {count} instances; at most {max_instances} per request")
+    check_batch_shape(list(array.shape), input_shape, max_instances)
     check_image_values(array, dtype, minimum, maximum)
     return to_input_layout(array, input_shape).astype(np.float32)

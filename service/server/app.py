@@ -49,20 +49,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for engine in registry:
         await run_in_threadpool(engine.warm_up, settings.warmup_batch_size)
     state.metrics.track_registry(registry)
+    grpc_server = None
+    if settings.grpc_port is not None:  # bound before readiness: a port that cannot be bound fails the start-up
+        from service.server.v2_grpc.service import start_grpc_server
+
+        grpc_server, state.grpc_port = await start_grpc_server(state, settings.host, settings.grpc_port)
     state.ready = True
     state.metrics.ready.set(1)
     logger.info("ready: serving %s (default %s)", sorted(registry.engines), registry.default_name)
     uninstall_sighup = install_sighup_reload(state.reloader) if settings.reload_on_sighup else None
-    grpc_server = None
-    if settings.grpc_port is not None:
-        from service.server.v2_grpc.service import start_grpc_server
-
-        grpc_server, state.grpc_port = await start_grpc_server(state, settings.host, settings.grpc_port)
     try:
         yield
     finally:
-        if grpc_server is not None:
-            await grpc_server.stop(settings.shutdown_grace_seconds)
+        if grpc_server is not None:  # HTTP has drained by now; calls still in flight get a short grace
+            await grpc_server.stop(min(5.0, settings.shutdown_grace_seconds))
         if uninstall_sighup is not None:
             uninstall_sighup()
         state.ready = False

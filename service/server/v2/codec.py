@@ -15,7 +15,7 @@ from fastapi import Response
 
 from service.bundle.manifest import InputSpec
 from service.engine import Engine
-from service.scoring.arrays import check_image_array
+from service.scoring.arrays import check_batch_shape, check_image_array
 from service.scoring.pipeline import BatchScores
 from service.server.body import checked_alpha, json_type_name
 from service.server.errors import ApiError
@@ -183,6 +183,7 @@ def parse_infer_request(
     if datatype not in INPUT_DATATYPES:
         raise _bad(f"input datatype must be one of {list(INPUT_DATATYPES)}, got {datatype!r}")
     shape = _tensor_shape(tensor.get("shape"))
+    check_batch_shape(shape, spec.shape, max_instances)  # before any array is built from the declared shape
     count = math.prod(shape)
     tensor_parameters = _parameters(tensor.get("parameters"), "input")
     binary_size = tensor_parameters.get("binary_data_size")

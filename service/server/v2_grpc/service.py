@@ -14,6 +14,7 @@ OODSERVE_MAX_BODY_BYTES, refused by gRPC itself), 503 UNAVAILABLE, 504 DEADLINE_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from service import __version__
 from service.engine import Engine, NotReadyError, UnknownModelError
-from service.scoring.arrays import check_image_array
+from service.scoring.arrays import check_batch_shape, check_image_array
 from service.server.body import checked_alpha
 from service.server.drift import check_stream_name, observe_stream
 from service.server.errors import ApiError, as_api_error
@@ -92,6 +93,7 @@ def parse_model_infer(request: Any, engine: Engine, max_instances: int) -> Infer
     shape = list(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise _bad(f"input shape must hold non-negative sizes, got {shape}")
+    check_batch_shape(shape, spec.shape, max_instances)  # before any array is built from the declared shape
     count = math.prod(shape)
     dtype = INPUT_DATATYPES[tensor.datatype]
     typed = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
@@ -205,6 +207,9 @@ def _guarded(state: AppState, method: str, handler: Callable[[Any, grpc.aio.Serv
         code = grpc.StatusCode.OK
         try:
             return await handler(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the client went away or its deadline passed
+            raise
         except Exception as error:
             try:
                 api_error = as_api_error(error)
@@ -244,7 +249,7 @@ def service_handler(state: AppState) -> grpc.GenericRpcHandler:
 async def start_grpc_server(state: AppState, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on host:port (0 = any free port) on the running event loop; returns it and its port."""
     limit = state.settings.max_body_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=state.settings.max_concurrent_connections, options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 0),

@@ -158,3 +158,39 @@ def test_api_keys_guard_model_rpcs_and_metrics_count_calls(bundle_dir: Path, mak
         assert 'oodserve_grpc_requests_total{code="OK",method="ModelInfer"} 1.0' in metrics
         assert 'oodserve_grpc_requests_total{code="UNAUTHENTICATED",method="ModelInfer"} 1.0' in metrics
         assert f'oodserve_inputs_scored_total{{model="{MODEL}",verdict' in metrics
+
+
+def test_declared_shapes_are_checked_before_any_array_is_built(server: Served) -> None:
+    """Shapes that would allocate huge arrays, or that numpy cannot reshape to, are INVALID_ARGUMENT, not INTERNAL."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.unary_unary(f"/{messages.SERVICE_NAME}/ModelInfer", request_serializer=messages.ModelInferRequest.SerializeToString,
+                                    response_deserializer=messages.ModelInferResponse.FromString)
+        cases = {"huge": ([0, 2**62, 2**62], b""), "rank 70": ([1] * 70, b"\x00"), "negative": ([-1, 1, 28, 28], b""),
+                 "empty batch": ([0, 1, 28, 28], b"")}
+        for label, (shape, raw) in cases.items():
+            request = messages.ModelInferRequest(model_name=MODEL, raw_input_contents=[raw])
+            request.inputs.add(name="x", datatype="UINT8", shape=shape)
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (label, caught.value.details())
+        typed = messages.ModelInferRequest(model_name=MODEL)
+        tensor = typed.inputs.add(name="x", datatype="UINT8", shape=[1, 1, 28, 28])
+        tensor.contents.uint_contents.extend([300] * 784)
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(typed)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "255" in caught.value.details()
+
+
+def test_http_v2_refuses_undecodable_shapes_with_400(server: Served) -> None:
+    for shape, data in (([1] * 70, [0]), ([0, 2**62, 2**62], [])):
+        body = {"inputs": [{"name": "x", "shape": shape, "datatype": "UINT8", "data": data}]}
+        response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+        assert response.status_code == 400 and "shape" in response.json()["error"], response.text
+
+
+def test_model_rpcs_need_the_key_too(bundle_dir: Path) -> None:
+    with serve(bundle_dir, api_keys=[KEY]) as served:
+        for call in (lambda: served.client.get_model_metadata(MODEL), lambda: served.client.is_model_ready(MODEL)):
+            code, _ = status_of(call)
+            assert code == "StatusCode.UNAUTHENTICATED"
+        assert served.client.is_model_ready(MODEL, headers={"authorization": f"Bearer {KEY}"})

@@ -145,7 +145,8 @@ def test_v2_errors_are_plain_strings_with_400_or_404(client: TestClient, make_im
     tensor = good["inputs"][0]
     assert_v2_error(client.post(url, json={"inputs": [{**tensor, "name": "image"}]}), 400, "'image'", "'x'")
     assert_v2_error(client.post(url, json={"inputs": [{**tensor, "datatype": "INT32"}]}), 400, "'INT32'", "UINT8")
-    assert_v2_error(client.post(url, json={"inputs": [{**tensor, "shape": [1, 28, 27]}]}), 400, "784")
+    assert_v2_error(client.post(url, json={"inputs": [{**tensor, "shape": [1, 28, 27]}]}), 400, "[1, 28, 27]", "[-1, 28, 28]")
+    assert_v2_error(client.post(url, json={"inputs": [{**tensor, "shape": [2, 28, 28]}]}), 400, "1568", "784")
     assert_v2_error(client.post(url, json={"inputs": [{**tensor, "shape": [1, 784]}]}), 400, "[1, 784]", "[-1, 1, 28, 28]")
     assert_v2_error(client.post(url, json={"inputs": [{**tensor, "shape": [1, "28", 28]}]}), 400, "non-negative integers")
     assert_v2_error(client.post(url, json={"inputs": [{**tensor, "data": [True] * 784}]}), 400, "booleans")
