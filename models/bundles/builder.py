@@ -58,8 +58,11 @@ class BuildSettings:
 def build_bundle(settings: BuildSettings) -> Path:
     """Build the bundle directory `settings.out` and return it."""
     unknown = sorted(set(settings.reuse) - set(REUSED_FILES))
-    if unknown or (settings.reuse and not settings.reuse_from):
+    if unknown or (settings.reuse and not settings.reuse_from) or (settings.reuse_from and not settings.reuse):
         raise ValueError(f"reuse takes models of {sorted(REUSED_FILES)} together with reuse_from; got {list(settings.reuse)}")
+    given_twice = sorted(stage for stage in settings.reuse if getattr(settings, f"{stage}_checkpoint"))
+    if given_twice:
+        raise ValueError(f"{given_twice}: give a checkpoint or reuse the earlier bundle's model, not both")
     data = load_image_dataset(settings.data, class_names=FASHION_MNIST_LABELS)
     held_out = bundle_split(len(data.images), seed=settings.seed)
     halves = np.array_split(np.random.default_rng(settings.seed).permutation(held_out.calibration), 2)

@@ -192,6 +192,26 @@ REUSED_FILES = {"flow": ("flow.onnx", "flow_sample.onnx"), "background": ("backg
 """The bundle files each model stage writes (the first is the model itself)."""
 
 
+def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None:
+    """Refuse to reuse an earlier bundle's models unless its files verify (sha256) and it was fitted with the same
+    seed (and, where recorded, the same split sizes): models trained on another split may have seen this fit's
+    calibration images, and their p-values would then be too small."""
+    if not options.reuse_models:
+        return
+    if options.reuse_bundle is None:
+        raise ValueError(f"reuse_models {list(options.reuse_models)} needs reuse_bundle")
+    from service.bundle.loader import load_bundle
+
+    earlier = load_bundle(options.reuse_bundle).manifest.provenance.model_dump(mode="json")
+    if earlier.get("seed") != seed:
+        raise ValueError(f"{options.reuse_bundle} was fitted with seed {earlier.get('seed')!r}, this fit uses {seed}: its models were "
+                         "trained on another split and may have seen this fit's calibration images")
+    recorded = earlier.get("splits") or {}
+    mismatched = {name: (recorded[name], size) for name, size in split.sizes().items() if name in recorded and recorded[name] != size}
+    if mismatched:
+        raise ValueError(f"{options.reuse_bundle} has other split sizes (earlier, now): {mismatched}")
+
+
 def _export(checkpoints: dict[str, Path], staging: Path, options: ImageFitOptions) -> dict[str, Path]:
     from models.flows.export import export_checkpoint as export_flow
     from models.sngp.export import export_checkpoint as export_sngp
@@ -251,6 +271,7 @@ def fit_images(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    check_reusable(options, split, seed)
     checkpoints = _train_models(data, split, budget, options, work_directory, seed)
     with budget.timed("export"):
         model_files = _export(checkpoints, staging, options)

@@ -101,6 +101,9 @@ def test_rebuild_keeps_the_reused_flows_and_retrains_only_sngp(tiny_bundle: Path
     assert "reused_from" not in after["sngp"]
     with pytest.raises(ValueError, match="reuse"):
         build_bundle(BuildSettings(out=str(tmp_path / "bad"), reuse=("flow",)))
+    with pytest.raises(ValueError, match="seed"):  # models trained on another split may have seen this calibration
+        build_bundle(BuildSettings(out=str(tmp_path / "bad"), reuse_from=str(tiny_bundle), reuse=("flow", "background"),
+                                   sngp_checkpoint=str(tmp_path / "sngp" / "model.pt"), seed=5, limit=120, reference_size=200, threads=1))
 
 
 def test_fusion_choice_prefers_the_informative_signal() -> None:
