@@ -169,6 +169,11 @@ def main() -> None:
                                               capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as error:
         report["nvidia_smi"] = f"unavailable: {error}"
+    if not arguments.allow_cpu and hasattr(onnxruntime, "preload_dlls"):
+        try:  # CUDA and cuDNN from NVIDIA's wheels, where they came that way (onnxruntime-gpu[cuda,cudnn])
+            onnxruntime.preload_dlls()
+        except Exception as error:  # noqa: BLE001 - a machine with system CUDA needs no preload
+            report["preload_dlls"] = f"failed: {error}"
     gpu_provider = CPU_PROVIDER if arguments.allow_cpu else CUDA_PROVIDER
     if gpu_provider not in report["available_providers"]:
         raise SystemExit(f"{gpu_provider} is not available in onnxruntime {onnxruntime.__version__} ({report['available_providers']}); "
@@ -214,6 +219,9 @@ def main() -> None:
             break
     report["provider_settings"] = settings_report
     report["serving_setting"] = best
+    if best is None:
+        arguments.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        raise SystemExit(f"no CUDA provider setting gave sessions on {gpu_provider} (see {arguments.out}); is CUDA / cuDNN loadable?")
     options = dict(PROVIDER_SETTINGS[best]) if best and not arguments.allow_cpu else {}
     env = {"OODSERVE_REQUIRE_GPU": "false" if arguments.allow_cpu else "true", "OODSERVE_CUDA_PROVIDER_OPTIONS": json.dumps(options)}
     if arguments.allow_cpu:

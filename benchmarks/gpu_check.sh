@@ -9,6 +9,7 @@
 #     GPU_CHECK_WHEELS=DIR (made on a machine with an index by benchmarks/gpu_wheels.sh PYTHON_VERSION DIR);
 #   - a Python whose own onnxruntime already has CUDAExecutionProvider is used as it is (the venv sees its
 #     site-packages) and only oodserve's other needs are installed.
+# GPU_CHECK_CUDA_LIBS=0 skips NVIDIA's CUDA / cuDNN wheels (when the machine has those libraries installed).
 # Data: FMNIST_DIR (Fashion-MNIST IDX files, default /usr/share/datasets/fashion-mnist) and MNIST_DIR
 # (default ../shared/data/mnist). GPU_CHECK_ALLOW_CPU=1 dry-runs every step on CPU sessions.
 set -euo pipefail
@@ -35,7 +36,12 @@ pip_source=()
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   pip_source=(--no-index --find-links "$GPU_CHECK_WHEELS")
 fi
-"$venv/bin/python" -m pip install -q "${pip_source[@]}" ".${extra}" || {
+cuda_libraries=()
+if [ "$extra" = "[gpu]" ] && [ "${GPU_CHECK_CUDA_LIBS:-1}" = 1 ]; then
+  # onnxruntime-gpu loads CUDA and cuDNN from the system or from NVIDIA's wheels; its extras bring the wheels
+  cuda_libraries=("onnxruntime-gpu[cuda,cudnn]")
+fi
+"$venv/bin/python" -m pip install -q "${pip_source[@]}" ".${extra}" "${cuda_libraries[@]}" || {
   echo "gpu_check: installing .${extra} failed; on a machine without a package index set GPU_CHECK_WHEELS (see the header)" >&2
   exit 2
 }
