@@ -40,6 +40,24 @@ def request_bodies(images: np.ndarray, body: str, per_request: int = 1) -> tuple
     raise ValueError(f"unknown body kind {body!r}; use json or npy")
 
 
+def wait_until_ok(process: subprocess.Popen[bytes], url: str, timeout: float, what: str) -> None:
+    """Poll `url` until it answers 200; RuntimeError naming `what` when `process` exits first or `timeout` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not ready within {timeout:g} s")
+        time.sleep(0.1)
+
+
 class ServerProcess:
     """`python -m service.cli serve` on 127.0.0.1 with the given OODSERVE_* overrides; stopped on exit."""
 
@@ -63,20 +81,7 @@ class ServerProcess:
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the benchmark server exited with status {self.process.returncode} before it was ready")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the benchmark server was not ready within {timeout:g} s")
-            time.sleep(0.1)
+        wait_until_ok(self.process, f"{self.url}/readyz", timeout, "the benchmark server")
 
     def __enter__(self) -> ServerProcess:
         try:

@@ -15,11 +15,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.http_driver import free_port
+from benchmarks.http_driver import free_port, wait_until_ok
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VENV = HERE / ".venv"
@@ -85,20 +84,7 @@ class MLServerProcess:
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Until the model answers ready (MLServer loads it in every worker first)."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"MLServer exited with status {self.process.returncode} before it was ready (see its log)")
-            try:
-                if httpx.get(f"{self.url}/v2/models/{self.model}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"MLServer was not ready within {timeout:g} s")
-            time.sleep(0.2)
+        wait_until_ok(self.process, f"{self.url}/v2/models/{self.model}/ready", timeout, "MLServer (see its log)")
 
     def __enter__(self) -> MLServerProcess:
         try:
