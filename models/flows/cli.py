@@ -26,6 +26,8 @@ def train_flow_command(
     weight_decay: float = typer.Option(0.0, help="L2 penalty (Adam weight_decay)"),
     preset: str = typer.Option("default", help="tiny | small | default"),
     config: str | None = typer.Option(None, help='JSON overrides of the preset, e.g. \'{"hidden_channels": 96}\''),
+    attention: str = typer.Option("none", help="iresnet only: none, or l2 to end every scale with an attentive contractive "
+                                  "block (L2 self-attention scaled to Lipschitz < 1, models/flows/attention.py)"),
     patience: int = typer.Option(3, help="early stop after this many epochs without validation improvement"),
     eval_minutes: float = typer.Option(10.0, help="also validate + checkpoint every this many minutes"),
     limit_train: int | None = typer.Option(None, help="use only the first N training/validation images"),
@@ -34,11 +36,16 @@ def train_flow_command(
     """Train a normalizing flow by maximum likelihood on dequantised 8-bit images."""
     from models.flows.train import TrainSettings, train_flow
 
+    overrides = json.loads(config) if config else {}
+    if attention != "none":
+        if family != "iresnet" or attention != "l2":
+            raise typer.BadParameter(f"--attention takes none or l2, and only with --family iresnet; got {attention!r} with {family!r}")
+        overrides["attention"] = attention
     settings = TrainSettings(
         family=family, data=str(data), out=str(out), epochs=epochs, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, seed=seed, max_minutes=max_minutes, threads=threads, resume=resume,
         mutation_rate=mutation_rate, weight_decay=weight_decay, preset=preset,
-        overrides=json.loads(config) if config else {}, patience=patience, eval_minutes=eval_minutes,
+        overrides=overrides, patience=patience, eval_minutes=eval_minutes,
         limit_train=limit_train, limit_test=limit_test,
     )
     train_flow(settings)

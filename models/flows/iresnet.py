@@ -18,6 +18,7 @@ The inverse is the fixed-point iteration x <- y - g(x) with a fixed number of it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,6 +34,42 @@ from models.nn.spectral import SpectralNormConv2d
 def elu_derivative(preactivation: Tensor) -> Tensor:
     """d ELU(a) / da = 1 for a > 0, exp(a) otherwise (Lipschitz constant 1)."""
     return torch.where(preactivation > 0, torch.ones_like(preactivation), torch.exp(torch.clamp(preactivation, max=0.0)))
+
+
+def explicit_series_log_det(jvp: Callable[[Tensor, tuple[Tensor, ...]], Tensor], state: tuple[Tensor, ...], probes: Tensor,
+                            batch: int, terms: int) -> Tensor:
+    """log det(I + J) ~ mean over the P probes v of sum_{k<=terms} (-1)^(k+1)/k v^T J^k v (Behrmann eq. 6 with
+    Hutchinson traces), every J product by `jvp(vectors (P*N, ...), state tiled P times along the batch)`, `(N,)`.
+    `state` holds the residual's per-input tensors (leading axis N) that its JVP needs."""
+    probe_count = probes.shape[0]
+    vectors = probes.unsqueeze(1).expand(probe_count, batch, *probes.shape[1:]).reshape(probe_count * batch, *probes.shape[1:])
+    tiled = tuple(tensor.repeat(probe_count, *([1] * (tensor.dim() - 1))) for tensor in state)
+    power = vectors
+    total = torch.zeros(probe_count * batch, dtype=probes.dtype, device=probes.device)
+    for term in range(1, terms + 1):
+        power = jvp(power, tiled)
+        total = total + ((-1.0) ** (term + 1) / term) * sum_except_batch(power * vectors)
+    return total.reshape(probe_count, batch).mean(dim=0)
+
+
+def autograd_series_log_det(residual: Tensor, inputs: Tensor, probes: Tensor, terms: int) -> Tensor:
+    """The same series with v^T J^k by autograd VJPs of `residual` = g(inputs) (`create_graph=True`: differentiable)."""
+    total = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+    for probe in probes:
+        vector = probe.unsqueeze(0).expand_as(inputs)
+        power = vector
+        for term in range(1, terms + 1):
+            (power,) = torch.autograd.grad(residual, inputs, power, create_graph=True, retain_graph=True)
+            total = total + ((-1.0) ** (term + 1) / term) * sum_except_batch(power * vector)
+    return total / probes.shape[0]
+
+
+def exact_trace_probes(probes: Tensor) -> Tensor:
+    """sqrt(D) times the D basis vectors of the probes' shape: with them Hutchinson's estimator is the exact trace."""
+    shape = probes.shape[1:]
+    dimension = int(math.prod(shape))
+    basis = torch.eye(dimension, dtype=probes.dtype, device=probes.device) * math.sqrt(dimension)
+    return basis.reshape(dimension, *shape)
 
 
 class ContractiveConv2d(SpectralNormConv2d):
@@ -90,35 +127,19 @@ class ResidualBlock(Transform):
         return self.third.linear(hidden, weights[2])
 
     def log_det_explicit(self, inputs: Tensor, probes: Tensor, terms: int,
-                         weights: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                         weights: tuple[Tensor, ...] | None = None) -> Tensor:
         """Inference estimator: mean over probes of sum_k (-1)^(k+1)/k v^T J^k v, explicit JVPs, `(N,)`."""
         weights = self.weights() if weights is None else weights
-        _, first_pre, second_pre = self.residual(inputs, weights)
-        batch, probe_count = inputs.shape[0], probes.shape[0]
-        vectors = probes.unsqueeze(1).expand(probe_count, batch, *probes.shape[1:]).reshape(probe_count * batch, *probes.shape[1:])
-        first_pre = first_pre.repeat(probe_count, 1, 1, 1)
-        second_pre = second_pre.repeat(probe_count, 1, 1, 1)
-        power = vectors
-        total = torch.zeros(probe_count * batch, dtype=inputs.dtype, device=inputs.device)
-        for term in range(1, terms + 1):
-            power = self.jacobian_vector_product(power, first_pre, second_pre, weights)
-            total = total + ((-1.0) ** (term + 1) / term) * sum_except_batch(power * vectors)
-        return total.reshape(probe_count, batch).mean(dim=0)
+        _, *state = self.residual(inputs, weights)
+        return explicit_series_log_det(lambda vectors, tiled: self.jacobian_vector_product(vectors, *tiled, weights),
+                                       tuple(state), probes, inputs.shape[0], terms)
 
     def log_det_autograd(self, inputs: Tensor, probes: Tensor, terms: int,
-                         weights: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                         weights: tuple[Tensor, ...] | None = None) -> Tensor:
         """Training estimator (Behrmann 2019, alg. 1): same series, v^T J^k by autograd VJPs with
         `create_graph=True` so the estimate is differentiable. `inputs` must require grad. `(N,)`."""
         weights = self.weights() if weights is None else weights
-        residual = self.residual(inputs, weights)[0]
-        total = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
-        for probe in probes:
-            vector = probe.unsqueeze(0).expand_as(inputs)
-            power = vector
-            for term in range(1, terms + 1):
-                (power,) = torch.autograd.grad(residual, inputs, power, create_graph=True, retain_graph=True)
-                total = total + ((-1.0) ** (term + 1) / term) * sum_except_batch(power * vector)
-        return total / probes.shape[0]
+        return autograd_series_log_det(self.residual(inputs, weights)[0], inputs, probes, terms)
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         weights = self.weights()
@@ -140,10 +161,7 @@ class ResidualBlock(Transform):
 
     def use_exact_trace(self) -> None:
         """Replace the probes by sqrt(D) * basis vectors, so the estimator is the exact truncated series."""
-        shape = self.probes.shape[1:]
-        dimension = int(math.prod(shape))
-        basis = torch.eye(dimension, dtype=self.probes.dtype, device=self.probes.device) * math.sqrt(dimension)
-        self.probes = basis.reshape(dimension, *shape)
+        self.probes = exact_trace_probes(self.probes)
 
 
 @dataclass
@@ -160,10 +178,14 @@ class IResNetConfig:
     inference_probes: int = 2
     inverse_iterations: int = 40
     logit_alpha: float = 0.05
+    attention: str = "none"
+    """"l2": end every scale with an attentive contractive block (`models.flows.attention`, L2 self-attention)."""
+    attention_heads: int = 1
 
 
 def build_iresnet(config: IResNetConfig | dict) -> Flow:
-    """Logit, then per scale: squeeze and `blocks_per_scale` x (actnorm, residual block); then flatten."""
+    """Logit, then per scale: squeeze and `blocks_per_scale` x (actnorm, residual block), with attention "l2" one
+    (actnorm, attentive block) more; then flatten."""
     if isinstance(config, dict):
         config = IResNetConfig(**{**config, "input_shape": tuple(config.get("input_shape", (1, 28, 28)))})
     channels, height, width = config.input_shape
@@ -181,6 +203,17 @@ def build_iresnet(config: IResNetConfig | dict) -> Flow:
                               config.inverse_iterations, probe_seed=block_index)
             )
             block_index += 1
+        if config.attention == "l2":
+            from models.flows.attention import L2AttentionBlock
+
+            transforms.append(ActNorm(channels))
+            transforms.append(
+                L2AttentionBlock(channels, (height, width), config.attention_heads, config.coefficient, config.training_terms,
+                                 config.inference_terms, config.inference_probes, config.inverse_iterations, probe_seed=block_index)
+            )
+            block_index += 1
+        elif config.attention != "none":
+            raise ValueError(f"attention must be none or l2, got {config.attention!r}")
     transforms.append(Flatten((channels, height, width)))
     flow = Flow(CompositeTransform(transforms), tuple(config.input_shape))
     flow.config = asdict(config)

@@ -12,7 +12,8 @@ from models.flows.base import Flow
 from models.flows.zoo import build_flow, preset_config
 from tests.helpers.data import write_idx
 
-FAMILIES = ["nice", "glow", "nsf", "iresnet"]
+FAMILIES = ["nice", "glow", "nsf", "iresnet", "iresnet+l2"]
+"""Flow families under test; `iresnet+l2` is the i-ResNet with attentive contractive blocks (attention "l2")."""
 
 SMALL_IMAGE_SHAPE = (1, 4, 4)
 
@@ -26,7 +27,9 @@ def perturbed_flow(family: str, input_shape: tuple[int, ...], seed: int = 0, dty
     """A tiny flow of `family` after data-dependent init, with every parameter nudged away from the
     identity initialisation (zero-initialised last layers) by `scale` times Gaussian noise, in eval mode."""
     torch.manual_seed(seed)
-    config = {**preset_config(family, "tiny"), "input_shape": input_shape, **(extra or {})}
+    family, _, attention = family.partition("+")
+    variant = {"attention": attention} if attention else {}
+    config = {**preset_config(family, "tiny"), "input_shape": input_shape, **variant, **(extra or {})}
     flow = build_flow(family, config).to(dtype)
     flow.train()
     flow.log_prob(torch.rand(8, *input_shape, dtype=dtype) * 0.98 + 0.01)

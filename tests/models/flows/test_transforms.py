@@ -13,7 +13,7 @@ from tests.models.flows.conftest import FAMILIES, IRESNET_EXACT, SMALL_IMAGE_SHA
 
 
 def _flow(family: str, input_shape=SMALL_IMAGE_SHAPE):
-    extra = IRESNET_EXACT if family == "iresnet" else None
+    extra = IRESNET_EXACT if family.startswith("iresnet") else None
     flow = perturbed_flow(family, input_shape, extra=extra)
     use_exact_traces(flow)
     return flow
