@@ -30,8 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import Transform
-from models.flows.iresnet import autograd_series_log_det, exact_trace_probes, explicit_series_log_det
+from models.flows.iresnet import ContractiveResidual, explicit_series_log_det
 
 
 def lambert_w0(value: float) -> float:
@@ -53,7 +52,7 @@ def l2_attention_lipschitz_factor(tokens: int, head_dim: int) -> float:
     return math.sqrt(tokens) / math.sqrt(head_dim) * (4.0 * lambert_w0((tokens - 1) / math.e) + 1.0)
 
 
-class L2AttentionBlock(Transform):
+class L2AttentionBlock(ContractiveResidual):
     """`y = x + g(x)` on `(N, C, H, W)`, g the scaled multi-head L2 self-attention over the H*W positions."""
 
     def __init__(self, channels: int, input_hw: tuple[int, int], heads: int, coefficient: float, training_terms: int,
@@ -138,30 +137,3 @@ class L2AttentionBlock(Transform):
         _, queries, attention = self.residual(inputs, weights)  # type: ignore[arg-type]
         return explicit_series_log_det(lambda vectors, tiled: self.jacobian_vector_product(vectors, *tiled, weights),  # type: ignore[arg-type]
                                        (queries, attention, inputs), probes, inputs.shape[0], terms)
-
-    def log_det_autograd(self, inputs: Tensor, probes: Tensor, terms: int, weights: tuple[Tensor, ...] | None = None) -> Tensor:
-        """Training estimator (autograd VJPs, differentiable); `inputs` must require grad. `(N,)`."""
-        weights = self.weights() if weights is None else weights
-        return autograd_series_log_det(self.residual(inputs, weights)[0], inputs, probes, terms)  # type: ignore[arg-type]
-
-    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        weights = self.weights()
-        if self.training and torch.is_grad_enabled():
-            if not inputs.requires_grad:
-                inputs = inputs.clone().requires_grad_(True)
-            fresh_probe = torch.randn(1, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
-            logabsdet = self.log_det_autograd(inputs, fresh_probe, self.training_terms, weights)
-        else:
-            logabsdet = self.log_det_explicit(inputs, self.probes.to(inputs.dtype), self.inference_terms, weights)
-        return inputs + self.residual(inputs, weights)[0], logabsdet
-
-    def inverse(self, outputs: Tensor) -> Tensor:
-        weights = self.weights()
-        inputs = outputs
-        for _ in range(self.inverse_iterations):
-            inputs = outputs - self.residual(inputs, weights)[0]
-        return inputs
-
-    def use_exact_trace(self) -> None:
-        """Replace the probes by sqrt(D) * basis vectors, so the estimator is the exact truncated series."""
-        self.probes = exact_trace_probes(self.probes)

@@ -89,7 +89,57 @@ class ContractiveConv2d(SpectralNormConv2d):
         return self.spectral_bound
 
 
-class ResidualBlock(Transform):
+class ContractiveResidual(Transform):
+    """`y = x + g(x)` with Lip(g) < 1: the estimators, forward, inverse and exact-trace switch every residual block
+    shares. A subclass gives `weights()`, `residual(inputs, weights) -> (g(x), *state)`, `log_det_explicit` and the
+    attributes `probes`, `training_terms`, `inference_terms`, `inverse_iterations`."""
+
+    probes: Tensor
+    training_terms: int
+    inference_terms: int
+    inverse_iterations: int
+
+    def weights(self) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def residual(self, inputs: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_det_explicit(self, inputs: Tensor, probes: Tensor, terms: int,
+                         weights: tuple[Tensor, ...] | None = None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_det_autograd(self, inputs: Tensor, probes: Tensor, terms: int,
+                         weights: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Training estimator (Behrmann 2019, alg. 1): same series, v^T J^k by autograd VJPs with
+        `create_graph=True` so the estimate is differentiable. `inputs` must require grad. `(N,)`."""
+        weights = self.weights() if weights is None else weights
+        return autograd_series_log_det(self.residual(inputs, weights)[0], inputs, probes, terms)
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        weights = self.weights()
+        if self.training and torch.is_grad_enabled():
+            if not inputs.requires_grad:
+                inputs = inputs.clone().requires_grad_(True)
+            fresh_probe = torch.randn(1, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
+            logabsdet = self.log_det_autograd(inputs, fresh_probe, self.training_terms, weights)
+        else:
+            logabsdet = self.log_det_explicit(inputs, self.probes.to(inputs.dtype), self.inference_terms, weights)
+        return inputs + self.residual(inputs, weights)[0], logabsdet
+
+    def inverse(self, outputs: Tensor) -> Tensor:
+        weights = self.weights()
+        inputs = outputs
+        for _ in range(self.inverse_iterations):
+            inputs = outputs - self.residual(inputs, weights)[0]
+        return inputs
+
+    def use_exact_trace(self) -> None:
+        """Replace the probes by sqrt(D) * basis vectors, so the estimator is the exact truncated series."""
+        self.probes = exact_trace_probes(self.probes)
+
+
+class ResidualBlock(ContractiveResidual):
     """`y = x + g(x)` on `(N, C, H, W)` with a contractive `g` (see module docstring)."""
 
     def __init__(self, channels: int, hidden_channels: int, input_hw: tuple[int, int], coefficient: float,
@@ -133,36 +183,6 @@ class ResidualBlock(Transform):
         _, *state = self.residual(inputs, weights)
         return explicit_series_log_det(lambda vectors, tiled: self.jacobian_vector_product(vectors, *tiled, weights),
                                        tuple(state), probes, inputs.shape[0], terms)
-
-    def log_det_autograd(self, inputs: Tensor, probes: Tensor, terms: int,
-                         weights: tuple[Tensor, ...] | None = None) -> Tensor:
-        """Training estimator (Behrmann 2019, alg. 1): same series, v^T J^k by autograd VJPs with
-        `create_graph=True` so the estimate is differentiable. `inputs` must require grad. `(N,)`."""
-        weights = self.weights() if weights is None else weights
-        return autograd_series_log_det(self.residual(inputs, weights)[0], inputs, probes, terms)
-
-    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        weights = self.weights()
-        if self.training and torch.is_grad_enabled():
-            if not inputs.requires_grad:
-                inputs = inputs.clone().requires_grad_(True)
-            fresh_probe = torch.randn(1, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
-            logabsdet = self.log_det_autograd(inputs, fresh_probe, self.training_terms, weights)
-        else:
-            logabsdet = self.log_det_explicit(inputs, self.probes.to(inputs.dtype), self.inference_terms, weights)
-        return inputs + self.residual(inputs, weights)[0], logabsdet
-
-    def inverse(self, outputs: Tensor) -> Tensor:
-        weights = self.weights()
-        inputs = outputs
-        for _ in range(self.inverse_iterations):
-            inputs = outputs - self.residual(inputs, weights)[0]
-        return inputs
-
-    def use_exact_trace(self) -> None:
-        """Replace the probes by sqrt(D) * basis vectors, so the estimator is the exact truncated series."""
-        self.probes = exact_trace_probes(self.probes)
-
 
 @dataclass
 class IResNetConfig:
