@@ -132,17 +132,19 @@ class InferenceService:
 
     # ---- helpers ----
 
-    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
+    def _check_key(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        """The call's metadata, once the API key in it is checked (when keys are configured)."""
+        metadata = dict(context.invocation_metadata() or ())
         keys = self.state.settings.api_keys
         if not keys:
-            return
-        metadata = dict(context.invocation_metadata() or ())
+            return metadata
         header = metadata.get("authorization", "")
         scheme, _, token = str(header).partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "this RPC needs an API key: send metadata `authorization: Bearer KEY`")
         if not key_matches(token.strip(), keys):
             raise ApiError(403, "forbidden", "the presented key is not a valid API key")
+        return metadata
 
     def _engine(self, name: str, version: str) -> Engine:
         return self.state.ready_registry().require(name, version or None)
@@ -177,10 +179,10 @@ class InferenceService:
         return response
 
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._check_key(context)
+        metadata = self._check_key(context)
         state = self.state
         engine = self._engine(request.model_name, request.model_version)
-        stream = check_stream_name(dict(context.invocation_metadata() or ()).get("x-ood-stream"))
+        stream = check_stream_name(metadata.get("x-ood-stream"))
         with state.batching.arrival(engine) as arrival:
             parsed = parse_model_infer(request, engine, state.settings.max_batch_instances)
             engine.check_alpha(parsed.alpha)
