@@ -105,15 +105,22 @@ class Flow(nn.Module):
         self.transform = transform
         self.event_shape = tuple(event_shape)
         self.dimension = int(math.prod(self.event_shape))
+        self.classifier: nn.Module | None = None
+        """A hybrid flow's head on the latent, `(N, D) -> logits (N, K)` (`models.flows.hybrid`); None for a pure density."""
 
-    def log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """`(N, *event_shape) -> (log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""
+    def latent_log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """`(N, *event_shape) -> (latent z (N, D), log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""
         if hasattr(self.transform, "forward_with_levels"):
             latent, logabsdet, levels = self.transform.forward_with_levels(inputs)
         else:
             latent, logabsdet = self.transform(inputs)
             levels = []
-        return standard_normal_log_prob(latent) + logabsdet, levels
+        return latent, standard_normal_log_prob(latent) + logabsdet, levels
+
+    def log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """`(N, *event_shape) -> (log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""
+        _, log_prob, levels = self.latent_log_prob_with_levels(inputs)
+        return log_prob, levels
 
     def log_prob(self, inputs: Tensor) -> Tensor:
         """Log density in nats, `(N, *event_shape) -> (N,)`."""

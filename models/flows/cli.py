@@ -28,6 +28,9 @@ def train_flow_command(
     config: str | None = typer.Option(None, help='JSON overrides of the preset, e.g. \'{"hidden_channels": 96}\''),
     attention: str = typer.Option("none", help="iresnet only: none, or l2 to end every scale with an attentive contractive "
                                   "block (L2 self-attention scaled to Lipschitz < 1, models/flows/attention.py)"),
+    hybrid: bool = typer.Option(False, help="add a linear classifier head on the latent and train on cross-entropy + "
+                                "NLL_WEIGHT * bits/dim (needs labels; the export gains logits and features)"),
+    nll_weight: float = typer.Option(1.0, help="hybrid only: weight of bits/dim against the per-image cross-entropy"),
     patience: int = typer.Option(3, help="early stop after this many epochs without validation improvement"),
     eval_minutes: float = typer.Option(10.0, help="also validate + checkpoint every this many minutes"),
     limit_train: int | None = typer.Option(None, help="use only the first N training/validation images"),
@@ -46,7 +49,7 @@ def train_flow_command(
         warmup_steps=warmup_steps, seed=seed, max_minutes=max_minutes, threads=threads, resume=resume,
         mutation_rate=mutation_rate, weight_decay=weight_decay, preset=preset,
         overrides=overrides, patience=patience, eval_minutes=eval_minutes,
-        limit_train=limit_train, limit_test=limit_test,
+        limit_train=limit_train, limit_test=limit_test, hybrid=hybrid, nll_weight=nll_weight,
     )
     train_flow(settings)
 

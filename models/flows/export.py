@@ -3,7 +3,8 @@
 Density graph (`FILE.onnx`): input `x` float32 `(N, 1, 28, 28)` raw pixels 0..255 ->
 `log_prob` `(N,)` = log density (nats) of `u = (x + 0.5) / 256` (see `preprocessing.py`; bits/dim =
 -(log_prob - D ln 256) / (D ln 2)), plus `level_0`, `level_1`, ... `(N,)` per-level latent
-log-densities for multi-scale families. Sampling graph (`FILE_sample.onnx`): input `z` float32
+log-densities for multi-scale families, and for a hybrid flow (`models.flows.hybrid`) `logits` `(N, K)` and
+`features` `(N, D)` (the latent z the head reads). Sampling graph (`FILE_sample.onnx`): input `z` float32
 `(N, D)` standard-normal latents (scale by a temperature before feeding) -> `x` float32
 `(N, 1, 28, 28)` in [0, 255]. Both have a dynamic batch axis `N` and are deterministic.
 """
@@ -31,8 +32,10 @@ class DensityGraph(nn.Module):
         self.flow = flow
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
-        log_prob, levels = self.flow.log_prob_with_levels(centre_of_bin(pixels))
-        return (log_prob, *levels)
+        latent, log_prob, levels = self.flow.latent_log_prob_with_levels(centre_of_bin(pixels))
+        if self.flow.classifier is None:
+            return (log_prob, *levels)
+        return (log_prob, *levels, self.flow.classifier(latent), latent)
 
 
 class SamplingGraph(nn.Module):
@@ -85,7 +88,7 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     flow = prepare_for_export(flow.float())
-    names = ["log_prob", *level_names(flow)]
+    names = ["log_prob", *level_names(flow), *(["logits", "features"] if flow.classifier is not None else [])]
     example_pixels = torch.randint(0, 256, (2, *flow.event_shape)).float()
     _export(DensityGraph(flow).eval(), example_pixels, out, "x", names, opset)
     sample_path = sample_graph_path(out)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from models import perturbations
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
 from models.flows.base import Flow
+from models.flows.hybrid import hybrid_loss
 from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
 from models.flows.zoo import build_flow, preset_config
 
@@ -56,6 +57,10 @@ class TrainSettings:
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 500
+    hybrid: bool = False
+    """Add a linear classifier head on the latent and train on CE + nll_weight * bits/dim (`models.flows.hybrid`);
+    needs labels."""
+    nll_weight: float = 1.0
 
 
 def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
@@ -134,11 +139,44 @@ def _as_image_tensor(images: np.ndarray) -> Tensor:
 
 @dataclass(frozen=True)
 class FlowData:
-    """In-memory training data: uint8 images (N, C, H, W) for training, validation and the final test."""
+    """In-memory training data: uint8 images (N, C, H, W) for training, validation and the final test, with
+    integer labels `(N,)` for a hybrid flow."""
 
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    train_labels: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+
+@torch.no_grad()
+def evaluate_hybrid(flow: Flow, pixels: Tensor, labels: Tensor, batch_size: int = 500, progress: str | None = None) -> dict[str, float]:
+    """A hybrid flow in eval mode on 8-bit images `(N, C, H, W)` at the bin centres with labels `(N,)`:
+    mean bits/dim, mean cross-entropy (nats) and accuracy."""
+    import torch.nn.functional as F
+
+    was_training = flow.training
+    flow.eval()
+    assert flow.classifier is not None
+    bits, cross_entropy, correct = 0.0, 0.0, 0
+    for start in tqdm(range(0, pixels.shape[0], batch_size), desc=progress, leave=False, disable=progress is None):
+        latent, log_prob, _ = flow.latent_log_prob_with_levels(centre_of_bin(pixels[start : start + batch_size]))
+        logits = flow.classifier(latent)
+        batch_labels = labels[start : start + batch_size]
+        bits += float(bits_per_dim(log_prob, flow.dimension).sum())
+        cross_entropy += float(F.cross_entropy(logits, batch_labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == batch_labels).sum())
+    flow.train(was_training)
+    count = pixels.shape[0]
+    return {"bpd": bits / count, "cross_entropy": cross_entropy / count, "accuracy": correct / count}
+
+
+def class_count(labels: np.ndarray) -> int:
+    """Number of classes of integer labels 0..K-1 (a hybrid head needs them contiguous from 0)."""
+    if labels.size == 0 or labels.min() < 0:
+        raise ValueError("labels must be non-negative integers 0..K-1")
+    return int(labels.max()) + 1
 
 
 def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[str, Any]:
@@ -153,13 +191,26 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
     if data is None:
         training_file = load_images(settings.data, "train")
         split = bundle_split(training_file.images.shape[0])
-        data = FlowData(training_file.images[split.train], training_file.images[split.validation],
-                        load_images(settings.data, "test").images)
+        test_file = load_images(settings.data, "test")
+        labels = training_file.labels
+        data = FlowData(training_file.images[split.train], training_file.images[split.validation], test_file.images,
+                        None if labels is None else labels[split.train], None if labels is None else labels[split.validation],
+                        test_file.labels)
     train_pixels = _as_image_tensor(data.train[: settings.limit_train])
     validation_pixels = _as_image_tensor(data.validation[: settings.limit_train])
+    train_labels = validation_labels = None
+    hybrid_classes = 0
+    if settings.hybrid:
+        if data.train_labels is None or data.validation_labels is None:
+            raise ValueError(f"{settings.data}: a hybrid flow needs labels and this data has none")
+        hybrid_classes = class_count(data.train_labels)
+        train_labels = torch.from_numpy(np.asarray(data.train_labels[: settings.limit_train], dtype=np.int64))
+        validation_labels = torch.from_numpy(np.asarray(data.validation_labels[: settings.limit_train], dtype=np.int64))
 
     torch.manual_seed(settings.seed)
     config = {**preset_config(settings.family, settings.preset), "input_shape": tuple(train_pixels.shape[1:]), **settings.overrides}
+    if hybrid_classes:
+        config["classes"] = hybrid_classes
     model = build_flow(settings.family, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -208,16 +259,28 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
         (out / f"{kind}.tmp").replace(out / f"{kind}.pt")
 
     def validate(reason: str) -> bool:
-        """Evaluate the EMA model; save best.pt on improvement; True when it improved."""
-        validation_bpd = evaluate_bits_per_dim(ema, validation_pixels, settings.eval_batch_size)
-        improved = validation_bpd < state["best_validation_bpd"]
-        state["history"].append({"epoch": state["epoch"], "step": state["step"], "minutes": elapsed() / 60,
-                                 "validation_bpd": validation_bpd, "reason": reason})
+        """Evaluate the EMA model; save best.pt on improvement (of bits/dim, or of CE + nll_weight * bits/dim for a
+        hybrid); True when it improved."""
+        record: dict[str, Any] = {"epoch": state["epoch"], "step": state["step"], "minutes": elapsed() / 60, "reason": reason}
+        if validation_labels is not None:
+            figures = evaluate_hybrid(ema, validation_pixels, validation_labels, settings.eval_batch_size)
+            validation_bpd = figures["bpd"]
+            objective = figures["cross_entropy"] + settings.nll_weight * validation_bpd
+            record.update(validation_accuracy=figures["accuracy"], validation_cross_entropy=figures["cross_entropy"],
+                          validation_objective=objective)
+            shown = f"{validation_bpd:.4f} bits/dim, accuracy {figures['accuracy']:.4f}, objective {objective:.4f}"
+        else:
+            objective = validation_bpd = evaluate_bits_per_dim(ema, validation_pixels, settings.eval_batch_size)
+            shown = f"{validation_bpd:.4f} bits/dim"
+        record["validation_bpd"] = validation_bpd
+        improved = objective < state.get("best_validation_objective", state["best_validation_bpd"])
+        state["history"].append(record)
         if improved:
             state["best_validation_bpd"] = validation_bpd
+            state["best_validation_objective"] = objective
             save("best")
         tqdm.write(f"[{reason}] epoch {state['epoch']} step {state['step']} {elapsed() / 60:.1f} min: "
-                   f"validation {validation_bpd:.4f} bits/dim{' (best)' if improved else ''}")
+                   f"validation {shown}{' (best)' if improved else ''}")
         return improved
 
     if not state["history"]:
@@ -229,12 +292,20 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                    initial=state["batch_index"], total=steps_per_epoch, dynamic_ncols=True, mininterval=2.0)
         out_of_time = False
         for batch_index in bar:
-            batch = train_pixels[order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]]
-            inputs = dequantize_uniform(mutate_pixels(batch, settings.mutation_rate, generator), generator)
+            chosen = order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
+            inputs = dequantize_uniform(mutate_pixels(train_pixels[chosen], settings.mutation_rate, generator), generator)
             progress = max(state["step"] / max(1, total_steps), elapsed() / budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(settings, state["step"], progress)
-            loss = bits_per_dim(model.log_prob(inputs), model.dimension).mean()
+            postfix: dict[str, str] = {}
+            if train_labels is not None:
+                assert model.classifier is not None
+                latent, log_prob, _ = model.latent_log_prob_with_levels(inputs)
+                loss, cross_entropy, bits = hybrid_loss(log_prob, model.classifier(latent), train_labels[chosen],
+                                                        model.dimension, settings.nll_weight)
+                postfix = {"ce": f"{cross_entropy.item():.3f}", "bpd": f"{bits.item():.3f}"}
+            else:
+                loss = bits_per_dim(model.log_prob(inputs), model.dimension).mean()
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -243,7 +314,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                 _update_ema(ema, model, min(settings.ema_decay, (1.0 + state["step"]) / (10.0 + state["step"])))
             state["step"] += 1
             state["batch_index"] = batch_index + 1
-            bar.set_postfix(loss_bpd=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **postfix, lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             if elapsed() >= budget_s:
                 out_of_time = True
                 break
@@ -280,6 +351,11 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                "steps": state["step"], "stop_reason": stop_reason, "mutation_rate": settings.mutation_rate,
                "weight_decay": settings.weight_decay, "test_images": int(test_pixels.shape[0]),
                "best_checkpoint_step": best_checkpoint["state"]["step"], "seed": settings.seed}
+    if settings.hybrid and data.test_labels is not None:
+        test_labels = torch.from_numpy(np.asarray(data.test_labels[: settings.limit_test], dtype=np.int64))
+        figures = evaluate_hybrid(best_flow, test_pixels, test_labels, settings.eval_batch_size, progress="test (classifier)")
+        metrics.update(hybrid=True, nll_weight=settings.nll_weight, test_accuracy=figures["accuracy"],
+                       test_cross_entropy=figures["cross_entropy"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics

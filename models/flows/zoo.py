@@ -68,10 +68,17 @@ def preset_config(family: str, preset: str) -> dict[str, Any]:
 
 
 def build_flow(family: str, config: dict[str, Any]) -> Flow:
-    """Build an untrained flow of `family` from its config (as stored in a checkpoint)."""
+    """Build an untrained flow of `family` from its config (as stored in a checkpoint). `config["classes"] = K > 0`
+    adds a hybrid classifier head on the latent (`models.flows.hybrid`) as `flow.classifier`."""
     builders = _builders()
     if family not in builders:
         raise ValueError(f"unknown or unimplemented flow family {family!r}; have {sorted(builders)}")
-    flow = builders[family](dict(config))
+    config = dict(config)
+    classes = int(config.pop("classes", 0) or 0)
+    flow = builders[family](config)
     flow.family = family
+    if classes:
+        from models.flows.hybrid import LatentClassifier
+
+        flow.classifier = LatentClassifier(flow.dimension, classes)
     return flow
