@@ -18,8 +18,13 @@ export_app = typer.Typer(help="Export trained checkpoints to ONNX (needs the `tr
 
 def build_bundle_command(
     data: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution data (IDX directory with train-* files)"),
-    out: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory to write"),
-    work: Path = typer.Option(Path("runs/bundle"), help="where models are trained when no checkpoint is given"),
+    out: Path | None = typer.Option(None, help="bundle directory to write [default: models/bundles/fashion-mnist, with --hybrid "
+                                     "models/bundles/fashion-mnist-iresnet]"),
+    work: Path | None = typer.Option(None, help="where models are trained when no checkpoint is given [default: runs/bundle, "
+                                     "with --hybrid runs/bundle-hybrid]"),
+    hybrid: bool = typer.Option(False, help="one hybrid invertible ResNet (flow + classifier head) instead of Glow + background + SNGP"),
+    hybrid_checkpoint: Path | None = typer.Option(None, help="with --hybrid: a `train flow --hybrid` checkpoint instead of training"),
+    attention: str = typer.Option("none", help="with --hybrid and no checkpoint: none or l2 (attentive contractive blocks)"),
     flow_checkpoint: Path | None = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
     background_checkpoint: Path | None = typer.Option(None, help="checkpoint of the background (mutation) flow"),
     sngp_checkpoint: Path | None = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
@@ -32,10 +37,21 @@ def build_bundle_command(
     threads: int = typer.Option(2, help="torch / onnxruntime threads"),
 ) -> None:
     """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
+    if hybrid:
+        from models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
+
+        build_hybrid_bundle(HybridBuildSettings(
+            checkpoint=str(hybrid_checkpoint) if hybrid_checkpoint else None, data=str(data),
+            out=str(out or "models/bundles/fashion-mnist-iresnet"), work=str(work or "runs/bundle-hybrid"),
+            minutes=flow_minutes, attention=attention, seed=seed, threads=threads,
+        ))
+        return
+    if hybrid_checkpoint or attention != "none":
+        raise typer.BadParameter("--hybrid-checkpoint and --attention apply with --hybrid only")
     from models.bundles.builder import BuildSettings, build_bundle
 
     build_bundle(BuildSettings(
-        data=str(data), out=str(out), work=str(work),
+        data=str(data), out=str(out or "models/bundles/fashion-mnist"), work=str(work or "runs/bundle"),
         flow_checkpoint=str(flow_checkpoint) if flow_checkpoint else None,
         background_checkpoint=str(background_checkpoint) if background_checkpoint else None,
         sngp_checkpoint=str(sngp_checkpoint) if sngp_checkpoint else None,

@@ -276,8 +276,9 @@ def fit_images(
     with budget.timed("export"):
         model_files = _export(checkpoints, staging, options)
     with budget.timed("calibration and fusion"):
-        manifest = _calibrate_and_write(
-            data, staging, split, model_files, checkpoints, budget, options, name=name, seed=seed, default_alpha=default_alpha
+        manifest = calibrate_and_write(
+            data, staging, split, model_files, budget, options, name=name, seed=seed, default_alpha=default_alpha,
+            training=_training_record(checkpoints, options),
         )
     if out.exists():
         shutil.rmtree(out)
@@ -285,21 +286,39 @@ def fit_images(
     return FitResult(out, _summary(data, split, manifest, budget), manifest)
 
 
-def _calibrate_and_write(
+@dataclass(frozen=True)
+class BundleLayout:
+    """Which signals an image bundle computes and which model classifies: Glow + background + SNGP by default
+    (`image_signal_plans`), or one hybrid flow that is density model and classifier at once."""
+
+    plans: list[SignalPlan] | None = None
+    """None: `image_signal_plans` for the models present."""
+    classifier_model: str = "sngp"
+    builder: str = "oodserve fit (models/fit/images.py)"
+    model_summary: str = "Glow flow + mutation-trained background flow"
+
+
+def calibrate_and_write(
     data: ImageDataset,
     staging: Path,
     split: FitSplit,
     model_files: dict[str, Path],
-    checkpoints: dict[str, Path],
     budget: Budget,
     options: ImageFitOptions,
     *,
     name: str,
     seed: int,
     default_alpha: float,
+    training: dict[str, Any],
+    layout: BundleLayout | None = None,
 ) -> dict[str, Any]:
+    """Fit the signals on the training split, calibrate them on the held-out halves, choose the fusion on
+    self-made perturbations of the validation images and write the bundle's manifest and data into `staging`."""
+    layout = layout or BundleLayout()
     sessions = open_sessions(model_files, threads=options.threads)
     level_outputs = [o.name for o in sessions["flow"].get_outputs() if o.name.startswith("level_")]
+    plans = layout.plans if layout.plans is not None else image_signal_plans(level_outputs, data.labels is not None)
+    has_classifier = data.labels is not None and layout.classifier_model in model_files
     images, labels = data.images, data.labels
     rng = np.random.default_rng(seed)
     limit = options.limit
@@ -317,7 +336,7 @@ def _calibrate_and_write(
 
     reference_outputs = outputs_for(images[reference_index], "reference (train split)")
     fitted = fit_signals(
-        image_signal_plans(level_outputs, labels is not None),
+        plans,
         reference_outputs,
         as_float(images[reference_index]),
         labels[reference_index] if labels is not None else None,
@@ -358,10 +377,11 @@ def _calibrate_and_write(
         "description": options.description
         or (
             f"oodserve fit of {Path(data.source).name}: {len(images)} {'RGB' if channels == 3 else 'greyscale'} images of "
-            f"{height}x{width}; Glow flow + mutation-trained background flow" + (" + SNGP classifier" if labels is not None else "")
+            f"{height}x{width}; {layout.model_summary}"
+            + (" + SNGP classifier" if labels is not None and layout.classifier_model == "sngp" else "")
         ),
         "input": {"shape": [int(channels), int(height), int(width)], "dtype": "uint8", "min": 0, "max": 255, "layout": "NCHW"},
-        "labels": list(data.class_names) if labels is not None and data.class_names is not None else None,
+        "labels": list(data.class_names) if has_classifier and data.class_names is not None else None,
         "models": {
             model: {
                 "file": path.name,
@@ -370,7 +390,7 @@ def _calibrate_and_write(
             }
             for model, path in model_files.items()
         },
-        "classifier": {"model": "sngp", "logits": "logits"} if labels is not None else None,
+        "classifier": {"model": layout.classifier_model, "logits": "logits"} if has_classifier else None,
         "signals": fitted.manifest_entries,
         "calibration": {"file": "calibration.npz"},
         "fusion": {"method": best.method, "signals": list(best.signals), "reason": reason},
@@ -387,7 +407,7 @@ def _calibrate_and_write(
             "seed": seed,
             "code_version": code_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "builder": "oodserve fit (models/fit/images.py)",
+            "builder": layout.builder,
             "splits": {
                 **split.sizes(),
                 "validation_used": len(validation_index),
@@ -395,7 +415,7 @@ def _calibrate_and_write(
                 "fusion_calibration_used": len(fusion_index),
             },
             "minimum_alpha": minimum_alpha,
-            "training": _training_record(checkpoints, options),
+            "training": training,
             "budget": budget.split_text(),
             "fusion_candidates_top5": [
                 {

@@ -35,6 +35,20 @@ def test_matches_scipy_mixture(clustered_features):
     np.testing.assert_allclose(negative_log_feature_density(queries, parameters), expected, rtol=1e-9)
 
 
+def test_shared_covariance_matches_scipy_mixture_with_the_pooled_covariance(clustered_features):
+    features, labels = clustered_features
+    parameters = fit_class_conditional_gaussians(features, labels, n_classes=3, jitter=0.0, shared_covariance=True)
+    assert parameters.precision_cholesky.shape == (1, 4, 4)
+    priors = [np.mean(labels == c) for c in range(3)]
+    pooled = sum(prior * np.cov(features[labels == c], rowvar=False) for c, prior in enumerate(priors))
+    queries = np.random.default_rng(2).normal(size=(7, 4)) * 3
+    expected = [
+        -np.log(sum(prior * multivariate_normal(features[labels == c].mean(0), pooled).pdf(query) for c, prior in enumerate(priors)))
+        for query in queries
+    ]
+    np.testing.assert_allclose(negative_log_feature_density(queries, parameters), expected, rtol=1e-9)
+
+
 def test_grows_with_distance_from_the_data(clustered_features):
     features, labels = clustered_features
     parameters = fit_class_conditional_gaussians(features, labels, n_classes=3)
