@@ -1,0 +1,150 @@
+"""The hybrid i-ResNet bundles measured through the HTTP API: test bits/dim (dequantised, from training),
+accuracy, every signal's and the fused MNIST AUROC, AUROC against Fashion-MNIST with additive Gaussian
+noise (sigma in pixel units), the verdict's false-positive rate on the 10,000 test images at alpha 0.05
+and 0.01 with Clopper-Pearson intervals, and ONNX milliseconds per image.
+
+    .venv/bin/python -m benchmarks.hybrid_iresnet --bundle hybrid=models/bundles/fashion-mnist-iresnet [--bundle ...] \
+        --out benchmarks/results/hybrid-iresnet.json
+
+Each bundle is served by `oodserve serve` in its own process; images go as `.npy` bodies of 250.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime
+from tqdm import tqdm
+
+from benchmarks.http_driver import ServerProcess
+from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from models.evaluation.metrics import auroc, clopper_pearson
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+NOISE_SIGMAS = (8, 16, 32)
+REQUEST_SIZE = 250
+
+
+def with_gaussian_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """uint8 images plus N(0, sigma^2) per pixel (pixel units), rounded and clipped to 0..255."""
+    noise = np.random.default_rng(seed).normal(0.0, sigma, size=images.shape)
+    return np.clip(np.rint(images.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+
+
+def score_over_http(client: httpx.Client, url: str, images: np.ndarray, alpha: float, what: str) -> dict[str, np.ndarray]:
+    """Every image (N, 1, H, W) uint8 through POST /v1/score as .npy bodies: fused score, p-value, verdict,
+    raw signal scores and predicted class, each (N,)."""
+    rows: list[dict] = []
+    for start in tqdm(range(0, len(images), REQUEST_SIZE), desc=what, leave=False):
+        body = images[start : start + REQUEST_SIZE]
+        buffer = io.BytesIO()
+        np.save(buffer, body)
+        response = client.post(f"{url}/v1/score", params={"alpha": alpha}, content=buffer.getvalue(),
+                               headers={"content-type": "application/x-npy"})
+        response.raise_for_status()
+        rows.extend(response.json()["results"])
+    out = {
+        "score": np.array([row["score"] for row in rows]),
+        "p_value": np.array([row["p_value"] for row in rows]),
+        "is_ood": np.array([row["is_ood"] for row in rows]),
+        **{f"signal:{name}": np.array([row["signals"][name] for row in rows]) for name in rows[0]["signals"]},
+    }
+    if "prediction" in rows[0]:
+        out["predicted"] = np.array([row["prediction"]["class_index"] for row in rows])
+    return out
+
+
+def onnx_ms_per_image(path: Path, batch_size: int = 64, repeats: int = 10, threads: int = 1) -> float:
+    """onnxruntime CPU wall time per image of the bundle's model at `batch_size`, `threads` intra-op threads."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(0).integers(0, 256, size=(batch_size, 1, 28, 28)).astype(np.float32)
+    session.run(None, {"x": pixels})
+    start = time.perf_counter()
+    for _ in range(repeats):
+        session.run(None, {"x": pixels})
+    return (time.perf_counter() - start) / (repeats * batch_size) * 1000.0
+
+
+def measure(name: str, bundle: Path, test: np.ndarray, labels: np.ndarray, mnist: np.ndarray, noise_limit: int) -> dict:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    training = manifest["provenance"]["training"]["flow"]
+    with ServerProcess(bundle, {"OODSERVE_INTRA_OP_THREADS": "2"}, None) as server, httpx.Client(timeout=600) as client:
+        inside = score_over_http(client, server.url, test, 0.05, f"{name}: Fashion-MNIST test, alpha 0.05")
+        inside_strict = score_over_http(client, server.url, test, 0.01, f"{name}: Fashion-MNIST test, alpha 0.01")
+        sets = {"mnist": score_over_http(client, server.url, mnist, 0.05, f"{name}: MNIST")}
+        for sigma in NOISE_SIGMAS:
+            noisy = with_gaussian_noise(test[:noise_limit], sigma, seed=sigma)
+            sets[f"noise_sigma_{sigma}"] = score_over_http(client, server.url, noisy, 0.05, f"{name}: noise sigma {sigma}")
+    signal_names = [key.split(":", 1)[1] for key in inside if key.startswith("signal:")]
+    inside_noise = {key: values[:noise_limit] for key, values in inside.items()}
+    auroc_rows = {}
+    for set_name, scores in sets.items():
+        reference = inside_noise if set_name.startswith("noise") else inside
+        auroc_rows[set_name] = {"fused": auroc(reference["score"], scores["score"]),
+                                **{signal: auroc(reference[f"signal:{signal}"], scores[f"signal:{signal}"]) for signal in signal_names}}
+    fused_signals = manifest["fusion"]["signals"]
+    single = {signal: value for signal, value in auroc_rows["mnist"].items() if signal not in ("fused", "bits_per_dim")}
+    best_signal = max(single, key=single.__getitem__)
+    false_positives = {"0.05": int(inside["is_ood"].sum()), "0.01": int(inside_strict["is_ood"].sum())}
+    return {
+        "bundle": str(bundle),
+        "fusion": {"method": manifest["fusion"]["method"], "signals": fused_signals},
+        "training": {key: training.get(key) for key in ("test_bpd_dequantized", "test_bpd", "test_accuracy", "train_minutes", "steps",
+                                                         "epochs_completed", "parameters", "nll_weight", "stop_reason")},
+        "test_images": len(test),
+        "accuracy_over_http": float(np.mean(inside["predicted"] == labels)) if "predicted" in inside else None,
+        "auroc": auroc_rows,
+        "best_single_signal_mnist": {"signal": best_signal, "auroc": single[best_signal]},
+        "fpr": {alpha: {"false_positives": count, "rate": count / len(test), "interval": clopper_pearson(count, len(test))}
+                for alpha, count in false_positives.items()},
+        "onnx_ms_per_image_batch64_1thread": onnx_ms_per_image(bundle / manifest["models"]["flow"]["file"]),
+    }
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| model | test bpd (dequantised) | accuracy | best single signal, MNIST AUROC | fused MNIST AUROC | "
+             "FPR at 0.05 / 0.01 | AUROC noise sigma 8 / 16 / 32 (fused) | ms/image ONNX |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        noise = " / ".join(f"{row['auroc'][f'noise_sigma_{sigma}']['fused']:.3f}" for sigma in NOISE_SIGMAS)
+        best = row["best_single_signal_mnist"]
+        lines.append(f"| {name} | {row['training']['test_bpd_dequantized']:.3f} | {row['accuracy_over_http']:.4f} | "
+                     f"{best['signal']} {best['auroc']:.4f} | {row['auroc']['mnist']['fused']:.4f} | "
+                     f"{row['fpr']['0.05']['rate']:.4f} / {row['fpr']['0.01']['rate']:.4f} | {noise} | "
+                     f"{row['onnx_ms_per_image_batch64_1thread']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", action="append", required=True, help="NAME=DIR; repeatable")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many test and MNIST images (default all 10,000)")
+    parser.add_argument("--noise-limit", type=int, default=3000, help="test images per noise level")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hybrid-iresnet.json"))
+    arguments = parser.parse_args()
+    test_file = load_images(DEFAULT_FASHION_MNIST_DIR, "test")
+    assert test_file.labels is not None
+    test, labels = test_file.images[: arguments.limit, None], test_file.labels[: arguments.limit]
+    mnist = load_images(MNIST_DIR, "test").images[: arguments.limit, None]
+    results = {}
+    for item in arguments.bundle:
+        name, directory = item.split("=", 1)
+        results[name] = measure(name, Path(directory), test, labels, mnist, arguments.noise_limit)
+        print(json.dumps(results[name], indent=1))
+    table = markdown(results)
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps({"results": results, "table": table}, indent=1))
+    arguments.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
