@@ -11,7 +11,7 @@ DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 
 
 def train_flow_command(
-    family: str = typer.Option("glow", help="nice | glow | nsf | iresnet"),
+    family: str = typer.Option("glow", help="nice | glow | nsf | iresnet | rectangular (injective: a density on a learned manifold)"),
     data: Path = typer.Option(Path(DEFAULT_DATA), help="IDX directory (gzip or not), .npy file or PNG folder"),
     out: Path = typer.Option(Path("runs/flow"), help="output directory for checkpoints and metrics.json"),
     epochs: int = typer.Option(20, help="maximum number of epochs"),

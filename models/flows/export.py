@@ -4,7 +4,8 @@ Density graph (`FILE.onnx`): input `x` float32 `(N, 1, 28, 28)` raw pixels 0..25
 `log_prob` `(N,)` = log density (nats) of `u = (x + 0.5) / 256` (see `preprocessing.py`; bits/dim =
 -(log_prob - D ln 256) / (D ln 2)), plus `level_0`, `level_1`, ... `(N,)` per-level latent
 log-densities for multi-scale families, and for a hybrid flow (`models.flows.hybrid`) `logits` `(N, K)` and
-`features` `(N, D)` (the latent z the head reads). Sampling graph (`FILE_sample.onnx`): input `z` float32
+`features` `(N, D)` (the latent z the head reads); for a rectangular flow `log_prob`, `distance`, `latent`
+(`ManifoldGraph`). Sampling graph (`FILE_sample.onnx`): input `z` float32
 `(N, D)` standard-normal latents (scale by a temperature before feeding) -> `x` float32
 `(N, 1, 28, 28)` in [0, 255]. Both have a dynamic batch axis `N` and are deterministic.
 """
@@ -36,6 +37,19 @@ class DensityGraph(nn.Module):
         if self.flow.classifier is None:
             return (log_prob, *levels)
         return (log_prob, *levels, self.flow.classifier(latent), latent)
+
+
+class ManifoldGraph(nn.Module):
+    """A rectangular flow (`models.flows.rectangular`): `x (N, C, H, W)` in 0..255 -> (`log_prob (N,)` nats on the
+    manifold at the projection, `distance (N,)` = ||x - x_hat|| in pixel levels, `latent (N, d)` manifold coordinates)."""
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        log_density, squared_distance, coordinates = self.flow.manifold_outputs(centre_of_bin(pixels))
+        return log_density, torch.sqrt(squared_distance) * 255.0, coordinates
 
 
 class SamplingGraph(nn.Module):
@@ -88,11 +102,15 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     flow = prepare_for_export(flow.float())
-    names = ["log_prob", *level_names(flow), *(["logits", "features"] if flow.classifier is not None else [])]
     example_pixels = torch.randint(0, 256, (2, *flow.event_shape)).float()
-    _export(DensityGraph(flow).eval(), example_pixels, out, "x", names, opset)
+    latent_dimension = getattr(flow, "latent_dimension", flow.dimension)
+    if hasattr(flow, "manifold_outputs"):
+        _export(ManifoldGraph(flow).eval(), example_pixels, out, "x", ["log_prob", "distance", "latent"], opset)
+    else:
+        names = ["log_prob", *level_names(flow), *(["logits", "features"] if flow.classifier is not None else [])]
+        _export(DensityGraph(flow).eval(), example_pixels, out, "x", names, opset)
     sample_path = sample_graph_path(out)
-    _export(SamplingGraph(flow).eval(), torch.randn(2, flow.dimension), sample_path, "z", ["x"], opset)
+    _export(SamplingGraph(flow).eval(), torch.randn(2, latent_dimension), sample_path, "z", ["x"], opset)
     return out, sample_path
 
 

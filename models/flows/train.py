@@ -89,6 +89,20 @@ def _mean_bits_per_dim(
     return total / count
 
 
+@torch.no_grad()
+def evaluate_objective(flow: Flow, pixels: Tensor, batch_size: int = 500) -> float:
+    """Mean `flow.training_loss` (a model with its own objective, e.g. a rectangular flow) over 8-bit images
+    `(N, C, H, W)` at the bin centres, in eval mode."""
+    was_training = flow.training
+    flow.eval()
+    total = 0.0
+    for start in range(0, pixels.shape[0], batch_size):
+        batch = pixels[start : start + batch_size]
+        total += float(flow.training_loss(centre_of_bin(batch))) * batch.shape[0]
+    flow.train(was_training)
+    return total / pixels.shape[0]
+
+
 def evaluate_bits_per_dim(flow: Flow, pixels: Tensor, batch_size: int = 500, progress: str | None = None) -> float:
     """Mean bits/dim of 8-bit images `(N, 1, H, W)` at the centre of each bin, model in eval mode."""
     return _mean_bits_per_dim(flow, pixels, centre_of_bin, batch_size, progress)
@@ -269,6 +283,9 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
             record.update(validation_accuracy=figures["accuracy"], validation_cross_entropy=figures["cross_entropy"],
                           validation_objective=objective)
             shown = f"{validation_bpd:.4f} bits/dim, accuracy {figures['accuracy']:.4f}, objective {objective:.4f}"
+        elif hasattr(ema, "training_loss"):
+            objective = validation_bpd = evaluate_objective(ema, validation_pixels, settings.eval_batch_size)
+            shown = f"objective {objective:.4f} per dimension"
         else:
             objective = validation_bpd = evaluate_bits_per_dim(ema, validation_pixels, settings.eval_batch_size)
             shown = f"{validation_bpd:.4f} bits/dim"
@@ -304,6 +321,8 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                 loss, cross_entropy, bits = hybrid_loss(log_prob, model.classifier(latent), train_labels[chosen],
                                                         model.dimension, settings.nll_weight)
                 postfix = {"ce": f"{cross_entropy.item():.3f}", "bpd": f"{bits.item():.3f}"}
+            elif hasattr(model, "training_loss"):
+                loss = model.training_loss(inputs)
             else:
                 loss = bits_per_dim(model.log_prob(inputs), model.dimension).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -341,16 +360,22 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
     train_minutes = elapsed() / 60
     best_flow, best_checkpoint = load_checkpoint_flow(best_path)
     test_pixels = _as_image_tensor(data.test[: settings.limit_test])
-    test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
-    test_bpd_dequantized = evaluate_dequantized_bits_per_dim(
-        best_flow, test_pixels, settings.eval_batch_size, settings.seed, progress="test (dequantised)"
-    )
+    extra: dict[str, Any] = {}
+    if hasattr(best_flow, "evaluation_metrics"):  # an injective flow: its density lives on a manifold, bits/dim do not apply
+        test_bpd = test_bpd_dequantized = None
+        extra = {f"test_{key}": value for key, value in best_flow.evaluation_metrics(test_pixels, centre_of_bin).items()}
+        extra["test_objective"] = evaluate_objective(best_flow, test_pixels, settings.eval_batch_size)
+    else:
+        test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
+        test_bpd_dequantized = evaluate_dequantized_bits_per_dim(
+            best_flow, test_pixels, settings.eval_batch_size, settings.seed, progress="test (dequantised)"
+        )
     metrics = {"family": settings.family, "preset": settings.preset, "config": config, "parameters": parameters,
                "train_minutes": round(train_minutes, 2), "test_bpd": test_bpd, "test_bpd_dequantized": test_bpd_dequantized,
                "validation_bpd": state["best_validation_bpd"], "epochs_completed": state["epoch"],
                "steps": state["step"], "stop_reason": stop_reason, "mutation_rate": settings.mutation_rate,
                "weight_decay": settings.weight_decay, "test_images": int(test_pixels.shape[0]),
-               "best_checkpoint_step": best_checkpoint["state"]["step"], "seed": settings.seed}
+               "best_checkpoint_step": best_checkpoint["state"]["step"], "seed": settings.seed, **extra}
     if settings.hybrid and data.test_labels is not None:
         test_labels = torch.from_numpy(np.asarray(data.test_labels[: settings.limit_test], dtype=np.int64))
         figures = evaluate_hybrid(best_flow, test_pixels, test_labels, settings.eval_batch_size, progress="test (classifier)")

@@ -29,6 +29,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": {"blocks_per_scale": 2, "scales": 2, "hidden_channels": 32},
         "default": {"blocks_per_scale": 4, "scales": 2, "hidden_channels": 64},
     },
+    "rectangular": {
+        "tiny": {"manifold_dimension": 4, "couplings": 2, "hidden_features": 16, "hidden_layers": 1, "latent_couplings": 2,
+                 "latent_hidden_features": 16},
+        "small": {"manifold_dimension": 16, "couplings": 4, "hidden_features": 256, "latent_couplings": 4, "latent_hidden_features": 64},
+        "default": {"manifold_dimension": 32, "couplings": 4, "hidden_features": 512, "latent_couplings": 6, "latent_hidden_features": 128},
+    },
 }
 
 
@@ -54,10 +60,14 @@ def _builders() -> dict[str, Callable[[dict[str, Any]], Flow]]:
         builders["iresnet"] = build_iresnet
     except ImportError:
         pass
+    from models.flows.rectangular import build_rectangular
+
+    builders["rectangular"] = build_rectangular  # type: ignore[assignment]  # injective, not a Flow
     return builders
 
 
 FAMILIES = ("nice", "glow", "nsf", "iresnet")
+"""The bijective families; `rectangular` (models.flows.rectangular) is injective and has its own tests and export."""
 
 
 def preset_config(family: str, preset: str) -> dict[str, Any]:
