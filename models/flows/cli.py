@@ -31,6 +31,11 @@ def train_flow_command(
     hybrid: bool = typer.Option(False, help="add a linear classifier head on the latent and train on cross-entropy + "
                                 "NLL_WEIGHT * bits/dim (needs labels; the export gains logits and features)"),
     nll_weight: float = typer.Option(1.0, help="hybrid only: weight of bits/dim against the per-image cross-entropy"),
+    schedule: str = typer.Option("joint", help="joint: end-to-end maximum likelihood; jko: a sequence of JKO proximal steps, one "
+                                 "stage of blocks at a time, each minimising KL + transport cost / (2 h) (models/flows/jko.py)"),
+    jko_step_size: float = typer.Option(1.0, help="jko only: the step size h"),
+    jko_steps: int | None = typer.Option(None, help="jko only: number of steps (stages) [default: one per block]"),
+    snapshot_minutes: list[float] = typer.Option([], help="also save the EMA model as snapshot-<m>min.pt at these training minutes"),
     patience: int = typer.Option(3, help="early stop after this many epochs without validation improvement"),
     eval_minutes: float = typer.Option(10.0, help="also validate + checkpoint every this many minutes"),
     limit_train: int | None = typer.Option(None, help="use only the first N training/validation images"),
@@ -50,6 +55,7 @@ def train_flow_command(
         mutation_rate=mutation_rate, weight_decay=weight_decay, preset=preset,
         overrides=overrides, patience=patience, eval_minutes=eval_minutes,
         limit_train=limit_train, limit_test=limit_test, hybrid=hybrid, nll_weight=nll_weight,
+        schedule=schedule, jko_step_size=jko_step_size, jko_steps=jko_steps, snapshot_minutes=tuple(snapshot_minutes),
     )
     train_flow(settings)
 

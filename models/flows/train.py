@@ -27,6 +27,7 @@ from models import perturbations
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
 from models.flows.base import Flow
 from models.flows.hybrid import hybrid_loss
+from models.flows.jko import jko_stages, stage_objective, transport_cost
 from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
 from models.flows.zoo import build_flow, preset_config
 
@@ -61,6 +62,13 @@ class TrainSettings:
     """Add a linear classifier head on the latent and train on CE + nll_weight * bits/dim (`models.flows.hybrid`);
     needs labels."""
     nll_weight: float = 1.0
+    schedule: str = "joint"
+    """"joint": every parameter trained end to end; "jko": a sequence of JKO proximal steps, one stage of the flow at a
+    time (`models.flows.jko`), the budget (epochs or minutes) split evenly between the stages."""
+    jko_step_size: float = 1.0
+    jko_steps: int | None = None
+    snapshot_minutes: tuple[float, ...] = ()
+    """Also save the EMA model as `snapshot-{m}min.pt` when the training clock passes each of these minutes."""
 
 
 def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
@@ -300,6 +308,15 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                    f"validation {shown}{' (best)' if improved else ''}")
         return improved
 
+    stages = jko_stages(model, settings.jko_steps) if settings.schedule == "jko" else []
+    if settings.schedule not in ("joint", "jko"):
+        raise ValueError(f"schedule must be joint or jko, got {settings.schedule!r}")
+    if stages:
+        tqdm.write(f"JKO schedule: {len(stages)} steps of step size h = {settings.jko_step_size:g} over transforms "
+                   f"{[(stage.start, stage.stop) for stage in stages]}")
+    state.setdefault("jko_stage", -1)
+    state.setdefault("jko_stage_start_step", 0)
+    state.setdefault("snapshots", [])
     if not state["history"]:
         validate("initial")
     stop_reason = "epochs"
@@ -312,10 +329,20 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
             chosen = order[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
             inputs = dequantize_uniform(mutate_pixels(train_pixels[chosen], settings.mutation_rate, generator), generator)
             progress = max(state["step"] / max(1, total_steps), elapsed() / budget_s)
+            schedule_step, schedule_progress = state["step"], progress
+            if stages:  # one JKO step per equal share of the budget, each with its own warm-up and decay
+                stage = min(len(stages) - 1, int(progress * len(stages)))
+                if stage != state["jko_stage"]:
+                    state["jko_stage"], state["jko_stage_start_step"] = stage, state["step"]
+                    tqdm.write(f"JKO step {stage + 1}/{len(stages)}: transforms {stages[stage].start}..{stages[stage].stop - 1}")
+                schedule_step, schedule_progress = state["step"] - state["jko_stage_start_step"], progress * len(stages) - stage
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(settings, state["step"], progress)
+                group["lr"] = _learning_rate(settings, schedule_step, schedule_progress)
             postfix: dict[str, str] = {}
-            if train_labels is not None:
+            if stages:
+                loss, kl, transport = stage_objective(model, stages[state["jko_stage"]], inputs, settings.jko_step_size)
+                postfix = {"kl": f"{kl.item():.3f}", "w2": f"{transport.item():.4f}", "stage": str(state["jko_stage"] + 1)}
+            elif train_labels is not None:
                 assert model.classifier is not None
                 latent, log_prob, _ = model.latent_log_prob_with_levels(inputs)
                 loss, cross_entropy, bits = hybrid_loss(log_prob, model.classifier(latent), train_labels[chosen],
@@ -334,6 +361,10 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
             state["step"] += 1
             state["batch_index"] = batch_index + 1
             bar.set_postfix(loss=f"{loss.item():.3f}", **postfix, lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
+            for minutes in settings.snapshot_minutes:
+                if minutes not in state["snapshots"] and elapsed() >= minutes * 60:
+                    state["snapshots"].append(minutes)
+                    save(f"snapshot-{minutes:g}min")
             if elapsed() >= budget_s:
                 out_of_time = True
                 break
@@ -376,6 +407,12 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                "steps": state["step"], "stop_reason": stop_reason, "mutation_rate": settings.mutation_rate,
                "weight_decay": settings.weight_decay, "test_images": int(test_pixels.shape[0]),
                "best_checkpoint_step": best_checkpoint["state"]["step"], "seed": settings.seed, **extra}
+    try:
+        metrics["test_transport_cost"] = transport_cost(best_flow, centre_of_bin(test_pixels[:2000]))
+    except ValueError:  # not a flat chain of transforms
+        pass
+    if stages:
+        metrics.update(schedule="jko", jko_steps=len(stages), jko_step_size=settings.jko_step_size)
     if settings.hybrid and data.test_labels is not None:
         test_labels = torch.from_numpy(np.asarray(data.test_labels[: settings.limit_test], dtype=np.int64))
         figures = evaluate_hybrid(best_flow, test_pixels, test_labels, settings.eval_batch_size, progress="test (classifier)")
