@@ -25,6 +25,8 @@ def build_bundle_command(
     hybrid: bool = typer.Option(False, help="one hybrid invertible ResNet (flow + classifier head) instead of Glow + background + SNGP"),
     hybrid_checkpoint: Path | None = typer.Option(None, help="with --hybrid: a `train flow --hybrid` checkpoint instead of training"),
     attention: str = typer.Option("none", help="with --hybrid and no checkpoint: none or l2 (attentive contractive blocks)"),
+    rectangular_checkpoint: Path | None = typer.Option(None, help="a `train flow --family rectangular` checkpoint: a bundle of its "
+                                                       "manifold signals (density on the manifold, distance to it)"),
     flow_checkpoint: Path | None = typer.Option(None, help="use this `train flow` checkpoint instead of training"),
     background_checkpoint: Path | None = typer.Option(None, help="checkpoint of the background (mutation) flow"),
     sngp_checkpoint: Path | None = typer.Option(None, help="`train sngp` checkpoint (model.pt)"),
@@ -37,6 +39,12 @@ def build_bundle_command(
     threads: int = typer.Option(2, help="torch / onnxruntime threads"),
 ) -> None:
     """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
+    if rectangular_checkpoint is not None:
+        from models.bundles.manifold_builder import build_manifold_bundle
+
+        build_manifold_bundle(rectangular_checkpoint, out or Path("models/bundles/fashion-mnist-manifold"), data=str(data), seed=seed,
+                              threads=threads)
+        return
     if hybrid:
         from models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
 

@@ -296,6 +296,10 @@ class BundleLayout:
     classifier_model: str = "sngp"
     builder: str = "oodserve fit (models/fit/images.py)"
     model_summary: str = "Glow flow + mutation-trained background flow"
+    latent_dimension: int | None = None
+    """The sampler's latent size (None: the image's D, as for a bijective flow)."""
+    batch_typicality: bool = True
+    """Declare the batch typicality test on the flow's bits/dim (needs a `bits_per_dim` signal)."""
 
 
 def calibrate_and_write(
@@ -363,11 +367,8 @@ def calibrate_and_write(
     fusion_signals = signals_of(images[fusion_index], "fusion calibration")
     fused = fused_calibration_scores(calibration, fusion_signals, rule)
     reference_bpd = bits_per_dim_from_log_prob(reference_outputs["flow"]["log_prob"], dimensions)
-    write_signal_data(
-        staging,
-        {**calibration, FUSED_CALIBRATION_KEY: fused},
-        {**fitted.parameter_files, BATCH_TYPICALITY_FILE: {"reference_bpd": fusion_signals["bits_per_dim"]}},
-    )
+    batch_file = {BATCH_TYPICALITY_FILE: {"reference_bpd": fusion_signals["bits_per_dim"]}} if layout.batch_typicality else {}
+    write_signal_data(staging, {**calibration, FUSED_CALIBRATION_KEY: fused}, {**fitted.parameter_files, **batch_file})
     channels, height, width = images.shape[1:]
     minimum_alpha = 1.0 / (len(fusion_index) + 1)
     manifest_fields = {
@@ -394,12 +395,14 @@ def calibrate_and_write(
         "signals": fitted.manifest_entries,
         "calibration": {"file": "calibration.npz"},
         "fusion": {"method": best.method, "signals": list(best.signals), "reason": reason},
-        "sampler": {"file": "flow_sample.onnx", "input": "z", "output": "x", "latent_shape": [dimensions]},
+        "sampler": {"file": "flow_sample.onnx", "input": "z", "output": "x", "latent_shape": [layout.latent_dimension or dimensions]},
         "batch_typicality": {
             "signal": "bits_per_dim",
             "entropy_bpd": float(np.mean(reference_bpd)),
             "parameters_file": BATCH_TYPICALITY_FILE,
-        },
+        }
+        if layout.batch_typicality
+        else None,
         "default_alpha": max(default_alpha, minimum_alpha),
         "provenance": {
             "data": f"{data.source}: models trained on {len(split.train)} images, validation {len(validation_index)}, "

@@ -28,7 +28,7 @@ NORMALISATIONS = ("ActNorm", "ElementwiseAffine", "DiagonalRescaling")
 
 
 def _transforms(flow: Flow) -> Sequence[Transform]:
-    transforms = getattr(flow.transform, "transforms", None)
+    transforms = getattr(getattr(flow, "transform", None), "transforms", None)
     if transforms is None:
         raise ValueError("the JKO schedule needs a flow whose transform is a flat chain (CompositeTransform)")
     return list(transforms)

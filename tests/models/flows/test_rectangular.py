@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import pytest
 import torch
 
 from models.flows.export import ManifoldGraph, SamplingGraph, export_flow
@@ -101,3 +102,41 @@ def test_short_training_lowers_the_objective(tmp_path: Path) -> None:
     assert history[-1]["validation_bpd"] < history[0]["validation_bpd"]
     assert metrics["test_bpd"] is None and np.isfinite(metrics["test_manifold_bits_per_dim"])
     assert metrics["test_reconstruction_rmse_pixels"] < 40
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="Debian dataset-fashion-mnist not installed")
+def test_manifold_bundle_is_served_with_its_sampler(tmp_path: Path) -> None:
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from models.bundles.manifold_builder import build_manifold_bundle
+    from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+    from models.flows.train import TrainSettings, train_flow
+    from service.config import Settings
+    from service.server.app import create_app
+
+    train_flow(TrainSettings(family="rectangular", preset="tiny", out=str(tmp_path / "run"), epochs=1, batch_size=32, limit_train=128,
+                             limit_test=32, threads=1))
+    out = build_manifold_bundle(tmp_path / "run" / "best.pt", tmp_path / "manifold", limit=100, reference_size=150, threads=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["flow"]["outputs"] == ["log_prob", "distance", "latent"]
+    assert manifest["sampler"]["latent_shape"] == [4] and manifest["batch_typicality"] is None
+    names = {"manifold_density", "manifold_typicality", "manifold_distance", "distance_typicality"}
+    assert {signal["name"] for signal in manifest["signals"]} == names
+    images = load_images(DEFAULT_FASHION_MNIST_DIR, "test").images[:3]
+    with TestClient(create_app(Settings(bundle=out, warmup_batch_size=2, intra_op_threads=1, inter_op_threads=1))) as client:
+        response = client.post("/v1/score", json={"instances": images.tolist()})
+        assert response.status_code == 200, response.text
+        assert set(response.json()["results"][0]["signals"]) == names
+        sample = client.post("/v1/models/fashion-mnist-manifold/sample", json={"n": 4, "temperature": 0.7, "seed": 0})
+        assert sample.status_code == 200 and sample.content[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not a rectangular flow"):
+        build_manifold_bundle(_plain_checkpoint(tmp_path), tmp_path / "nope")
+
+
+def _plain_checkpoint(tmp_path: Path) -> Path:
+    flow = build_flow("glow", {**preset_config("glow", "tiny"), "input_shape": (1, 28, 28)})
+    torch.save({"family": "glow", "config": {**preset_config("glow", "tiny"), "input_shape": (1, 28, 28)}, "ema_state": flow.state_dict(),
+                "settings": {"seed": 0}}, tmp_path / "glow.pt")
+    return tmp_path / "glow.pt"

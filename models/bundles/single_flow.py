@@ -1,0 +1,56 @@
+"""The build path shared by bundles whose every signal comes from one exported flow (a hybrid i-ResNet, a
+rectangular flow): the default bundle's data splits (`models.data.bundle_split`, calibration halved), export,
+signal fitting, calibration and the label-free fusion choice (`models.fit.images.calibrate_and_write`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES
+from models.data import FASHION_MNIST_LABELS, bundle_split, load_image_dataset
+from models.fit.budget import Budget
+from models.fit.images import BundleLayout, ImageFitOptions, _read_metrics, calibrate_and_write
+from models.fit.splits import FitSplit
+
+MODEL = "flow"
+"""The one model's name in the manifest."""
+
+
+def build_single_flow_bundle(checkpoint: Path, stored: dict[str, Any], *, data: str, out: Path, name: str, layout: BundleLayout,
+                             description: str, seed: int = 0, threads: int = 2, version: str = "1.0.0", limit: int | None = None,
+                             reference_size: int = 10000, default_alpha: float = 0.05) -> Path:
+    """Export `checkpoint` (a `train flow` best.pt, loaded as `stored`), calibrate the layout's signals and write the
+    bundle `out` (replaced only once complete). Refuses a checkpoint trained with another seed: its training split
+    could hold this bundle's calibration images."""
+    from models.flows.export import export_checkpoint
+
+    trained_seed = stored.get("settings", {}).get("seed", seed)
+    if trained_seed != seed:
+        raise ValueError(f"{checkpoint} was trained with seed {trained_seed}, this build splits with seed {seed}: "
+                         "its training images could include this bundle's calibration images")
+    dataset = load_image_dataset(data, class_names=FASHION_MNIST_LABELS)
+    held_out = bundle_split(len(dataset.images), seed=seed)
+    halves = np.array_split(np.random.default_rng(seed).permutation(held_out.calibration), 2)
+    split = FitSplit(held_out.train, held_out.validation, np.sort(halves[0]), np.sort(halves[1]))
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    budget = Budget(EXPORT_AND_CALIBRATION_MINUTES * 60.0, reserve_fraction=1.0)
+    with budget.timed("export"):
+        flow_file, _ = export_checkpoint(checkpoint, staging / "flow.onnx")
+    options = ImageFitOptions(limit=limit, reference_size=reference_size, threads=threads, split=split, version=version,
+                              description=description)
+    with budget.timed("calibration and fusion"):
+        manifest = calibrate_and_write(dataset, staging, split, {MODEL: flow_file}, budget, options, name=name, seed=seed,
+                                       default_alpha=default_alpha, training={MODEL: _read_metrics(checkpoint)}, layout=layout)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    fusion = manifest["fusion"]
+    print(f"bundle written to {out}: fusion {fusion['method']} over {fusion['signals']}")
+    return out
