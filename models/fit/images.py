@@ -436,9 +436,23 @@ def calibrate_and_write(
 
 
 def _read_metrics(checkpoint: Path) -> dict[str, Any]:
+    """The run's metrics.json without its lists; for a run stopped before its test evaluation, what a `train flow`
+    checkpoint records itself (steps, minutes, the validation figures of its last evaluation)."""
     path = checkpoint.parent / "metrics.json"
     if not path.exists():
-        return {"checkpoint": checkpoint.name}
+        if checkpoint.suffix != ".pt" or not checkpoint.is_file():
+            return {"checkpoint": checkpoint.name}
+        import torch
+
+        stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = stored.get("state", {})
+        if not isinstance(state, dict) or not state.get("history"):
+            return {"checkpoint": checkpoint.name}
+        last = state["history"][-1]
+        return {"checkpoint": checkpoint.name, "family": stored.get("family"), "parameters": stored.get("parameters"),
+                "steps": state.get("step"), "train_minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 2),
+                **{key: value for key, value in last.items() if key.startswith("validation_")},
+                "test": "not run by the trainer (stopped before its test evaluation)"}
     metrics = json.loads(path.read_text())
     return {k: v for k, v in metrics.items() if k != "history" and not isinstance(v, (list, dict))}
 
