@@ -114,7 +114,8 @@ def measure_checkpoint(name: str, checkpoint: Path, test: np.ndarray, labels: np
 def measure(name: str, bundle: Path, test: np.ndarray, labels: np.ndarray, mnist: np.ndarray, noise_limit: int) -> dict:
     manifest = json.loads((bundle / "manifest.json").read_text())
     training = manifest["provenance"]["training"]["flow"]
-    with ServerProcess(bundle, {"OODSERVE_INTRA_OP_THREADS": "2"}, None) as server, httpx.Client(timeout=600) as client:
+    environment = {"OODSERVE_INTRA_OP_THREADS": "2", "OODSERVE_REQUEST_TIMEOUT_SECONDS": "600"}
+    with ServerProcess(bundle, environment, None) as server, httpx.Client(timeout=600) as client:
         inside = score_over_http(client, server.url, test, 0.05, f"{name}: Fashion-MNIST test, alpha 0.05")
         sets = {"mnist": score_over_http(client, server.url, mnist, 0.05, f"{name}: MNIST")}
         for sigma in NOISE_SIGMAS:

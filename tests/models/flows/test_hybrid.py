@@ -131,3 +131,20 @@ def test_a_plain_flow_checkpoint_is_refused(tmp_path: Path) -> None:
                tmp_path / "best.pt")
     with pytest.raises(ValueError, match="not a hybrid flow"):
         build_hybrid_bundle(HybridBuildSettings(checkpoint=str(tmp_path / "best.pt"), out=str(tmp_path / "out")))
+
+
+SHIPPED_HYBRID = Path(__file__).resolve().parents[3] / "models" / "bundles" / "fashion-mnist-iresnet"
+
+
+@pytest.mark.skipif(not SHIPPED_HYBRID.exists(), reason="the hybrid bundle is not in this checkout")
+def test_shipped_hybrid_bundle_verifies_and_scores_from_one_model() -> None:
+    from service.engine import Engine
+
+    engine = Engine.load(SHIPPED_HYBRID)
+    assert list(engine.manifest.models) == ["flow"]
+    images = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    images[1, 0, 4:24, 8:20] = 200.0
+    scores = engine.score(images, 0.05)
+    assert set(scores.signals) == {"bits_per_dim", "typicality", "input_complexity", "max_softmax", "feature_density"}
+    assert scores.predicted_class is not None and scores.predicted_class.shape == (2,)
+    assert np.all((scores.fused_p_value > 0) & (scores.fused_p_value <= 1))
