@@ -55,6 +55,14 @@ class BuildSettings:
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
 
+def held_out_split(count: int, seed: int) -> FitSplit:
+    """Every trainer's `bundle_split` of `count` training-file images, its calibration part halved at random: one half
+    calibrates each signal, the other the fused statistic."""
+    held_out = bundle_split(count, seed=seed)
+    halves = np.array_split(np.random.default_rng(seed).permutation(held_out.calibration), 2)
+    return FitSplit(held_out.train, held_out.validation, np.sort(halves[0]), np.sort(halves[1]))
+
+
 def build_bundle(settings: BuildSettings) -> Path:
     """Build the bundle directory `settings.out` and return it."""
     unknown = sorted(set(settings.reuse) - set(REUSED_FILES))
@@ -64,9 +72,7 @@ def build_bundle(settings: BuildSettings) -> Path:
     if given_twice:
         raise ValueError(f"{given_twice}: give a checkpoint or reuse the earlier bundle's model, not both")
     data = load_image_dataset(settings.data, class_names=FASHION_MNIST_LABELS)
-    held_out = bundle_split(len(data.images), seed=settings.seed)
-    halves = np.array_split(np.random.default_rng(settings.seed).permutation(held_out.calibration), 2)
-    split = FitSplit(held_out.train, held_out.validation, np.sort(halves[0]), np.sort(halves[1]))
+    split = held_out_split(len(data.images), settings.seed)
     given = {"flow": settings.flow_checkpoint, "background": settings.background_checkpoint, "sngp": settings.sngp_checkpoint}
     stage_minutes = {"flow": settings.flow_minutes, "background": settings.background_minutes, "sngp": settings.sngp_minutes}
     options = ImageFitOptions(

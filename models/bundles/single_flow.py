@@ -4,17 +4,13 @@ signal fitting, calibration and the label-free fusion choice (`models.fit.images
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES
-from models.data import FASHION_MNIST_LABELS, bundle_split, load_image_dataset
+from models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES, held_out_split
+from models.data import FASHION_MNIST_LABELS, load_image_dataset
 from models.fit.budget import Budget
-from models.fit.images import BundleLayout, ImageFitOptions, _read_metrics, calibrate_and_write
-from models.fit.splits import FitSplit
+from models.fit.images import BundleLayout, ImageFitOptions, _read_metrics, calibrate_and_write, fresh_staging, publish_staging
 
 MODEL = "flow"
 """The one model's name in the manifest."""
@@ -33,13 +29,8 @@ def build_single_flow_bundle(checkpoint: Path, stored: dict[str, Any], *, data: 
         raise ValueError(f"{checkpoint} was trained with seed {trained_seed}, this build splits with seed {seed}: "
                          "its training images could include this bundle's calibration images")
     dataset = load_image_dataset(data, class_names=FASHION_MNIST_LABELS)
-    held_out = bundle_split(len(dataset.images), seed=seed)
-    halves = np.array_split(np.random.default_rng(seed).permutation(held_out.calibration), 2)
-    split = FitSplit(held_out.train, held_out.validation, np.sort(halves[0]), np.sort(halves[1]))
-    staging = out.with_name(out.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    split = held_out_split(len(dataset.images), seed)
+    staging = fresh_staging(out)
     budget = Budget(EXPORT_AND_CALIBRATION_MINUTES * 60.0, reserve_fraction=1.0)
     with budget.timed("export"):
         flow_file, _ = export_checkpoint(checkpoint, staging / "flow.onnx")
@@ -48,9 +39,7 @@ def build_single_flow_bundle(checkpoint: Path, stored: dict[str, Any], *, data: 
     with budget.timed("calibration and fusion"):
         manifest = calibrate_and_write(dataset, staging, split, {MODEL: flow_file}, budget, options, name=name, seed=seed,
                                        default_alpha=default_alpha, training={MODEL: _read_metrics(checkpoint)}, layout=layout)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    publish_staging(staging, out)
     fusion = manifest["fusion"]
     print(f"bundle written to {out}: fusion {fusion['method']} over {fusion['signals']}")
     return out

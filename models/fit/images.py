@@ -250,6 +250,22 @@ def _training_record(checkpoints: dict[str, Path], options: ImageFitOptions) -> 
     return {stage: record[stage] for stage in REUSED_FILES if stage in record}
 
 
+def fresh_staging(out: Path) -> Path:
+    """An empty `OUT.staging` directory beside the bundle `out`, where a bundle is written before it replaces `out`."""
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_staging(staging: Path, out: Path) -> None:
+    """Replace the bundle `out` by the completed `staging` directory."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
 def fit_images(
     data: ImageDataset,
     out: Path,
@@ -267,10 +283,7 @@ def fit_images(
     images, labels = data.images, data.labels
     split = options.split or fit_split(len(images), seed, labels)
     work_directory = WorkDirectory(work or out.with_name(out.name + ".work"), data_fingerprint(images, labels, seed=seed, kind="images"))
-    staging = out.with_name(out.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(out)
     check_reusable(options, split, seed)
     checkpoints = _train_models(data, split, budget, options, work_directory, seed)
     with budget.timed("export"):
@@ -280,9 +293,7 @@ def fit_images(
             data, staging, split, model_files, budget, options, name=name, seed=seed, default_alpha=default_alpha,
             training=_training_record(checkpoints, options),
         )
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    publish_staging(staging, out)
     return FitResult(out, _summary(data, split, manifest, budget), manifest)
 
 

@@ -9,6 +9,8 @@ and vectors `(N, D)`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,17 @@ class Transform(nn.Module):
 
     def inverse(self, outputs: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`with evaluation_mode(flow):` runs the block with `module` in eval mode and restores its mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def sum_except_batch(values: Tensor) -> Tensor:

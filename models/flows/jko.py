@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import Flow, Transform, sum_except_batch
+from models.flows.base import Flow, Transform, evaluation_mode, sum_except_batch
 
 NORMALISATIONS = ("ActNorm", "ElementwiseAffine", "DiagonalRescaling")
 """Elementwise affine layers: not JKO steps of their own, they join the stage of the block after them."""
@@ -67,19 +67,20 @@ def stage_parameters(flow: Flow, stage: range) -> list[nn.Parameter]:
     return [parameter for index in stage for parameter in transforms[index].parameters()]
 
 
+def _output_only(transform: nn.Module, inputs: Tensor) -> Tensor:
+    """`transform(inputs)` without its log-det where that can be skipped (a residual block's `x + g(x)`)."""
+    if hasattr(transform, "residual") and hasattr(transform, "weights"):
+        return inputs + transform.residual(inputs, transform.weights())[0]
+    return transform(inputs)[0]
+
+
 @torch.no_grad()
 def push_forward(flow: Flow, inputs: Tensor, stop: int) -> Tensor:
     """Inputs `(N, *event_shape)` through transforms `[0, stop)` of the flow, frozen (eval mode), outputs only."""
-    transforms = _transforms(flow)
     outputs = inputs
-    for transform in transforms[:stop]:
-        was_training = transform.training
-        transform.eval()
-        if hasattr(transform, "residual") and hasattr(transform, "weights"):
-            outputs = outputs + transform.residual(outputs, transform.weights())[0]  # no log-det needed
-        else:
-            outputs, _ = transform(outputs)
-        transform.train(was_training)
+    for transform in _transforms(flow)[:stop]:
+        with evaluation_mode(transform):
+            outputs = _output_only(transform, outputs)
     return outputs
 
 
@@ -111,18 +112,13 @@ def transport_cost(flow: Flow, inputs: Tensor, batch_size: int = 500) -> float:
     """Mean over inputs `(N, *event_shape)` in [0, 1] of the summed squared displacement sum_k ||T_k(x) - x||^2 of
     every shape-preserving trainable transform (the map's total transport cost), flow in eval mode."""
     transforms = _transforms(flow)
-    was_training = flow.training
-    flow.eval()
     total = 0.0
-    for start in range(0, inputs.shape[0], batch_size):
-        current = inputs[start : start + batch_size]
-        for transform in transforms:
-            if hasattr(transform, "residual") and hasattr(transform, "weights"):
-                outputs = current + transform.residual(current, transform.weights())[0]
-            else:
-                outputs, _ = transform(current)
-            if _moves_mass(transform, current, outputs):
-                total += float(sum_except_batch((outputs - current) ** 2).sum())
-            current = outputs
-    flow.train(was_training)
+    with evaluation_mode(flow):
+        for start in range(0, inputs.shape[0], batch_size):
+            current = inputs[start : start + batch_size]
+            for transform in transforms:
+                outputs = _output_only(transform, current)
+                if _moves_mass(transform, current, outputs):
+                    total += float(sum_except_batch((outputs - current) ** 2).sum())
+                current = outputs
     return total / inputs.shape[0]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.flows.base import evaluation_mode
 from models.flows.preprocessing import PIXEL_LEVELS
 from models.flows.tabular import TabularFlowConfig, build_tabular_flow, coupling_masks
 
@@ -223,14 +224,12 @@ class RectangularFlow(nn.Module):
     def evaluation_metrics(self, pixels: Tensor, to_unit, batch_size: int = 250) -> dict[str, float]:  # noqa: ANN001
         """Means over 8-bit images `(N, C, H, W)` (mapped by `to_unit`) in eval mode: on-manifold bits per manifold
         dimension in 8-bit units (-log p / (d ln 2) + log2 256), reconstruction RMSE and distance in pixel levels."""
-        was_training = self.training
-        self.eval()
         log_density, squared = [], []
-        for start in range(0, pixels.shape[0], batch_size):
-            density, distance, _ = self.manifold_outputs(to_unit(pixels[start : start + batch_size]))
-            log_density.append(density)
-            squared.append(distance)
-        self.train(was_training)
+        with evaluation_mode(self):
+            for start in range(0, pixels.shape[0], batch_size):
+                density, distance, _ = self.manifold_outputs(to_unit(pixels[start : start + batch_size]))
+                log_density.append(density)
+                squared.append(distance)
         density, distance = torch.cat(log_density), torch.cat(squared)
         levels = float(PIXEL_LEVELS - 1)
         return {

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models import perturbations
 from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from models.flows.base import Flow
+from models.flows.base import Flow, evaluation_mode
 from models.flows.hybrid import hybrid_loss
 from models.flows.jko import jko_stages, stage_objective, transport_cost
 from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
@@ -85,15 +85,13 @@ def _mean_bits_per_dim(
     flow: Flow, pixels: Tensor, to_unit: Callable[[Tensor], Tensor], batch_size: int, progress: str | None
 ) -> float:
     """Mean bits/dim of 8-bit images `(N, 1, H, W)` evaluated at `to_unit(batch)` in [0, 1], model in eval mode."""
-    was_training = flow.training
-    flow.eval()
     total, count = 0.0, 0
     batches = range(0, pixels.shape[0], batch_size)
-    for start in tqdm(batches, desc=progress, leave=False, disable=progress is None):
-        batch = pixels[start : start + batch_size]
-        total += float(bits_per_dim(flow.log_prob(to_unit(batch)), flow.dimension).sum())
-        count += batch.shape[0]
-    flow.train(was_training)
+    with evaluation_mode(flow):
+        for start in tqdm(batches, desc=progress, leave=False, disable=progress is None):
+            batch = pixels[start : start + batch_size]
+            total += float(bits_per_dim(flow.log_prob(to_unit(batch)), flow.dimension).sum())
+            count += batch.shape[0]
     return total / count
 
 
@@ -101,13 +99,11 @@ def _mean_bits_per_dim(
 def evaluate_objective(flow: Flow, pixels: Tensor, batch_size: int = 500) -> float:
     """Mean `flow.training_loss` (a model with its own objective, e.g. a rectangular flow) over 8-bit images
     `(N, C, H, W)` at the bin centres, in eval mode."""
-    was_training = flow.training
-    flow.eval()
     total = 0.0
-    for start in range(0, pixels.shape[0], batch_size):
-        batch = pixels[start : start + batch_size]
-        total += float(flow.training_loss(centre_of_bin(batch))) * batch.shape[0]
-    flow.train(was_training)
+    with evaluation_mode(flow):
+        for start in range(0, pixels.shape[0], batch_size):
+            batch = pixels[start : start + batch_size]
+            total += float(flow.training_loss(centre_of_bin(batch))) * batch.shape[0]
     return total / pixels.shape[0]
 
 
@@ -178,18 +174,16 @@ def evaluate_hybrid(flow: Flow, pixels: Tensor, labels: Tensor, batch_size: int 
     mean bits/dim, mean cross-entropy (nats) and accuracy."""
     import torch.nn.functional as F
 
-    was_training = flow.training
-    flow.eval()
     assert flow.classifier is not None
     bits, cross_entropy, correct = 0.0, 0.0, 0
-    for start in tqdm(range(0, pixels.shape[0], batch_size), desc=progress, leave=False, disable=progress is None):
-        latent, log_prob, _ = flow.latent_log_prob_with_levels(centre_of_bin(pixels[start : start + batch_size]))
-        logits = flow.classifier(latent)
-        batch_labels = labels[start : start + batch_size]
-        bits += float(bits_per_dim(log_prob, flow.dimension).sum())
-        cross_entropy += float(F.cross_entropy(logits, batch_labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == batch_labels).sum())
-    flow.train(was_training)
+    with evaluation_mode(flow):
+        for start in tqdm(range(0, pixels.shape[0], batch_size), desc=progress, leave=False, disable=progress is None):
+            latent, log_prob, _ = flow.latent_log_prob_with_levels(centre_of_bin(pixels[start : start + batch_size]))
+            logits = flow.classifier(latent)
+            batch_labels = labels[start : start + batch_size]
+            bits += float(bits_per_dim(log_prob, flow.dimension).sum())
+            cross_entropy += float(F.cross_entropy(logits, batch_labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == batch_labels).sum())
     count = pixels.shape[0]
     return {"bpd": bits / count, "cross_entropy": cross_entropy / count, "accuracy": correct / count}
 
@@ -206,6 +200,8 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
 
     Data: `data` when given (its image shape becomes the flow's input shape), else `settings.data` read with
     `models.data.load_images` and split by `bundle_split`."""
+    if settings.schedule not in ("joint", "jko"):
+        raise ValueError(f"schedule must be joint or jko, got {settings.schedule!r}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
@@ -309,8 +305,6 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
         return improved
 
     stages = jko_stages(model, settings.jko_steps) if settings.schedule == "jko" else []
-    if settings.schedule not in ("joint", "jko"):
-        raise ValueError(f"schedule must be joint or jko, got {settings.schedule!r}")
     if stages:
         tqdm.write(f"JKO schedule: {len(stages)} steps of step size h = {settings.jko_step_size:g} over transforms "
                    f"{[(stage.start, stage.stop) for stage in stages]}")
@@ -396,17 +390,16 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
         test_bpd = test_bpd_dequantized = None
         extra = {f"test_{key}": value for key, value in best_flow.evaluation_metrics(test_pixels, centre_of_bin).items()}
         extra["test_objective"] = evaluate_objective(best_flow, test_pixels, settings.eval_batch_size)
-    elif settings.hybrid and data.test_labels is not None:  # one pass gives bits/dim, cross-entropy and accuracy
-        test_labels = torch.from_numpy(np.asarray(data.test_labels[: settings.limit_test], dtype=np.int64))
-        figures = evaluate_hybrid(best_flow, test_pixels, test_labels, settings.eval_batch_size, progress="test (density and classifier)")
-        test_bpd = figures["bpd"]
-        extra = {"hybrid": True, "nll_weight": settings.nll_weight, "test_accuracy": figures["accuracy"],
-                 "test_cross_entropy": figures["cross_entropy"]}
-        test_bpd_dequantized = evaluate_dequantized_bits_per_dim(
-            best_flow, test_pixels, settings.eval_batch_size, settings.seed, progress="test (dequantised)"
-        )
     else:
-        test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
+        if settings.hybrid and data.test_labels is not None:  # one pass gives bits/dim, cross-entropy and accuracy
+            test_labels = torch.from_numpy(np.asarray(data.test_labels[: settings.limit_test], dtype=np.int64))
+            figures = evaluate_hybrid(best_flow, test_pixels, test_labels, settings.eval_batch_size,
+                                      progress="test (density and classifier)")
+            test_bpd = figures["bpd"]
+            extra = {"hybrid": True, "nll_weight": settings.nll_weight, "test_accuracy": figures["accuracy"],
+                     "test_cross_entropy": figures["cross_entropy"]}
+        else:
+            test_bpd = evaluate_bits_per_dim(best_flow, test_pixels, settings.eval_batch_size, progress="test")
         test_bpd_dequantized = evaluate_dequantized_bits_per_dim(
             best_flow, test_pixels, settings.eval_batch_size, settings.seed, progress="test (dequantised)"
         )
