@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from benchmarks.http_driver import ServerProcess
 from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from models.evaluation.metrics import auroc, clopper_pearson
+from models.flows.export import onnx_latency_per_image_ms
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 NOISE_SIGMAS = (8, 16, 32)
@@ -59,19 +59,6 @@ def score_over_http(client: httpx.Client, url: str, images: np.ndarray, alpha: f
     if "prediction" in rows[0]:
         out["predicted"] = np.array([row["prediction"]["class_index"] for row in rows])
     return out
-
-
-def onnx_ms_per_image(path: Path, batch_size: int = 64, repeats: int = 10, threads: int = 1) -> float:
-    """onnxruntime CPU wall time per image of the bundle's model at `batch_size`, `threads` intra-op threads."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(0).integers(0, 256, size=(batch_size, 1, 28, 28)).astype(np.float32)
-    session.run(None, {"x": pixels})
-    start = time.perf_counter()
-    for _ in range(repeats):
-        session.run(None, {"x": pixels})
-    return (time.perf_counter() - start) / (repeats * batch_size) * 1000.0
 
 
 def onnx_test_figures(path: Path, test: np.ndarray, labels: np.ndarray, seed: int = 0, threads: int = 2) -> dict[str, float]:
@@ -108,7 +95,8 @@ def measure_checkpoint(name: str, checkpoint: Path, test: np.ndarray, labels: np
     with tempfile.TemporaryDirectory() as directory:
         path, _ = export_checkpoint(checkpoint, Path(directory) / "flow.onnx")
         return {"checkpoint": str(checkpoint), "training": _read_metrics(checkpoint), "test_images": len(test),
-                "test_onnx": onnx_test_figures(path, test, labels), "onnx_ms_per_image_batch64_1thread": onnx_ms_per_image(path)}
+                "test_onnx": onnx_test_figures(path, test, labels),
+                "onnx_ms_per_image_batch64_1thread": onnx_latency_per_image_ms(path, repeats=10)}
 
 
 def measure(name: str, bundle: Path, test: np.ndarray, labels: np.ndarray, mnist: np.ndarray, noise_limit: int) -> dict:
@@ -145,7 +133,7 @@ def measure(name: str, bundle: Path, test: np.ndarray, labels: np.ndarray, mnist
         "best_single_signal_mnist": {"signal": best_signal, "auroc": single[best_signal]},
         "fpr": {alpha: {"false_positives": count, "rate": count / len(test), "interval": clopper_pearson(count, len(test))}
                 for alpha, count in false_positives.items()},
-        "onnx_ms_per_image_batch64_1thread": onnx_ms_per_image(bundle / manifest["models"]["flow"]["file"]),
+        "onnx_ms_per_image_batch64_1thread": onnx_latency_per_image_ms(bundle / manifest["models"]["flow"]["file"], repeats=10),
     }
 
 

@@ -76,7 +76,7 @@ def build_hybrid_bundle(settings: HybridBuildSettings) -> Path:
                           builder="oodserve build-bundle --hybrid (models/bundles/hybrid_builder.py)",
                           model_summary="hybrid i-ResNet (flow + linear classifier head)")
     return build_single_flow_bundle(
-        checkpoint, stored, data=settings.data, out=Path(settings.out), name=settings.name, layout=layout, seed=settings.seed,
+        checkpoint, flow, stored, data=settings.data, out=Path(settings.out), name=settings.name, layout=layout, seed=settings.seed,
         threads=settings.threads, version=settings.version, limit=settings.limit, reference_size=settings.reference_size,
         default_alpha=settings.default_alpha,
         description="Fashion-MNIST OOD detector from one hybrid invertible ResNet (density model and classifier at once): "

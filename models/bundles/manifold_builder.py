@@ -42,7 +42,7 @@ def build_manifold_bundle(checkpoint: Path, out: Path, *, data: str = str(DEFAUL
                           batch_typicality=False, builder="oodserve build-bundle --rectangular-checkpoint (models/bundles/manifold_builder.py)",
                           model_summary=f"rectangular flow on a {flow.latent_dimension}-dimensional manifold")
     return build_single_flow_bundle(
-        checkpoint, stored, data=data, out=out, name=name, layout=layout, seed=seed, threads=threads, limit=limit,
+        checkpoint, flow, stored, data=data, out=out, name=name, layout=layout, seed=seed, threads=threads, limit=limit,
         reference_size=reference_size,
         description="Fashion-MNIST OOD detector from a rectangular (injective) flow: density on a learned manifold and "
                     "distance to it, conformal p-values per signal, fused into one calibrated verdict.",

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES, held_out_split
 from models.data import FASHION_MNIST_LABELS, load_image_dataset
 from models.fit.budget import Budget
@@ -16,13 +18,13 @@ MODEL = "flow"
 """The one model's name in the manifest."""
 
 
-def build_single_flow_bundle(checkpoint: Path, stored: dict[str, Any], *, data: str, out: Path, name: str, layout: BundleLayout,
+def build_single_flow_bundle(checkpoint: Path, flow: nn.Module, stored: dict[str, Any], *, data: str, out: Path, name: str, layout: BundleLayout,
                              description: str, seed: int = 0, threads: int = 2, version: str = "1.0.0", limit: int | None = None,
                              reference_size: int = 10000, default_alpha: float = 0.05) -> Path:
-    """Export `checkpoint` (a `train flow` best.pt, loaded as `stored`), calibrate the layout's signals and write the
+    """Export `flow` (loaded from `checkpoint`, a `train flow` best.pt whose contents are `stored`), calibrate the layout's signals and write the
     bundle `out` (replaced only once complete). Refuses a checkpoint trained with another seed: its training split
     could hold this bundle's calibration images."""
-    from models.flows.export import export_checkpoint
+    from models.flows.export import export_flow
 
     trained_seed = stored.get("settings", {}).get("seed", seed)
     if trained_seed != seed:
@@ -33,7 +35,7 @@ def build_single_flow_bundle(checkpoint: Path, stored: dict[str, Any], *, data: 
     staging = fresh_staging(out)
     budget = Budget(EXPORT_AND_CALIBRATION_MINUTES * 60.0, reserve_fraction=1.0)
     with budget.timed("export"):
-        flow_file, _ = export_checkpoint(checkpoint, staging / "flow.onnx")
+        flow_file, _ = export_flow(flow, staging / "flow.onnx")
     options = ImageFitOptions(limit=limit, reference_size=reference_size, threads=threads, split=split, version=version,
                               description=description)
     with budget.timed("calibration and fusion"):
