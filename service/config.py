@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         100_000, ge=100, description="A stream restarts after this many inputs (bounded memory); each segment keeps its guarantee."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
+    lean_routes: bool = Field(
+        True,
+        description="Answer POST score and infer requests on a lean ASGI path (same checks, errors and metrics) instead of "
+        "FastAPI's routing and dependency solving, which cost more per request than scoring one image.",
+    )
+    access_log: bool = Field(False, description="Log every HTTP request (uvicorn's access log); the request metrics count them either way.")
     # Dynamic batching.
     batching: bool = Field(
         True, description="Merge concurrent score requests into one onnxruntime run per model (false: one run per request)."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class Engine:
         self.sampler = sampler
         self.manifest: Manifest = bundle.manifest
         self.runner = runner
+        self.scores_observer: Callable[[BatchScores], None] | None = None
+        """Called with the scores of every scored onnxruntime batch (a merged run, whatever requests it serves);
+        set by ServiceMetrics.track_registry after the warm-up."""
         self.signal_definitions = tuple(
             SignalDefinition(
                 name=signal.name,
@@ -123,7 +126,7 @@ class Engine:
         """Verdicts for images (N, *input_shape) whose model outputs (leading axis N) are already computed;
         the dynamic batcher runs many requests' images at once and scores them here."""
         level = self.default_alpha if alpha is None else float(alpha)
-        return score_outputs(
+        scores = score_outputs(
             self.signal_definitions,
             self.bundle.calibration,
             self.fusion,
@@ -132,6 +135,9 @@ class Engine:
             level,
             self.classifier_logits,
         )
+        if self.scores_observer is not None:
+            self.scores_observer(scores)
+        return scores
 
     def score_batch(self, images: np.ndarray, alpha: float | None = None) -> list[InstanceResult]:
         """One InstanceResult per image, in input order; alpha defaults to the manifest's default_alpha."""

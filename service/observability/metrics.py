@@ -6,14 +6,18 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.drift.monitor import DriftMonitor
+from service.observability.batched_histogram import BatchedHistogram
 from service.runtime.batching import REFUSAL_REASONS, BatchScheduler
 from service.scoring.pipeline import BatchScores
 
@@ -173,6 +177,7 @@ class ServiceMetrics:
         self._windows: dict[str, VerdictWindow] = {}
         self._windows_lock = threading.Lock()
         self._tracked_models: set[str] = set()
+        self._request_series: dict[str, _RequestSeries] = {}
         self.http_requests = Counter(
             "oodserve_http_requests",
             "HTTP requests by route template, method and status code.",
@@ -205,20 +210,20 @@ class ServiceMetrics:
             ["model", "verdict"],
             registry=self.registry,
         )
-        self.signal_p_value = Histogram(
+        self.signal_p_value = BatchedHistogram(
             "oodserve_signal_p_value",
             "Conformal p-value of each signal per scored instance (uniform on in-distribution data).",
             ["model", "signal"],
-            buckets=P_VALUE_BUCKETS,
-            registry=self.registry,
+            P_VALUE_BUCKETS,
         )
-        self.fused_p_value = Histogram(
+        self.fused_p_value = BatchedHistogram(
             "oodserve_fused_p_value",
             "Conformal p-value of the fused statistic per scored instance; is_ood when below alpha.",
             ["model"],
-            buckets=P_VALUE_BUCKETS,
-            registry=self.registry,
+            P_VALUE_BUCKETS,
         )
+        self.registry.register(self.signal_p_value)
+        self.registry.register(self.fused_p_value)
         self.ood_rate = Gauge(
             "oodserve_ood_rate",
             f"Fraction of OOD verdicts among the model's last {ood_rate_window} scored instances.",
@@ -310,12 +315,14 @@ class ServiceMetrics:
                 pass
             with self._windows_lock:
                 self._windows.pop(gone, None)
+            self._request_series.pop(gone, None)
         for engine in engines:
             self.model_info.labels(model=engine.name, version=engine.version, provider=engine.provider_summary).set(1)
             self.default_alpha.labels(model=engine.name).set(engine.default_alpha)
             for verdict in VERDICTS:
                 self.inputs_scored.labels(model=engine.name, verdict=verdict)
             engine.runner.observer = partial(self.observe_inference, engine.name)
+            engine.scores_observer = partial(self.observe_scored_instances, engine.name)
         self._tracked_models = served
         self.provider_available.clear()
         for provider in available_providers:
@@ -363,19 +370,45 @@ class ServiceMetrics:
                 window = self._windows[model] = VerdictWindow(self.ood_rate_window)
             return window
 
-    def observe_batch(self, model: str, scores: BatchScores, seconds: float) -> None:
-        """Record one scored request: verdict counts, OOD rate, per-signal and fused p-values, size, time."""
-        batch_size = int(scores.is_ood.size)
-        ood_count = int(scores.is_ood.sum())
-        self.inputs_scored.labels(model=model, verdict="ood").inc(ood_count)
-        self.inputs_scored.labels(model=model, verdict="in_distribution").inc(batch_size - ood_count)
-        self.ood_rate.labels(model=model).set(self.verdict_window(model).add(scores.is_ood.tolist()))
+    def observe_scored_instances(self, model: str, scores: BatchScores) -> None:
+        """Per-signal and fused p-values of one scored onnxruntime batch (the engine hook: once per merged run,
+        whichever requests it serves), each series in one vectorised update."""
         for signal, p_values in scores.p_values.items():
-            histogram = self.signal_p_value.labels(model=model, signal=signal)
-            for value in p_values.tolist():
-                histogram.observe(value)
-        fused = self.fused_p_value.labels(model=model)
-        for value in scores.fused_p_value.tolist():
-            fused.observe(value)
-        self.request_instances.labels(model=model).observe(batch_size)
-        self.scoring_duration.labels(model=model).observe(seconds)
+            self.signal_p_value.observe_many((model, signal), p_values)
+        self.fused_p_value.observe_many((model,), scores.fused_p_value)
+
+    def _series(self, model: str) -> _RequestSeries:
+        series = self._request_series.get(model)
+        if series is None:
+            series = self._request_series[model] = _RequestSeries(
+                ood=self.inputs_scored.labels(model=model, verdict="ood"),
+                in_distribution=self.inputs_scored.labels(model=model, verdict="in_distribution"),
+                ood_rate=self.ood_rate.labels(model=model),
+                window=self.verdict_window(model),
+                request_instances=self.request_instances.labels(model=model),
+                scoring_duration=self.scoring_duration.labels(model=model),
+            )
+        return series
+
+    def observe_batch(self, model: str, scores: BatchScores, seconds: float) -> None:
+        """Record one scored request: verdict counts at its alpha, OOD rate, size, time (p-values: `observe_scored_instances`)."""
+        series = self._series(model)
+        batch_size = int(scores.is_ood.size)
+        ood_count = int(np.count_nonzero(scores.is_ood))
+        series.ood.inc(ood_count)
+        series.in_distribution.inc(batch_size - ood_count)
+        series.ood_rate.set(series.window.add(scores.is_ood.tolist()))
+        series.request_instances.observe(batch_size)
+        series.scoring_duration.observe(seconds)
+
+
+@dataclass(frozen=True)
+class _RequestSeries:
+    """One model's labelled children of the per-request metrics, looked up once (labels() takes a lock and builds a key)."""
+
+    ood: Any
+    in_distribution: Any
+    ood_rate: Any
+    window: VerdictWindow
+    request_instances: Any
+    scoring_duration: Any

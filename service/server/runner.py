@@ -18,6 +18,7 @@ def uvicorn_config_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "access_log": settings.access_log,
         "limit_concurrency": settings.max_concurrent_connections,  # beyond it uvicorn answers 503
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
         # Longer than the clients' idle expiry: a server closing an idle connection just as a client reuses

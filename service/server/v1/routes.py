@@ -77,7 +77,7 @@ def score_response_body(engine: Engine, scores: BatchScores) -> dict[str, Any]:
     return body
 
 
-async def _score(request: Request, engine: Engine) -> OrjsonResponse:
+async def score_request(request: Request, engine: Engine) -> OrjsonResponse:
     """Read any accepted body type, queue the images for a merged run (or run them alone when batching
     is off), record metrics and answer. Settings, metrics and the scheduler come from the app state
     directly: every dependency is work FastAPI repeats per request on the hot path."""
@@ -105,9 +105,9 @@ async def get_model(engine: NamedEngineDep) -> OrjsonResponse:
 
 @router.post("/score", summary="Score instances with the default model", **_SCORE_DOCS)
 async def score_default(request: Request, registry: RegistryDep) -> OrjsonResponse:
-    return await _score(request, registry.default)
+    return await score_request(request, registry.default)
 
 
 @router.post("/models/{name}/score", summary="Score instances with the named model", **_SCORE_DOCS)
 async def score_named(request: Request, engine: NamedEngineDep) -> OrjsonResponse:
-    return await _score(request, engine)
+    return await score_request(request, engine)

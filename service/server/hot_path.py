@@ -1,0 +1,127 @@
+"""The lean route for the scoring endpoints: a pure ASGI layer that answers POST score and infer requests
+without FastAPI's routing and dependency solving, with the very handlers, checks and errors the routers use.
+
+FastAPI resolves a request by matching it against every route and then solving its dependency graph
+(state, registry, engine, API key): per request that costs more than scoring one image does. The hot
+endpoints need none of that machinery: their path is a fixed pattern, their dependencies are three plain
+calls. This layer sits inside the request-limits and request-metrics middleware (body limit, timeout and
+request metrics apply unchanged) and in front of FastAPI; every other request, and every method other
+than POST on these paths, goes on to FastAPI as before. The routes stay declared in the routers, so the
+OpenAPI schema and the fallback (OODSERVE_LEAN_ROUTES=false) are the routers' own.
+
+Hot paths: POST /v1/score, /v1/models/{name}/score, /v2/models/{name}/infer and
+/v2/models/{name}/versions/{version}/infer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from service.engine import Engine
+from service.server.errors import ApiError, as_api_error, envelope_of_route
+from service.server.middleware.limits import ASGIApp, Receive, Scope, Send
+from service.server.security import check_key
+from service.server.state import AppState
+
+logger = logging.getLogger("oodserve.hot_path")
+
+Handler = Callable[[Request, Engine], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class HotRoute:
+    """One lean route: the path pattern, the router's route it stands for, and its handler."""
+
+    pattern: re.Pattern[str]
+    route: APIRoute
+    handler: Handler
+    default_model: bool
+    """True for /v1/score (the default model, no name in the path)."""
+
+
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """`/v2/models/{name}/infer` -> a regex with one named group per path parameter (one path segment each)."""
+    return re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$")
+
+
+def hot_routes(routes: Sequence[BaseRoute], handlers: dict[str, Handler]) -> list[HotRoute]:
+    """The lean routes for `handlers` (route path template -> handler), each bound to the router's POST route
+    of that template (its error envelope and its label in the request metrics); a template no router serves
+    is an error."""
+    by_path = {route.path: route for route in routes if isinstance(route, APIRoute) and "POST" in route.methods}
+    missing = sorted(set(handlers) - set(by_path))
+    if missing:
+        raise ValueError(f"no POST route for lean paths {missing}")
+    return [
+        HotRoute(_path_pattern(path), by_path[path], handler, default_model="{name}" not in path) for path, handler in handlers.items()
+    ]
+
+
+def bearer_credentials(scope: Scope) -> HTTPAuthorizationCredentials | None:
+    """The Authorization header as FastAPI's HTTPBearer reads it: `SCHEME CREDENTIALS`, None when absent or not two parts."""
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if not scheme or not credentials:
+                return None
+            return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
+    return None
+
+
+class HotPathMiddleware:
+    """Answers the lean routes itself; passes every other request to `app` (FastAPI)."""
+
+    def __init__(self, app: ASGIApp, state: AppState, routes: Sequence[HotRoute]) -> None:
+        self.app = app
+        self.state = state
+        self.routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            for hot in self.routes:
+                match = hot.pattern.match(path)
+                if match is not None:
+                    await self._answer(hot, match.groupdict(), scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _answer(self, hot: HotRoute, path_params: dict[str, Any], scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = hot.route  # request metrics label it by template; errors take its envelope
+        scope["path_params"] = path_params
+        request = Request(scope, receive)
+        try:
+            response = await self._handle(hot, path_params, request)
+        except Exception as error:  # noqa: BLE001 - every failure becomes an answer in the route's envelope
+            response = self._error_response(hot, request, error)
+        await response(scope, receive, send)
+
+    async def _handle(self, hot: HotRoute, path_params: dict[str, Any], request: Request) -> Response:
+        """The router's dependencies in the same order (API key, ready registry, engine), then its handler."""
+        state = self.state
+        if state.settings.api_keys:
+            check_key(bearer_credentials(request.scope), state.settings.api_keys, "API")
+        registry = state.ready_registry()
+        engine = registry.default if hot.default_model else registry.require(path_params["name"], path_params.get("version"))
+        return await hot.handler(request, engine)
+
+    @staticmethod
+    def _error_response(hot: HotRoute, request: Request, error: Exception) -> Response:
+        """A domain or API error in the route's envelope; anything else is a logged 500, as the app's crash handler answers."""
+        try:
+            api_error = as_api_error(error)
+        except TypeError:
+            logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+            api_error = ApiError(500, "internal_error", "the server failed to handle this request; see the service log")
+        envelope = envelope_of_route(hot.route)
+        return envelope.response(api_error.status_code, api_error.code, api_error.message, api_error.headers or None)
