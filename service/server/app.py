@@ -19,7 +19,7 @@ from service.observability.metrics import ServiceMetrics
 from service.runtime.batching import BatchScheduler
 from service.server import admin, console, drift, health, metrics_endpoint
 from service.server.errors import install_error_handlers
-from service.server.hot_path import HotPathMiddleware, hot_routes
+from service.server.hot_path import Handler, HotPathMiddleware, hot_routes
 from service.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
 from service.server.middleware.request_metrics import RequestMetricsMiddleware
 from service.server.reload import install_sighup_reload
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         app.include_router(router, dependencies=dependencies, responses=responses)
     routes = [route for router, _, _ in routers for route in router.routes]
     if settings.lean_routes:  # innermost: behind the request limits and metrics, in front of FastAPI's routing
-        lean = {"/v1/score": v1.score_request, "/v1/models/{name}/score": v1.score_request}
+        lean: dict[str, Handler] = {"/v1/score": v1.score_request, "/v1/models/{name}/score": v1.score_request}
         lean |= {"/v2/models/{name}/infer": v2.infer, "/v2/models/{name}/versions/{version}/infer": v2.infer}
         app.add_middleware(HotPathMiddleware, state=state, routes=hot_routes(routes, lean))
     app.add_middleware(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +54,11 @@ def _path_pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$")
 
 
-def hot_routes(routes: Sequence[BaseRoute], handlers: dict[str, Handler]) -> list[HotRoute]:
+def hot_routes(routes: Sequence[BaseRoute], handlers: Mapping[str, Handler]) -> list[HotRoute]:
     """The lean routes for `handlers` (route path template -> handler), each bound to the router's POST route
     of that template (its error envelope and its label in the request metrics); a template no router serves
     is an error."""
-    by_path = {route.path: route for route in routes if isinstance(route, APIRoute) and "POST" in route.methods}
+    by_path = {route.path: route for route in routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
     missing = sorted(set(handlers) - set(by_path))
     if missing:
         raise ValueError(f"no POST route for lean paths {missing}")
