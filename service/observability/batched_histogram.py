@@ -42,22 +42,32 @@ class BatchedHistogram(Collector):
 
     def observe_many(self, label_values: tuple[str, ...], values: np.ndarray) -> None:
         """Add every value of `values` (any shape, flattened) to the series `label_values`."""
-        if len(label_values) != len(self.label_names):
-            raise ValueError(f"histogram {self.name}: expected labels {self.label_names}, got {label_values}")
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        if flat.size == 0:
+        self.observe_rows([label_values], np.asarray(values, dtype=np.float64).reshape(1, -1))
+
+    def observe_rows(self, label_values: Sequence[tuple[str, ...]], values: np.ndarray) -> None:
+        """values: (K, N); row k goes to the series label_values[k]. One search and one count for all K series."""
+        rows = np.asarray(values, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[0] != len(label_values):
+            raise ValueError(f"histogram {self.name}: expected values of shape ({len(label_values)}, N), got {list(rows.shape)}")
+        for labels in label_values:
+            if len(labels) != len(self.label_names):
+                raise ValueError(f"histogram {self.name}: expected labels {self.label_names}, got {labels}")
+        if rows.size == 0:
             return
-        placed = np.searchsorted(self._bounds, flat, side="left")
-        added = np.bincount(np.minimum(placed, self._bounds.size - 1), minlength=self._bounds.size)
-        total = float(flat.sum())
+        bucket_count = self._bounds.size
+        placed = np.minimum(np.searchsorted(self._bounds, rows, side="left"), bucket_count - 1)
+        placed += np.arange(rows.shape[0])[:, None] * bucket_count
+        added = np.bincount(placed.reshape(-1), minlength=rows.shape[0] * bucket_count).reshape(rows.shape[0], bucket_count)
+        totals = rows.sum(axis=1).tolist()
         with self._lock:
-            counts = self._counts.get(label_values)
-            if counts is None:
-                self._counts[label_values] = added
-                self._sums[label_values] = total
-            else:
-                counts += added
-                self._sums[label_values] += total
+            for labels, counts, total in zip(label_values, added, totals):
+                existing = self._counts.get(labels)
+                if existing is None:
+                    self._counts[labels] = counts.copy()
+                    self._sums[labels] = total
+                else:
+                    existing += counts
+                    self._sums[labels] += total
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)

@@ -372,8 +372,8 @@ class ServiceMetrics:
     def observe_scored_instances(self, model: str, scores: BatchScores) -> None:
         """Per-signal and fused p-values of one scored onnxruntime batch (the engine hook: once per merged run,
         whichever requests it serves), each series in one vectorised update."""
-        for signal, p_values in scores.p_values.items():
-            self.signal_p_value.observe_many((model, signal), p_values)
+        if scores.p_values:
+            self.signal_p_value.observe_rows([(model, signal) for signal in scores.p_values], np.stack(list(scores.p_values.values())))
         self.fused_p_value.observe_many((model,), scores.fused_p_value)
 
     def _series(self, model: str) -> _RequestSeries:

@@ -236,7 +236,11 @@ class EngineBatcher:
             return
         delay = self.options.max_queue_delay_ms / 1000.0
         busy = self.arriving > 0 or self._queued_during_run
-        if delay > 0 and busy and self.queued_instances < self.options.max_batch_size:
+        # Work-conserving across threads: a batch waits only while another run keeps a core busy (or when there is
+        # one inference thread, whose idle core the event loop uses meanwhile); an idle thread never waits for a
+        # fuller batch while no run is in flight.
+        others_busy = self.running > 0 or self.options.inference_threads == 1
+        if delay > 0 and busy and others_busy and self.queued_instances < self.options.max_batch_size:
             if self._delay is None:
                 self._delay = self.loop.call_later(delay, self._delay_over)
             return

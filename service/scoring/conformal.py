@@ -41,3 +41,50 @@ def conformal_p_values(sorted_calibration_scores: np.ndarray, scores: np.ndarray
     values = as_non_conformity(scores)
     count_at_least = calibration.size - np.searchsorted(calibration, values, side="left")
     return (1.0 + count_at_least) / (calibration.size + 1.0)
+
+
+class StackedCalibration:
+    """The sorted calibration scores of K signals in one array, so the p-values of all K signals of a batch
+    come from one `np.searchsorted` instead of K.
+
+    Signal k's scores are stored as the complex keys k + i*score: numpy orders complex numbers by real
+    part, then imaginary part, so the keys sort as (signal, score) and signal k occupies the block
+    [offsets[k], offsets[k+1]). A score s of signal k lands at position offsets[k] + #{calibration_k < s},
+    which gives exactly `conformal_p_values(calibration_k, s)`. Both parts of a complex128 are float64, so
+    no score is rounded.
+    """
+
+    def __init__(self, sorted_calibration_scores: list[np.ndarray]) -> None:
+        """sorted_calibration_scores: K ascending float64 arrays (n_k,) (see `sort_calibration_scores`)."""
+        if not sorted_calibration_scores:
+            raise ValueError("a stacked calibration needs at least one signal")
+        sizes = np.array([scores.size for scores in sorted_calibration_scores], dtype=np.int64)
+        self.signal_count = len(sorted_calibration_scores)
+        self.sizes = sizes.astype(np.float64)[:, None]
+        """(K, 1) calibration sizes n_k."""
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])[:, None]
+        """(K, 1) start of each signal's block."""
+        self.ends = (self.offsets + sizes[:, None]).astype(np.float64)
+        self._row_index = np.arange(self.signal_count, dtype=np.float64)[:, None]
+        self._keys = _complex_keys(
+            np.repeat(np.arange(self.signal_count, dtype=np.float64), sizes),
+            np.concatenate([np.asarray(scores, dtype=np.float64) for scores in sorted_calibration_scores]),
+        )
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """scores: (K, N), row k scored by signal k -> (K, N) conformal p-values, row k equal to
+        `conformal_p_values(calibration_k, scores[k])` (non-finite scores read as +inf, the most OOD)."""
+        values = as_non_conformity(scores)
+        if values.ndim != 2 or values.shape[0] != self.signal_count:
+            raise ValueError(f"expected scores of shape ({self.signal_count}, N), got {list(values.shape)}")
+        keys = _complex_keys(np.broadcast_to(self._row_index, values.shape), values)
+        count_at_least = self.ends - np.searchsorted(self._keys, keys, side="left")
+        return (1.0 + count_at_least) / (self.sizes + 1.0)
+
+
+def _complex_keys(real: np.ndarray, imaginary: np.ndarray) -> np.ndarray:
+    """real + i*imaginary, part by part (`1j * inf` would make the real part NaN)."""
+    keys = np.empty(imaginary.shape, dtype=np.complex128)
+    keys.real = real
+    keys.imag = imaginary
+    return keys

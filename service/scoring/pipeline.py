@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.scoring.conformal import conformal_p_values
+from service.scoring.conformal import StackedCalibration, conformal_p_values
 from service.scoring.fusion import fused_statistic
 from service.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
 
@@ -40,6 +40,21 @@ class Calibration:
 
     per_signal: Mapping[str, np.ndarray]
     fused: np.ndarray
+    stacked: StackedCalibration | None = field(init=False, repr=False, compare=False)
+    """Every signal's scores in one array (per_signal's order): all p-values of a batch in one search."""
+
+    def __post_init__(self) -> None:
+        stacked = StackedCalibration([np.asarray(self.per_signal[name]) for name in self.per_signal]) if self.per_signal else None
+        object.__setattr__(self, "stacked", stacked)
+
+    def signal_p_values(self, signals: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """name -> (N,) conformal p-values of every signal in `signals` (each (N,)), all in one search when
+        they are exactly the calibrated signals."""
+        if self.stacked is None or signals.keys() != self.per_signal.keys():
+            return {name: conformal_p_values(self.per_signal[name], values) for name, values in signals.items()}
+        p_values = self.stacked.p_values(np.stack([np.asarray(signals[name], dtype=np.float64) for name in self.per_signal]))
+        rows = dict(zip(self.per_signal, p_values))
+        return {name: rows[name] for name in signals}
 
 
 @dataclass(frozen=True)
@@ -142,7 +157,7 @@ def score_outputs(
     calibration; is_ood = fused p-value < alpha.
     """
     signals = compute_signals(definitions, outputs, images)
-    p_values = {name: conformal_p_values(calibration.per_signal[name], values) for name, values in signals.items()}
+    p_values = calibration.signal_p_values(signals)
     fused_score = fused_statistic(fusion.method, p_values, fusion.signals)
     fused_p_value = conformal_p_values(calibration.fused, fused_score)
     predicted_class = confidence = None
