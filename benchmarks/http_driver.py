@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -134,48 +138,53 @@ async def send_requests(
     """`requests` POSTs of the bodies (in turn) to url + path from `concurrency` workers; stops early after
     `max_seconds` when given. Fills and returns `outcomes` (a fresh one by default), live as answers come.
 
-    Each worker has its own httpx transport holding one keep-alive connection and sends prebuilt
-    requests: one shared connection pool costs the client several times more CPU per request as
-    concurrency grows (README "Throughput"), CPU that the server on the same machine
-    would lose.
+    Each worker has its own aiohttp session holding one keep-alive connection. The client shares the
+    cores with the server it measures, so its cost per request is the server's loss: aiohttp on uvloop
+    (`run_client`) spends about 0.2 ms of CPU per single-image request here, httpx 0.8-1.4 ms (more as
+    concurrency grows), which made the client the largest consumer of CPU in the single-image rows.
     """
-    import httpx
+    import aiohttp
 
     result = outcomes if outcomes is not None else Outcomes()
     headers = {"content-type": content_type, **(extra_headers or {})}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
-    timeouts = {"timeout": {"connect": 30.0, "read": 120.0, "write": 30.0, "pool": 120.0}}
-    prepared = [httpx.Request("POST", f"{url}{path}", content=body, headers=headers, extensions=timeouts) for body in bodies]
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    transports = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(min(concurrency, max(requests, 1)))]
+    target = f"{url}{path}"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=120.0)
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     next_index = 0
 
-    async def worker(transport: httpx.AsyncHTTPTransport) -> None:
+    async def worker() -> None:
         nonlocal next_index
-        while next_index < requests:
-            if deadline is not None and time.monotonic() > deadline:
-                result.stopped_at_time_bound = True
-                return
-            index = next_index
-            next_index += 1
-            started = time.perf_counter()
-            try:
-                response = await transport.handle_async_request(prepared[index % len(prepared)])
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+            while next_index < requests:
+                if deadline is not None and time.monotonic() > deadline:
+                    result.stopped_at_time_bound = True
+                    return
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
                 try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-            except httpx.HTTPError as error:
-                result.transport_errors[type(error).__name__] += 1
-                continue
-            result.latencies.append(time.perf_counter() - started)
-            result.statuses[response.status_code] += 1
+                    async with session.post(target, data=bodies[index % len(bodies)], headers=headers) as response:
+                        await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    result.transport_errors[type(error).__name__] += 1
+                    continue
+                result.latencies.append(time.perf_counter() - started)
+                result.statuses[status] += 1
 
-    try:
-        await asyncio.gather(*(worker(transport) for transport in transports))
-    finally:
-        for transport in transports:
-            await transport.aclose()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, max(requests, 1)))))
     return result
+
+
+def run_client(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a load client's coroutine to completion on uvloop (asyncio's own loop where uvloop is missing):
+    the event loop is a large part of a small request's client cost."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] on Linux and macOS
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from benchmarks.http_driver import Outcomes, ServerProcess, request_bodies, send_requests
+from benchmarks.http_driver import Outcomes, ServerProcess, request_bodies, run_client, send_requests
 
 BACKPRESSURE_STATUS = 503
 RSS_SAMPLE_SECONDS = 0.5
@@ -167,7 +167,7 @@ def run_load(options: LoadOptions) -> LoadReport:
         count = options.distinct_bodies * options.instances_per_request
         images = load_bench_images(options.images, shape, count, options.seed)
         bodies, content_type = request_bodies(images, options.body, options.instances_per_request)
-        return asyncio.run(drive(url, bodies, content_type, options, server_pid))
+        return run_client(drive(url, bodies, content_type, options, server_pid))
 
     if options.url is not None:
         require_loopback(options.url)

@@ -16,7 +16,6 @@ what the service figures pay for.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import ServerProcess, request_bodies, send_requests
+from benchmarks.http_driver import ServerProcess, request_bodies, run_client, send_requests
 from models.data import read_idx
 
 LATENCY_PERCENTILES = (50, 99)
@@ -292,9 +291,9 @@ def measure_service(section: str, server_env: dict[str, str], images: np.ndarray
             label = body if per_request == 1 else f"{body} x{per_request}"
             for concurrency in options.concurrency:
                 if options.warmup_requests:
-                    asyncio.run(send_requests(server.url, encoded, content_type, concurrency, options.warmup_requests, options.api_key))
+                    run_client(send_requests(server.url, encoded, content_type, concurrency, options.warmup_requests, options.api_key))
                 runs_before = onnxruntime_batch_totals(server.url, options.api_key)
-                wall, latencies, errors, server_cpu, client_cpu = asyncio.run(
+                wall, latencies, errors, server_cpu, client_cpu = run_client(
                     drive_load(server.url, encoded, content_type, concurrency, options.requests, server.process.pid, options.api_key)
                 )
                 scored_images = max(len(latencies) - errors, 0) * per_request  # refused requests score nothing

@@ -103,8 +103,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Merged runs in flight at once, each in its own thread (0 = one per CPU core)."
     )
     batch_max_delay_ms: float = Field(
-        4.0, ge=0, description="How long a batch may wait to fill up: for requests being read, or after a run that left requests waiting "
-        "(concurrent clients) for the clients just answered; never when the service was idle."
+        0.0, ge=0, description="How long a batch may wait to fill up while another merged run keeps a core busy: for requests "
+        "being read, or after a run that left requests waiting; never when no run is in flight. 0 (work-conserving: an idle "
+        "inference thread takes what is queued at once) measured best with one inference thread per core.",
     )
     batch_side_by_side_max: int = Field(
         8, ge=0, description="A merged run of at most this many instances that finds no other run in flight runs the bundle's "

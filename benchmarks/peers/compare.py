@@ -30,7 +30,6 @@ A full run writes benchmarks/results/peers-mlserver.json and .txt; --quick write
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import Outcomes, ServerProcess, free_port, request_bodies, send_requests
+from benchmarks.http_driver import Outcomes, ServerProcess, free_port, request_bodies, run_client, send_requests
 from benchmarks.load import require_loopback
 from benchmarks.peers.drivers import grpc_infer_requests, process_tree_cpu_seconds, send_grpc, send_prepared, v2_json_bodies
 from benchmarks.peers.mlserver.launch import DEFAULT_VENV, MLServerProcess, mlserver_versions
@@ -178,11 +177,11 @@ def check_mlserver_outputs(target: Target, engine: Any, images: np.ndarray) -> f
 def measure(target: Target, protocol: str, per_request: int, concurrency: int, send: Sender, options: CompareOptions) -> PeerRow:
     """Warm up at the row's concurrency, then options.requests measured requests; CPU of the server's process tree."""
     if options.warmup_requests:
-        asyncio.run(send(concurrency, options.warmup_requests, options.max_seconds_per_row))
+        run_client(send(concurrency, options.warmup_requests, options.max_seconds_per_row))
     cpu_before = process_tree_cpu_seconds(target.pid)
     client_before = time.process_time()
     started = time.perf_counter()
-    outcomes = asyncio.run(send(concurrency, options.requests, options.max_seconds_per_row))
+    outcomes = run_client(send(concurrency, options.requests, options.max_seconds_per_row))
     wall = time.perf_counter() - started
     client_cpu = time.process_time() - client_before
     cpu_after = process_tree_cpu_seconds(target.pid)
@@ -314,7 +313,7 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
         }
         warm_bodies = v2_json_bodies(images, 1)
         for target in [oodserve, *peers]:  # a first warm-up per server before any row (arenas, batchers, workers)
-            asyncio.run(v2_sender(target, warm_bodies)(16, max(options.warmup_requests, 64), options.max_seconds_per_row))
+            run_client(v2_sender(target, warm_bodies)(16, max(options.warmup_requests, 64), options.max_seconds_per_row))
         say("rows:")
         rows = run_rows(oodserve, peers, images, options, say)
     say("raw onnxruntime again ...")

@@ -123,3 +123,55 @@ def test_batched_requests_record_their_queue_wait(bundle_dir: Path, make_images,
         values = samples(client.get("/metrics").text)
     counts = {labels: value for (name, labels), value in values.items() if name == "oodserve_queue_wait_seconds_count"}
     assert counts[(("model", "test-bundle"),)] == 3
+
+
+def test_batched_histogram_exposes_what_one_observe_per_value_would() -> None:
+    """Same buckets and counts as prometheus-client's Histogram fed value by value (the sums may differ in the last
+    bits: summation order), including values on a bucket bound, above the largest finite one, and empty rows."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from service.observability.batched_histogram import BatchedHistogram
+    from service.observability.metrics import P_VALUE_BUCKETS
+
+    batched_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    batched = BatchedHistogram("p", "p-values", ["model", "signal"], P_VALUE_BUCKETS)
+    batched_registry.register(batched)
+    reference = Histogram("p", "p-values", ["model", "signal"], buckets=P_VALUE_BUCKETS, registry=reference_registry)
+    rng = np.random.default_rng(3)
+    labels = [("m", "a"), ("m", "b"), ("n", "a")]
+    for size in (0, 1, 7, 64):
+        rows = rng.uniform(0.0, 1.2, size=(3, size))
+        if size:
+            rows[0, 0], rows[1, 0], rows[2, 0] = 0.05, 1.0, 0.001  # exactly on bounds: counted in that bucket (le)
+        batched.observe_rows(labels, rows)
+        for row, (model, signal) in zip(rows, labels):
+            for value in row:
+                reference.labels(model=model, signal=signal).observe(value)
+    batched.observe_many(("m", "a"), np.array([0.3, 0.7]))
+    for value in (0.3, 0.7):
+        reference.labels(model="m", signal="a").observe(value)
+    got = samples(generate_latest(batched_registry).decode())
+    expected = samples(generate_latest(reference_registry).decode())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if key[0].endswith("_sum"):
+            assert got[key] == pytest.approx(value, rel=1e-12)
+        else:
+            assert got[key] == value, key
+    with pytest.raises(ValueError, match="shape"):
+        batched.observe_rows(labels, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="labels"):
+        batched.observe_many(("m",), np.zeros(3))
+
+
+def test_p_value_histograms_count_each_scored_instance_once_per_merged_run(bundle_dir: Path, settings_for, make_images) -> None:
+    """The p-value series are fed once per onnxruntime batch (the engine hook), not per request: every signal's
+    count equals the instances scored, and the fused count too."""
+    with TestClient(create_app(settings_for(bundle_dir))) as client:
+        for count in (1, 3, 4):
+            assert client.post("/v1/score", json={"instances": make_images(count, count).tolist()}).status_code == 200
+        signals = [signal["name"] for signal in client.get("/v1/models/test-bundle").json()["signals"]]
+        values = samples(client.get("/metrics").text)
+    for signal in signals:
+        assert values[("oodserve_signal_p_value_count", (("model", "test-bundle"), ("signal", signal)))] == 8
+    assert values[("oodserve_fused_p_value_count", (("model", "test-bundle"),))] == 8

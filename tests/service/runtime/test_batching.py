@@ -199,6 +199,31 @@ def test_after_a_run_with_waiting_requests_the_next_batch_waits_for_returning_cl
     assert engine.runner.batch_sizes == [1, 3]
 
 
+def test_with_two_inference_threads_only_a_batch_beside_a_running_one_waits_for_more() -> None:
+    """Work-conserving: with no run in flight an announced request does not hold a batch back (the core would idle);
+    while one run is in flight, the second thread's batch waits max_queue_delay_ms for announced requests."""
+    engine = MarkerEngine()
+
+    async def scenario() -> list[float]:
+        scheduler = BatchScheduler(BatchingOptions(inference_threads=2, max_queue_delay_ms=2000))
+        engine.runner.gate.clear()
+        coming = scheduler.arrival(engine)  # announced, still being read
+        first = asyncio.create_task(scheduler.score(engine, marked(1)))
+        await asyncio.to_thread(engine.runner.entered.wait, WAIT_S)  # dispatched at once despite the announcement
+        second = asyncio.create_task(scheduler.score(engine, marked(2)))
+        await asyncio.sleep(0.05)
+        assert not second.done() and engine.runner.batch_sizes == []  # beside a running batch: held for the announced one
+        third = asyncio.create_task(scheduler.score(engine, marked(3), None, coming))
+        await asyncio.sleep(0.05)
+        engine.runner.gate.set()
+        results = [await task for task in (first, second, third)]
+        await scheduler.close()
+        return [result.fused_score.item() for result in results]
+
+    assert run(scenario()) == [0.01, 0.02, 0.03]
+    assert sorted(engine.runner.batch_sizes) == [1, 2]
+
+
 def test_two_inference_threads_run_two_merged_batches_side_by_side() -> None:
     engine = MarkerEngine()
     inside = threading.Semaphore(0)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.scoring.conformal import conformal_p_values, sort_calibration_scores
+from service.scoring.conformal import StackedCalibration, conformal_p_values, sort_calibration_scores
 
 CALIBRATION = sort_calibration_scores(np.array([3.0, 1.0, 2.0, 2.0, 5.0]))
 
@@ -75,3 +75,30 @@ def test_every_non_finite_score_counts_as_the_most_ood() -> None:
     calibration = sort_calibration_scores(np.arange(9.0))
     p_values = conformal_p_values(calibration, np.array([np.nan, np.inf, -np.inf, -1e300]))
     np.testing.assert_allclose(p_values, [0.1, 0.1, 0.1, 1.0])  # -inf is not "more typical than anything"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calibrations=st.lists(
+        st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=40), min_size=1, max_size=6
+    ),
+    data=st.data(),
+)
+def test_stacked_p_values_equal_one_search_per_signal(calibrations: list[list[float]], data: st.DataObject) -> None:
+    """One search over every signal's calibration gives each signal's own p-values exactly: scores drawn from the
+    calibration values themselves (ties), around them, and non-finite."""
+    sorted_calibrations = [sort_calibration_scores(np.array(values)) for values in calibrations]
+    stacked = StackedCalibration(sorted_calibrations)
+    pool = [value for values in calibrations for value in values] + [np.nan, np.inf, -np.inf, 0.0, -1e300, 1e300]
+    count = data.draw(st.integers(0, 12))
+    value = st.one_of(st.sampled_from(pool), st.floats(allow_nan=True))
+    rows = [data.draw(st.lists(value, min_size=count, max_size=count)) for _ in calibrations]
+    scores = np.array(rows, dtype=np.float64).reshape(len(calibrations), count)
+    expected = np.stack([conformal_p_values(calibration, scores[index]) for index, calibration in enumerate(sorted_calibrations)])
+    np.testing.assert_array_equal(stacked.p_values(scores), expected)
+
+
+def test_stacked_p_values_refuse_a_wrong_number_of_rows() -> None:
+    stacked = StackedCalibration([CALIBRATION, CALIBRATION])
+    with pytest.raises(ValueError, match=r"\(2, N\)"):
+        stacked.p_values(np.zeros((3, 4)))
