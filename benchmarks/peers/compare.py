@@ -77,6 +77,8 @@ class CompareOptions:
     distinct_bodies: int = 256
     output: Path | None = RESULTS / "peers-mlserver"
     server_log: Path | None = None
+    single_image_runs: int = 2000
+    """ModelRunner.run calls for the raw single-image latency (the c=1 row's reference)."""
 
 
 @dataclass
@@ -148,6 +150,31 @@ def raw_limit(engine: Any, images: np.ndarray, options: CompareOptions) -> float
     batch = np.ascontiguousarray(np.resize(images, (RAW_BATCH, *images.shape[1:])), dtype=np.float32)
     engine.runner.run(batch)
     return parallel_runs_per_second(engine, batch, options.raw_threads, options.raw_seconds)
+
+
+def raw_single_image_latency(engine: Any, images: np.ndarray, runs: int) -> PeerRow:
+    """p50/p99 of ModelRunner.run on one image at a time the way the service runs a lone request: the bundle's models
+    side by side in the calling thread and one helper thread (OODSERVE_BATCH_SIDE_BY_SIDE_MAX), no scoring, no HTTP."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    singles = np.ascontiguousarray(images, dtype=np.float32)
+    latencies = []
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        for index in range(runs + runs // 10):
+            image = singles[index % len(singles)][None]
+            started = time.perf_counter()
+            engine.runner.run(image, helper)
+            if index >= runs // 10:  # the first tenth warms up
+                latencies.append(time.perf_counter() - started)
+    return PeerRow(
+        "raw onnxruntime (1 image, side by side)",
+        "-",
+        1,
+        1,
+        len(latencies) / sum(latencies),
+        p50_ms=percentile_ms(latencies, 50),
+        p99_ms=percentile_ms(latencies, 99),
+    )
 
 
 def check_mlserver_outputs(target: Target, engine: Any, images: np.ndarray) -> float:
@@ -319,9 +346,13 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
     say("raw onnxruntime again ...")
     limit = max(first_limit, raw_limit(engine, images, options))
     raw = PeerRow("raw onnxruntime (limit)", "-", RAW_BATCH, None, limit, ratio_to_limit=1.0)
-    for row in rows:
+    single = raw_single_image_latency(engine, images, options.single_image_runs)
+    for row in [single, *rows]:
         row.ratio_to_limit = row.images_per_second / limit
-    return context, [raw, *rows]
+    lone = next(row for row in rows if row.server == "oodserve" and row.protocol == "v2 JSON" and row.concurrency == 1)
+    if lone.p50_ms is not None and single.p50_ms is not None:
+        context["c1_p50_above_raw_single_image_ms"] = round(lone.p50_ms - single.p50_ms, 2)
+    return context, [raw, single, *rows]
 
 
 def format_table(context: dict[str, Any], rows: Sequence[PeerRow]) -> str:
@@ -362,6 +393,8 @@ def format_table(context: dict[str, Any], rows: Sequence[PeerRow]) -> str:
     )
     notes = [f"  {label}: {meaning}" for label, meaning in context["mlserver_worker_settings"].items()]
     notes.append("  * = MLServer's best setting in that row (most images/s of the settings above, this run)")
+    if "c1_p50_above_raw_single_image_ms" in context:
+        notes.append(f"  oodserve c=1 p50 minus the raw single-image p50: {context['c1_p50_above_raw_single_image_ms']:.2f} ms")
     return "\n".join([title, *notes, render(header), render(["-" * width for width in widths]), *(render(line) for line in lines)])
 
 
@@ -407,6 +440,7 @@ def parse_options(argv: Sequence[str] | None = None) -> CompareOptions:
         mlserver_workers=workers,
         output=args.output or (QUICK_OUTPUT if quick else RESULTS / "peers-mlserver"),
         server_log=args.server_log,
+        single_image_runs=300 if quick else 2000,
     )
 
 

@@ -459,7 +459,14 @@ class BatchScheduler:
                 arrival.release()
         try:
             async with asyncio.timeout_at(deadline):
-                outcomes = await asyncio.gather(*futures, return_exceptions=True)
+                if len(futures) == 1:  # the usual request: no gather wrapper future and its callbacks
+                    outcomes: list[BatchScores | BaseException]
+                    try:
+                        outcomes = [await futures[0]]
+                    except Exception as error:  # noqa: BLE001 - raised below, as gather(return_exceptions=True) would
+                        outcomes = [error]
+                else:
+                    outcomes = await asyncio.gather(*futures, return_exceptions=True)
         except TimeoutError as error:
             batcher.withdraw(futures)
             raise DeadlineExceededError(f"not scored within the deadline of {self.options.deadline_ms:g} ms") from error
