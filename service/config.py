@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         "being read, or after a run that left requests waiting; never when no run is in flight. 0 (work-conserving: an idle "
         "inference thread takes what is queued at once) measured best with one inference thread per core.",
     )
+    batch_min_beside_run: int = Field(
+        8, ge=0, description="A merged run starts beside one already in flight only once this many instances are queued; fewer "
+        "wait for the running one to end. Fuller runs under load, no wait for a lone request; 0 = any queued instance starts a run.",
+    )
     batch_side_by_side_max: int = Field(
         8, ge=0, description="A merged run of at most this many instances that finds no other run in flight runs the bundle's "
         "models side by side in two threads (lower latency on a quiet service); 0 = never."
@@ -186,4 +190,5 @@ class Settings(BaseSettings):
             deadline_ms=self.batch_deadline_seconds * 1000.0,
             inference_threads=self.inference_threads or os.cpu_count() or 1,
             side_by_side_max_batch=self.batch_side_by_side_max,
+            min_batch_beside_run=self.batch_min_beside_run,
         )

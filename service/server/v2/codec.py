@@ -5,6 +5,7 @@ metadata. Every problem with a request is a 400 naming the field."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +31,25 @@ REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
 TENSOR_KEYS = ("name", "shape", "datatype", "parameters", "data")
 
 
-def output_specs(engine: Engine) -> list[tuple[str, str]]:
+_OUTPUT_SPECS: weakref.WeakKeyDictionary[Engine, tuple[tuple[str, str], ...]] = weakref.WeakKeyDictionary()
+"""output_specs per engine: derived from its manifest once, not per request (weak: a reloaded engine is dropped)."""
+
+
+def output_specs(engine: Engine) -> tuple[tuple[str, str], ...]:
     """(name, datatype) of every output tensor: verdict, fused p-value and score, each signal, class_index."""
+    specs = _OUTPUT_SPECS.get(engine)
+    if specs is None:
+        specs = _OUTPUT_SPECS[engine] = _derive_output_specs(engine)
+    return specs
+
+
+def _derive_output_specs(engine: Engine) -> tuple[tuple[str, str], ...]:
     specs = list(FIXED_OUTPUTS)
     taken = {name for name, _ in specs}
     specs += [(signal.name, "FP64") for signal in engine.manifest.signals if signal.name not in taken]
     if engine.manifest.classifier is not None and "class_index" not in {name for name, _ in specs}:
         specs.append(("class_index", "INT64"))
-    return specs
+    return tuple(specs)
 
 
 def output_arrays(engine: Engine, scores: BatchScores) -> dict[str, tuple[str, np.ndarray]]:

@@ -224,6 +224,40 @@ def test_with_two_inference_threads_only_a_batch_beside_a_running_one_waits_for_
     assert sorted(engine.runner.batch_sizes) == [1, 2]
 
 
+def test_a_run_beside_a_running_one_starts_only_with_min_batch_beside_run_instances_queued() -> None:
+    """Fewer than min_batch_beside_run queued instances wait for the running batch to end; that many start beside it."""
+    engine = MarkerEngine()
+    starts: list[int] = []
+    original_run = engine.runner.run
+
+    def recorded_run(images: np.ndarray, helper: Any = None) -> dict[str, dict[str, np.ndarray]]:
+        starts.append(int(images.shape[0]))
+        return original_run(images)
+
+    engine.runner.run = recorded_run  # type: ignore[method-assign]
+
+    async def scenario() -> list[float]:
+        scheduler = BatchScheduler(BatchingOptions(inference_threads=2, min_batch_beside_run=3, max_queue_delay_ms=0))
+        engine.runner.gate.clear()
+        first = asyncio.create_task(scheduler.score(engine, marked(1)))  # nothing in flight: starts at once
+        await asyncio.to_thread(engine.runner.entered.wait, WAIT_S)
+        waiting = [asyncio.create_task(scheduler.score(engine, marked(marker))) for marker in (2, 3)]
+        await asyncio.sleep(0.05)
+        assert starts == [1]  # 2 queued < 3: held although a thread is idle
+        third = asyncio.create_task(scheduler.score(engine, marked(4)))
+        await asyncio.sleep(0.05)
+        assert starts == [1, 3]  # the third queued instance starts a run beside the first
+        late = asyncio.create_task(scheduler.score(engine, marked(5)))
+        await asyncio.sleep(0.05)
+        engine.runner.gate.set()
+        results = [await task for task in (first, *waiting, third, late)]
+        await scheduler.close()
+        return [result.fused_score.item() for result in results]
+
+    assert run(scenario()) == [0.01, 0.02, 0.03, 0.04, 0.05]
+    assert starts == [1, 3, 1]  # the last one went when a run ended
+
+
 def test_two_inference_threads_run_two_merged_batches_side_by_side() -> None:
     engine = MarkerEngine()
     inside = threading.Semaphore(0)
