@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
+
 from benchmarks.http_driver import ServerProcess, run_client, send_requests
 from benchmarks.peers.drivers import v2_json_bodies
 
@@ -63,6 +65,7 @@ def categorise(raw: str) -> tuple[Counter[str], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_hot_path", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--images", type=Path, help="images for the bundle's input (default: the Fashion-MNIST test set)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=int, default=100)
@@ -74,11 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 
-    images = load_images(DEFAULT_FASHION_MNIST_DIR, "test").images[:512].reshape(512, 1, 28, 28)
+    manifest = orjson.loads((args.bundle / "manifest.json").read_bytes())
+    images = load_images(DEFAULT_FASHION_MNIST_DIR if args.images is None else args.images, "test").images[:512]
+    images = images.reshape((len(images), *manifest["input"]["shape"]))
     bodies = v2_json_bodies(images, 1)
     headers = {"accept-encoding": "identity"}
     with ServerProcess(args.bundle, {}, None) as server, tempfile.TemporaryDirectory() as work:
-        url = f"{server.url}/v2/models/fashion-mnist/infer"
+        url = f"{server.url}/v2/models/{manifest['name']}/infer"
         run_client(send_requests(url, bodies, "application/json", args.concurrency, 500, path="", extra_headers=headers))
         outcome: dict[str, float] = {}
 

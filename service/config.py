@@ -103,9 +103,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Merged runs in flight at once, each in its own thread (0 = one per CPU core)."
     )
     batch_max_delay_ms: float = Field(
-        0.0, ge=0, description="How long a batch may wait to fill up while another merged run keeps a core busy: for requests "
-        "being read, or after a run that left requests waiting; never when no run is in flight. 0 (work-conserving: an idle "
-        "inference thread takes what is queued at once) measured best with one inference thread per core.",
+        0.0, ge=0, description="How long a batch may wait to fill up (for requests being read, or after a run that left requests "
+        "waiting) while another merged run keeps a core busy, or always with one inference thread (whose idle core the event "
+        "loop uses meanwhile). 0 = work-conserving: an idle inference thread takes what is queued at once.",
     )
     batch_min_beside_run: int = Field(
         8, ge=0, description="A merged run starts beside one already in flight only once this many instances are queued; fewer "

@@ -136,7 +136,10 @@ class Engine:
             self.classifier_logits,
         )
         if self.scores_observer is not None:
-            self.scores_observer(scores)
+            try:
+                self.scores_observer(scores)
+            except Exception:  # a metrics failure must not fail the requests of this batch
+                logger.exception("the scores observer of bundle %s failed", self.name)
         return scores
 
     def score_batch(self, images: np.ndarray, alpha: float | None = None) -> list[InstanceResult]:

@@ -314,13 +314,13 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
         "warmup_requests_per_row": options.warmup_requests,
         "raw_limit": f"ModelRunner.run on batch {RAW_BATCH} from {options.raw_threads} threads, oodserve's session options "
         f"(intra-op 1), {options.raw_seconds:g} s, best of one sweep before and one after the servers",
-        "oodserve": "python -m service.cli serve, default settings (dynamic batching, batch_max_size 64 images, "
-        "batch_max_delay_ms 4, one inference thread per core), gRPC on OODSERVE_GRPC_PORT",
+        "oodserve": "python -m service.cli serve, default settings (lean routes, dynamic batching, batch_max_size 64 images, "
+        "batch_max_delay_ms 0, batch_min_beside_run 8, one inference thread per core), gRPC on OODSERVE_GRPC_PORT",
         "mlserver": "benchmarks/peers/mlserver: runtime.BundleOnnxRuntime (onnxruntime, intra-op 1, every output tensor raw), "
         "adaptive batching max_batch_size 64 requests, max_batch_time 0.004 s, debug off, uvloop + httptools",
         "mlserver_worker_settings": {worker_label(workers): worker_meaning(workers) for workers in options.mlserver_workers},
         "order": "v2 JSON rows alternate which server goes first (order column); each cell warms up at its own concurrency",
-        "client": "this process: httpx, one keep-alive connection per concurrent client, prebuilt requests, "
+        "client": "this process: aiohttp on uvloop, one keep-alive connection per concurrent client, prebuilt bodies, "
         "Accept-Encoding: identity; gRPC: grpc.aio, one channel, prebuilt ModelInferRequest (raw_input_contents)",
         "answers": "oodserve: scored verdict tensors; MLServer: raw outputs of the three models (11 tensors, 83 floats/image)",
     }

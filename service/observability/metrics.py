@@ -166,7 +166,9 @@ class ServiceMetrics:
     - `record_reload(result, registry=None)`: one bundle reload attempt, result "success" or "failure";
       pass the new registry on success so the per-model series follow it.
     - `observe_queue_wait(model, seconds)`: time a request waited in the dynamic-batching queue.
-    - `observe_batch(model, scores, seconds)`: one scored request (verdicts, p-values, OOD rate).
+    - `observe_batch(model, scores, seconds)`: one scored request (verdicts at its alpha, OOD rate, size, time).
+    - `observe_scored_instances(model, scores)`: per-signal and fused p-values of one onnxruntime batch, hooked
+      into each engine by `track_registry` (so a request cancelled after its run still counts there).
     Batch sizes are recorded by ModelRunner.run itself (once per onnxruntime batch), never by callers.
     """
 

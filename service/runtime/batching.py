@@ -164,12 +164,13 @@ class BatcherStats:
 class EngineBatcher:
     """The queue of one engine on one event loop, driven by callbacks (no task of its own).
 
-    A request that finds an inference thread idle is dispatched at once (with every other queued
-    chunk that fits); requests arriving while every inference thread is busy wait in the queue and
-    go together in the next run, started from the loop as soon as a run ends.
-    With max_queue_delay_ms > 0 a dispatch waits, at most that long, while announced requests are
-    still being read and the batch is not full. The engine is held weakly between runs, so a batcher
-    never keeps an engine alive after the registry dropped it (hot reload).
+    A request that finds no run in flight is dispatched at once (with every other queued chunk that
+    fits). While a run is in flight, a second run starts on an idle inference thread only once
+    min_batch_beside_run instances are queued; fewer wait and go together as soon as a run ends
+    (nothing waits longer than the run in flight). With max_queue_delay_ms > 0 a dispatch beside a
+    running batch (or, with one inference thread, any dispatch) waits, at most that long, while
+    announced requests are still being read and the batch is not full. The engine is held weakly
+    between runs, so a batcher never keeps an engine alive after the registry dropped it (hot reload).
     """
 
     def __init__(
@@ -244,7 +245,7 @@ class EngineBatcher:
         # one inference thread, whose idle core the event loop uses meanwhile); an idle thread never waits for a
         # fuller batch while no run is in flight.
         others_busy = self.running > 0 or self.options.inference_threads == 1
-        if self.running > 0 and self.queued_instances < self.options.min_batch_beside_run:
+        if self._too_small_beside_a_run():
             return  # the running batch's end dispatches these; a run this small beside it would waste a core's time
         if delay > 0 and busy and others_busy and self.queued_instances < self.options.max_batch_size:
             if self._delay is None:
@@ -252,9 +253,12 @@ class EngineBatcher:
             return
         self._dispatch(engine)
 
+    def _too_small_beside_a_run(self) -> bool:
+        return self.running > 0 and self.queued_instances < self.options.min_batch_beside_run
+
     def _delay_over(self) -> None:
         self._delay = None
-        if self.running < self.options.inference_threads and not self.closed:
+        if self.running < self.options.inference_threads and not self.closed and not self._too_small_beside_a_run():
             self._dispatch(None)
 
     def _take_batch(self) -> list[_Chunk]:

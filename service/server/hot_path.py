@@ -15,27 +15,25 @@ Hot paths: POST /v1/score, /v1/models/{name}/score, /v2/models/{name}/infer and
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from service.engine import Engine
-from service.server.errors import ApiError, as_api_error, envelope_of_route
+from service.server.errors import DOMAIN_ERRORS, ApiError, as_api_error, envelope_of_route
 from service.server.middleware.limits import ASGIApp, Receive, Scope, Send
-from service.server.security import check_key
+from service.server.security import bearer_scheme, check_key
 from service.server.state import AppState
 
-logger = logging.getLogger("oodserve.hot_path")
-
 Handler = Callable[[Request, Engine], Awaitable[Response]]
+DOMAIN_ERROR_TYPES: tuple[type[Exception], ...] = (ApiError, *DOMAIN_ERRORS)
+"""What a route answers as an error itself; every other exception propagates (as from a FastAPI route)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,8 @@ class HotRoute:
     handler: Handler
     default_model: bool
     """True for /v1/score (the default model, no name in the path)."""
+    versioned: bool
+    """True for v2 routes: the engine must match a version from the path or, without one there, ?version=."""
 
 
 def _path_pattern(template: str) -> re.Pattern[str]:
@@ -63,19 +63,18 @@ def hot_routes(routes: Sequence[BaseRoute], handlers: Mapping[str, Handler]) -> 
     if missing:
         raise ValueError(f"no POST route for lean paths {missing}")
     return [
-        HotRoute(_path_pattern(path), by_path[path], handler, default_model="{name}" not in path) for path, handler in handlers.items()
+        HotRoute(_path_pattern(path), by_path[path], handler, default_model="{name}" not in path, versioned=path.startswith("/v2/"))
+        for path, handler in handlers.items()
     ]
 
 
-def bearer_credentials(scope: Scope) -> HTTPAuthorizationCredentials | None:
-    """The Authorization header as FastAPI's HTTPBearer reads it: `SCHEME CREDENTIALS`, None when absent or not two parts."""
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if not scheme or not credentials:
-                return None
-            return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
-    return None
+def route_path(scope: Scope) -> str:
+    """The path the routers match: scope["path"] without the app's root_path (uvicorn --root-path), as Starlette does."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path) or path == root_path:
+        return path
+    return path[len(root_path) :] if path[len(root_path)] == "/" else path
 
 
 class HotPathMiddleware:
@@ -88,7 +87,7 @@ class HotPathMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
+            path = route_path(scope)
             for hot in self.routes:
                 match = hot.pattern.match(path)
                 if match is not None:
@@ -102,26 +101,23 @@ class HotPathMiddleware:
         request = Request(scope, receive)
         try:
             response = await self._handle(hot, path_params, request)
-        except Exception as error:  # noqa: BLE001 - every failure becomes an answer in the route's envelope
-            response = self._error_response(hot, request, error)
+        except DOMAIN_ERROR_TYPES as error:
+            api_error = as_api_error(error)
+            envelope = envelope_of_route(hot.route)
+            response = envelope.response(api_error.status_code, api_error.code, api_error.message, api_error.headers or None)
+        # Anything else propagates as it does from a FastAPI route: the limits middleware answers a body past the
+        # limit (413), and the app's crash handler a bug (a logged 500 in this route's envelope).
         await response(scope, receive, send)
 
     async def _handle(self, hot: HotRoute, path_params: dict[str, Any], request: Request) -> Response:
         """The router's dependencies in the same order (API key, ready registry, engine), then its handler."""
         state = self.state
         if state.settings.api_keys:
-            check_key(bearer_credentials(request.scope), state.settings.api_keys, "API")
+            check_key(await bearer_scheme(request), state.settings.api_keys, "API")
         registry = state.ready_registry()
-        engine = registry.default if hot.default_model else registry.require(path_params["name"], path_params.get("version"))
+        if hot.default_model:
+            engine = registry.default
+        else:  # the v2 route without {version} takes ?version= as FastAPI's dependency does
+            version = path_params.get("version", request.query_params.get("version") if hot.versioned else None)
+            engine = registry.require(path_params["name"], version)
         return await hot.handler(request, engine)
-
-    @staticmethod
-    def _error_response(hot: HotRoute, request: Request, error: Exception) -> Response:
-        """A domain or API error in the route's envelope; anything else is a logged 500, as the app's crash handler answers."""
-        try:
-            api_error = as_api_error(error)
-        except TypeError:
-            logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-            api_error = ApiError(500, "internal_error", "the server failed to handle this request; see the service log")
-        envelope = envelope_of_route(hot.route)
-        return envelope.response(api_error.status_code, api_error.code, api_error.message, api_error.headers or None)
