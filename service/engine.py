@@ -16,7 +16,7 @@ from service.runtime.sampler import Sampler
 from service.runtime.sessions import ModelRunner, RuntimeOptions
 from service.scoring.batch_typicality import BatchTypicalityTest
 from service.scoring.inputs import InputError, accepted_instance_shapes
-from service.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, score_outputs
+from service.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
 from service.scoring.signals import SIGNAL_KINDS, SignalSource
 
 logger = logging.getLogger("oodserve.engine")
@@ -120,11 +120,21 @@ class Engine:
         """images: (N, *input_shape) float32 raw scale, already validated -> BatchScores of arrays (N,)."""
         return self.score_model_outputs(images, self.runner.run(images), alpha)
 
+    def prepare_signals(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The input-only parts of the signals (for example PNG lengths) of images (N, *input_shape): no model
+        output needed, so the batcher computes them beside the models when a helper thread is free."""
+        return prepare_signals(self.signal_definitions, np.asarray(images, dtype=np.float64))
+
     def score_model_outputs(
-        self, images: np.ndarray, outputs: dict[str, dict[str, np.ndarray]], alpha: float | None = None
+        self,
+        images: np.ndarray,
+        outputs: dict[str, dict[str, np.ndarray]],
+        alpha: float | None = None,
+        prepared: dict[str, np.ndarray] | None = None,
     ) -> BatchScores:
-        """Verdicts for images (N, *input_shape) whose model outputs (leading axis N) are already computed;
-        the dynamic batcher runs many requests' images at once and scores them here."""
+        """Verdicts for images (N, *input_shape) whose model outputs (leading axis N) are already computed, and
+        optionally `prepare_signals` of them; the dynamic batcher runs many requests' images at once and scores
+        them here."""
         level = self.default_alpha if alpha is None else float(alpha)
         scores = score_outputs(
             self.signal_definitions,
@@ -134,6 +144,7 @@ class Engine:
             np.asarray(images, dtype=np.float64),
             level,
             self.classifier_logits,
+            prepared,
         )
         if self.scores_observer is not None:
             try:

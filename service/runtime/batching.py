@@ -119,9 +119,15 @@ def score_merged(
 ) -> list[BatchScores]:
     """Runs in the inference thread: one onnxruntime run over all parts (each (n_i, *input_shape)),
     scored once, split back into one BatchScores per part at that part's alpha. With `helper` the
-    bundle's models run side by side (ModelRunner.run)."""
+    bundle's models run side by side (ModelRunner.run), and the helper thread, whose models take less
+    time than the slowest one, first computes the signals' input-only parts (Engine.prepare_signals)."""
     images = image_parts[0] if len(image_parts) == 1 else np.concatenate(image_parts)
-    merged = engine.score_model_outputs(images, engine.runner.run(images, helper))
+    if helper is None:
+        merged = engine.score_model_outputs(images, engine.runner.run(images, helper))
+    else:  # the helper thread has time to spare beside the slowest model: the input-only parts of the signals go first
+        prepared = helper.submit(engine.prepare_signals, images)
+        outputs = engine.runner.run(images, helper)
+        merged = engine.score_model_outputs(images, outputs, prepared=prepared.result())
     results: list[BatchScores] = []
     start = 0
     for part, alpha in zip(image_parts, alphas):

@@ -11,6 +11,7 @@ import numpy as np
 from service.scoring.conformal import StackedCalibration, conformal_p_values
 from service.scoring.fusion import fused_statistic
 from service.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
+from service.scoring.signals.base import PREPARED_KEY
 
 FUSED_CALIBRATION_KEY = "__fused__"
 """Name of the calibration array holding fused statistics of the second calibration split."""
@@ -121,13 +122,33 @@ class BatchScores:
         return results
 
 
-def compute_signals(definitions: Sequence[SignalDefinition], outputs: ModelOutputs, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Evaluate every declared signal on a batch. images: (N, *input_shape) raw scale. -> name -> (N,) float64."""
+def prepare_signals(definitions: Sequence[SignalDefinition], images: np.ndarray) -> dict[str, np.ndarray]:
+    """The input-only parts of the declared signals whose kinds have one (`SignalKind.prepare`): name -> (N,).
+    images: (N, *input_shape) raw scale; needs no model output, so it can run beside the models."""
+    prepared: dict[str, np.ndarray] = {}
+    for definition in definitions:
+        prepare = SIGNAL_KINDS[definition.kind].prepare
+        if prepare is not None:
+            prepared[definition.name] = prepare(images, definition.params)
+    return prepared
+
+
+def compute_signals(
+    definitions: Sequence[SignalDefinition],
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    prepared: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Evaluate every declared signal on a batch. images: (N, *input_shape) raw scale; prepared: `prepare_signals`
+    of the same images, when computed ahead. -> name -> (N,) float64."""
     batch_size = images.shape[0]
     values: dict[str, np.ndarray] = {}
     for definition in definitions:
         kind = SIGNAL_KINDS[definition.kind]
-        signal = np.asarray(kind.score(outputs, images, definition.source, definition.params), dtype=np.float64)
+        params = definition.params
+        if prepared is not None and definition.name in prepared:
+            params = {**params, PREPARED_KEY: prepared[definition.name]}
+        signal = np.asarray(kind.score(outputs, images, definition.source, params), dtype=np.float64)
         if signal.shape != (batch_size,):
             raise ValueError(f"signal {definition.name!r} returned shape {list(signal.shape)}, expected [{batch_size}]")
         values[definition.name] = signal
@@ -149,6 +170,7 @@ def score_outputs(
     images: np.ndarray,
     alpha: float,
     classifier_logits: SignalSource | None = None,
+    prepared: Mapping[str, np.ndarray] | None = None,
 ) -> BatchScores:
     """The full verdict for a batch whose model outputs are already computed.
 
@@ -156,7 +178,7 @@ def score_outputs(
     (fusion.method over fusion.signals) gets its own conformal p-value against the fused
     calibration; is_ood = fused p-value < alpha.
     """
-    signals = compute_signals(definitions, outputs, images)
+    signals = compute_signals(definitions, outputs, images, prepared)
     p_values = calibration.signal_p_values(signals)
     fused_score = fused_statistic(fusion.method, p_values, fusion.signals)
     fused_p_value = conformal_p_values(calibration.fused, fused_score)

@@ -29,6 +29,9 @@ import numpy as np
 ModelOutputs = Mapping[str, Mapping[str, np.ndarray]]
 """outputs[model_name][output_name] -> array with a leading batch axis N."""
 
+PREPARED_KEY = "prepared"
+"""The key under which `score` finds its kind's `prepare` result (N,) in `params`, when it was computed ahead."""
+
 PARAMETERS_FILE_KEY = "parameters_file"
 """A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it and passes its
 arrays to the kind's score function as `params["arrays"]` (name -> ndarray)."""
@@ -92,6 +95,8 @@ class SignalKind:
     validate: optional check of (params, per-instance input shape); raises ValueError with a message.
     check_environment: optional check, when the bundle loads, that this machine computes the signal as the
     machine that fitted it did (params with `arrays`); returns what differs, or None.
+    prepare: optional part of the score that needs the inputs only, (images, params) -> (N,); the batcher may
+    run it beside the models, and `score` then finds its result in params[PREPARED_KEY] (else computes it).
     """
 
     name: str
@@ -102,6 +107,7 @@ class SignalKind:
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None
     check_environment: Callable[[Mapping[str, Any]], str | None] | None = None
+    prepare: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray] | None = None
 
 
 SIGNAL_KINDS: dict[str, SignalKind] = {}
@@ -116,6 +122,7 @@ def register_signal_kind(
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources,
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None,
     check_environment: Callable[[Mapping[str, Any]], str | None] | None = None,
+    prepare: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray] | None = None,
 ) -> Callable[[SignalScoreFunction], SignalScoreFunction]:
     """Decorator adding the decorated score function as a signal kind to `SIGNAL_KINDS` (refuses a duplicate name)."""
 
@@ -131,6 +138,7 @@ def register_signal_kind(
             extra_sources=extra_sources,
             validate=validate,
             check_environment=check_environment,
+            prepare=prepare,
         )
         return score
 

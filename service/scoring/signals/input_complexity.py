@@ -15,6 +15,7 @@ from PIL import Image
 
 from service.scoring.signals.base import (
     PARAMETERS_FILE_KEY,
+    PREPARED_KEY,
     FittedSignal,
     ModelOutputs,
     SignalSource,
@@ -95,8 +96,11 @@ def check_codec(params: Mapping[str, Any]) -> str | None:
     fit=fit_input_complexity,
     validate=_validate,
     check_environment=check_codec,
+    prepare=lambda images, params: png_length_bits(images),
 )
 def input_complexity_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
-    """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W). Returns (N,) float64."""
+    """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W); L(x) from params[PREPARED_KEY] when the
+    batcher computed it beside the models. Returns (N,) float64."""
     bits = bits_per_dim_signal(outputs, images, source, params) * dimensions_of(images)
-    return bits - png_length_bits(images)
+    lengths = params.get(PREPARED_KEY)
+    return bits - (png_length_bits(images) if lengths is None else lengths)

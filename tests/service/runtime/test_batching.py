@@ -20,6 +20,7 @@ from service.runtime.batching import (
     DeadlineExceededError,
     QueueFullError,
     concatenate_scores,
+    score_merged,
     slice_scores,
 )
 from service.runtime.sessions import RuntimeOptions
@@ -59,7 +60,16 @@ class MarkerEngine:
     def __init__(self, fail: bool = False) -> None:
         self.runner = GatedRunner(fail)
 
-    def score_model_outputs(self, images: np.ndarray, outputs: dict[str, dict[str, np.ndarray]], alpha: float | None = None) -> BatchScores:
+    def prepare_signals(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return {}
+
+    def score_model_outputs(
+        self,
+        images: np.ndarray,
+        outputs: dict[str, dict[str, np.ndarray]],
+        alpha: float | None = None,
+        prepared: dict[str, np.ndarray] | None = None,
+    ) -> BatchScores:
         level = self.default_alpha if alpha is None else alpha
         marker = outputs["model"]["marker"] / 100.0
         return BatchScores(
@@ -517,6 +527,23 @@ def test_merged_runs_score_exactly_like_separate_runs(real_engine: Engine, make_
         for name in alone.signals:
             np.testing.assert_allclose(batched.signals[name], alone.signals[name], rtol=1e-6, atol=1e-9)
         assert np.array_equal(batched.predicted_class, alone.predicted_class)
+
+
+def test_a_side_by_side_run_with_prepared_signal_parts_scores_exactly_like_one_thread(real_engine: Engine, make_images) -> None:
+    """The helper thread computes the input-only parts (PNG lengths) before its models: every signal, p-value and
+    verdict equals the plain one-thread score bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert real_engine.prepare_signals(make_images(2, 7).astype(np.float32)).keys() == {"input_complexity"}
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        for count in (1, 3, 8):
+            images = make_images(count, 200 + count).astype(np.float32)
+            beside = score_merged(real_engine, [images], [0.1], helper)[0]
+            alone = real_engine.score(images, 0.1)
+            for name in alone.signals:
+                assert np.array_equal(beside.signals[name], alone.signals[name]), name
+                assert np.array_equal(beside.p_values[name], alone.p_values[name]), name
+            assert np.array_equal(beside.fused_p_value, alone.fused_p_value) and np.array_equal(beside.is_ood, alone.is_ood)
 
 
 @pytest.fixture()
