@@ -4,6 +4,7 @@ keep-alive clients sending prebuilt score requests (used by `oodserve bench` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,31 +152,62 @@ async def send_requests(
         headers["authorization"] = f"Bearer {api_key}"
     target = f"{url}{path}"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=120.0)
+    workers = min(concurrency, max(requests, 1))
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [
+            await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout, auto_decompress=False)
+            )
+            for _ in range(workers)
+        ]
+
+        async def post(worker: int, index: int) -> int:
+            async with sessions[worker].post(target, data=bodies[index % len(bodies)], headers=headers) as response:
+                await response.read()
+                return response.status
+
+        def transport_error(error: Exception) -> str | None:
+            return type(error).__name__ if isinstance(error, aiohttp.ClientError | TimeoutError) else None
+
+        return await drive_workers(result, workers, requests, max_seconds, post, transport_error)
+
+
+async def drive_workers(
+    result: Outcomes,
+    workers: int,
+    requests: int,
+    max_seconds: float | None,
+    send: Callable[[int, int], Awaitable[int]],
+    transport_error: Callable[[Exception], str | None],
+) -> Outcomes:
+    """The load loop of every driver: `requests` calls of send(worker, index) (index 0, 1, ... handed out in
+    order) from `workers` coroutines, each timed and its status counted in `result`; an exception that
+    transport_error names counts as a transport error of that name (any other propagates). Stops handing
+    out indices after `max_seconds` when given."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     next_index = 0
 
-    async def worker() -> None:
+    async def worker(number: int) -> None:
         nonlocal next_index
-        connector = aiohttp.TCPConnector(limit=1)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
-            while next_index < requests:
-                if deadline is not None and time.monotonic() > deadline:
-                    result.stopped_at_time_bound = True
-                    return
-                index = next_index
-                next_index += 1
-                started = time.perf_counter()
-                try:
-                    async with session.post(target, data=bodies[index % len(bodies)], headers=headers) as response:
-                        await response.read()
-                        status = response.status
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    result.transport_errors[type(error).__name__] += 1
-                    continue
-                result.latencies.append(time.perf_counter() - started)
-                result.statuses[status] += 1
+        while next_index < requests:
+            if deadline is not None and time.monotonic() > deadline:
+                result.stopped_at_time_bound = True
+                return
+            index = next_index
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                status = await send(number, index)
+            except Exception as error:
+                name = transport_error(error)
+                if name is None:
+                    raise
+                result.transport_errors[name] += 1
+                continue
+            result.latencies.append(time.perf_counter() - started)
+            result.statuses[status] += 1
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, max(requests, 1)))))
+    await asyncio.gather(*(worker(number) for number in range(workers)))
     return result
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import Outcomes, send_requests
+from benchmarks.http_driver import Outcomes, drive_workers, send_requests
 
 GRPC_TIMEOUT_SECONDS = 120.0
 
@@ -80,33 +79,19 @@ async def send_grpc(target: str, messages: list[Any], concurrency: int, requests
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    result = Outcomes()
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    next_index = 0
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < requests:
-                if deadline is not None and time.monotonic() > deadline:
-                    result.stopped_at_time_bound = True
-                    return
-                index = next_index
-                next_index += 1
-                started = time.perf_counter()
-                try:
-                    await stub.ModelInfer(messages[index % len(messages)], timeout=GRPC_TIMEOUT_SECONDS)
-                except grpc.aio.AioRpcError as error:
-                    result.transport_errors[f"grpc {error.code().name}"] += 1
-                    continue
-                result.latencies.append(time.perf_counter() - started)
-                result.statuses[200] += 1
+        async def infer(worker: int, index: int) -> int:
+            await stub.ModelInfer(messages[index % len(messages)], timeout=GRPC_TIMEOUT_SECONDS)
+            return 200
 
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, max(requests, 1)))))
-    return result
+        def transport_error(error: Exception) -> str | None:
+            return f"grpc {error.code().name}" if isinstance(error, grpc.aio.AioRpcError) else None
+
+        return await drive_workers(Outcomes(), min(concurrency, max(requests, 1)), requests, max_seconds, infer, transport_error)
 
 
 def process_tree_cpu_seconds(root: int) -> float | None:
