@@ -62,9 +62,8 @@ class StackedCalibration:
         self.signal_count = len(sorted_calibration_scores)
         self.sizes = sizes.astype(np.float64)[:, None]
         """(K, 1) calibration sizes n_k."""
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])[:, None]
-        """(K, 1) start of each signal's block."""
-        self.ends = (self.offsets + sizes[:, None]).astype(np.float64)
+        self.ends = np.cumsum(sizes).astype(np.float64)[:, None]
+        """(K, 1) end of each signal's block in the stacked keys."""
         self._row_index = np.arange(self.signal_count, dtype=np.float64)[:, None]
         self._keys = _complex_keys(
             np.repeat(np.arange(self.signal_count, dtype=np.float64), sizes),
