@@ -12,8 +12,10 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# Only the runtime package: models/ (training side) and benchmarks/ stay out of the image.
+# The oodserve package: service/ (the runtime) and models/ (`oodserve.models`, the torch side, inert without the
+# train extra: torch is never installed here). benchmarks/ and tests/ stay out of the image.
 COPY service ./service
+COPY models ./models
 COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
 # Bundles are copied into the runtime image on their own, not into site-packages.
 RUN sh deploy/docker/install-runtime.sh /opt/oodserve cpu /src
@@ -29,6 +31,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY models ./models
 COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
 RUN sh deploy/docker/install-runtime.sh /opt/oodserve gpu /src
 

@@ -11,7 +11,7 @@ BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(D
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 MNIST_DIR ?= ../shared/data/mnist
 
-.PHONY: run test install-serve install-test system-deps bundle demo-bundle image-cpu image-gpu clean
+.PHONY: run test install-serve install-test system-deps import-tree bundle demo-bundle image-cpu image-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ system-deps:
 run: install-serve
 	$(BIN)/oodserve serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
-# Lint (ruff: pyflakes, pycodestyle, import order, pyupgrade, bugbear), type check (mypy on service/), then the tests.
-test: install-test
+# The installed layout for the static tools: `oodserve` is service/, `oodserve.models` is models/ (pyproject's
+# package-dir). A tree of real folders and symlinked files, so mypy and import-linter see exactly the import names.
+IMPORT_TREE := build/import-tree
+import-tree:
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)
+	cp -rs $(CURDIR)/service $(IMPORT_TREE)/oodserve
+	cp -rs $(CURDIR)/models $(IMPORT_TREE)/oodserve/models
+
+# Lint (ruff: pyflakes, pycodestyle, import order, pyupgrade, bugbear), type check (mypy on oodserve), then the tests.
+test: install-test import-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -46,7 +54,7 @@ bundle: install-test
 # Rebuild the demo bundle (numpy fits on the Fashion-MNIST training split, seconds).
 demo-bundle: install-test
 	rm -rf $(DEMO_BUNDLE)
-	$(BIN)/python -m models.bundles.demo_builder --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
+	$(BIN)/python -m oodserve.models.bundles.demo_builder --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
 
 # Runtime images (Dockerfile targets; no torch inside). BUNDLE_NAME picks the directory of models/bundles/ to serve.
 BUNDLE_NAME ?= $(notdir $(BUNDLE))

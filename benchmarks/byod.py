@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, VectorSet, load_images
-from models.evaluation.metrics import auroc, clopper_pearson
-from models.fit.vectors import fit_vectors
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, VectorSet, load_images
+from oodserve.models.evaluation.metrics import auroc, clopper_pearson
+from oodserve.models.fit.vectors import fit_vectors
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 SHIPPED_SNGP = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist" / "sngp.onnx"
@@ -133,7 +133,7 @@ class SetResult:
 
 def score_with_engine(bundle: Path, features: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(fused statistic, is_ood, every signal's p-value) of every row through the serving engine, in batches of 256."""
-    from service.engine import Engine
+    from oodserve.engine import Engine
 
     engine = Engine.load(bundle)
     scores, verdicts, p_values = [], [], []

@@ -5,7 +5,7 @@ interval, classification accuracy, and every signal's AUROC.
     .venv/bin/python -m benchmarks.byod_images --bundle DIR --inliers test.npz --ood mnist=mnist.npz [--ood ...] [--out FILE.json]
 
 `.npz` files hold `x` (N, H, W[, C]) or (N, C, H, W) uint8 and optionally `y`; perturbed copies of the
-inliers (`models.perturbations`) are added as further OOD sets.
+inliers (`oodserve.models.perturbations`) are added as further OOD sets.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import orjson
 
 from benchmarks.byod import clopper_pearson
-from models.data import load_image_dataset
-from models.evaluation.metrics import auroc
-from models.perturbations import make_perturbed_sets
-from service.engine import Engine
+from oodserve.engine import Engine
+from oodserve.models.data import load_image_dataset
+from oodserve.models.evaluation.metrics import auroc
+from oodserve.models.perturbations import make_perturbed_sets
 
 
 def score_all(engine: Engine, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray | None]:

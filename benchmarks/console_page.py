@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from selenium.webdriver.common.by import By
 
-from benchmarks.browser import console_problems, headless_chromium, page_requests, wait_for
-from benchmarks.http_driver import ServerProcess
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.bench.browser import console_problems, headless_chromium, page_requests, wait_for
+from oodserve.bench.http_driver import ServerProcess
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPOSITORY_ROOT.parent / "shared" / "data" / "mnist"

@@ -4,7 +4,7 @@ the cost per input on the hot path, on the shipped Fashion-MNIST bundle's fused 
     .venv/bin/python -m benchmarks.drift [--replays 1000] [--out benchmarks/results/drift.json]
 
 Scores come from the serving engine (`Engine.score(...).fused_score`) once, then streams are replayed
-offline through `service.drift` (the code the server runs):
+offline through `oodserve.drift` (the code the server runs):
 
 - Null: calibration and stream drawn i.i.d. (with replacement, so with many ties) from the fused scores of
   the 2,000 validation images of the training file (never trained on), so they are exchangeable by
@@ -23,24 +23,21 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from models.evaluation.metrics import clopper_pearson
-from models.perturbations import rotate_90
-from service.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
-from service.drift.monitor import DriftMonitor, DriftSettings
-from service.scoring.conformal import conformal_p_values
+from oodserve.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
+from oodserve.drift.monitor import DriftMonitor, DriftSettings
+from oodserve.drift.replay import first_crossing, null_replays, ood_rate_rule_delay, shuffle_replays
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.perturbations import rotate_90
+from oodserve.scoring.conformal import conformal_p_values
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist"
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 ALPHA = 0.05
-RATE_WINDOW, RATE_HOLD = 3000, 6000
-"""The OOD-rate rule in inputs at 10 inputs/s: rate over 5 minutes, held for 10 minutes."""
 
 
 def fused_scores(cache: Path) -> dict[str, np.ndarray]:
@@ -48,7 +45,7 @@ def fused_scores(cache: Path) -> dict[str, np.ndarray]:
     if cache.exists():
         with np.load(cache) as stored:
             return {key: stored[key] for key in stored.files}
-    from service.engine import Engine
+    from oodserve.engine import Engine
 
     engine = Engine.load(BUNDLE)
     train = load_images(DEFAULT_FASHION_MNIST_DIR, "train").images
@@ -67,57 +64,6 @@ def fused_scores(cache: Path) -> dict[str, np.ndarray]:
         print(f"scored {name}: {len(images)} images", flush=True)
     np.savez(cache, **scores)
     return scores
-
-
-def stream_alarm(calibration: np.ndarray, stream: np.ndarray, rng: np.random.Generator, grow: bool, delta: float) -> bool:
-    martingale = MixturePowerMartingale()
-    online = OnlineConformalPValues(calibration, rng, grow=grow)
-    for start in range(0, len(stream), 1000):
-        martingale.update(online.p_values(stream[start : start + 1000]))
-    return martingale.log_max >= -math.log(delta)
-
-
-def replay_alarms(replays: int, make_streams: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]], delta: float,
-                  seed: int, first_replay: int = 0) -> dict[str, object]:
-    """Alarm counts, rates and 95% intervals over `replays` (calibration, stream) pairs from `make_streams`, each
-    tested with online p-values and against the calibration alone."""
-    counts = {"online": 0, "fixed_calibration": 0}
-    for replay in range(replays):
-        rng = np.random.default_rng([seed, first_replay + replay])
-        calibration, stream = make_streams(rng)
-        counts["online"] += stream_alarm(calibration, stream, rng, True, delta)
-        counts["fixed_calibration"] += stream_alarm(calibration, stream, rng, False, delta)
-    return {
-        variant: {"alarms": count, "rate": count / replays, "ci95": clopper_pearson(count, replays)} for variant, count in counts.items()
-    }
-
-
-def null_replays(pool: np.ndarray, replays: int, length: int, calibration_size: int, delta: float, seed: int) -> dict[str, object]:
-    """Calibration and stream drawn i.i.d. from `pool`: exchangeable by construction."""
-    return replay_alarms(replays, lambda rng: (rng.choice(pool, calibration_size), rng.choice(pool, length)), delta, seed)
-
-
-def test_file_replays(calibration: np.ndarray, test: np.ndarray, replays: int, delta: float, seed: int) -> dict[str, object]:
-    """Shuffles of the test file against the bundle's calibration."""
-    return replay_alarms(replays, lambda rng: (calibration, rng.permutation(test)), delta, seed, first_replay=10_000)
-
-
-def first_crossing(path: np.ndarray, level: float) -> int | None:
-    index = np.flatnonzero(path >= level)
-    return int(index[0]) if index.size else None
-
-
-def ood_rate_rule_delay(flagged: np.ndarray, change: int) -> int | None:
-    """Inputs after `change` until the OOD share of the last RATE_WINDOW inputs has stayed above 3 alpha for RATE_HOLD inputs."""
-    cumulative = np.concatenate([[0], np.cumsum(flagged)])
-    ends = np.arange(RATE_WINDOW, len(flagged) + 1)
-    above = (cumulative[ends] - cumulative[ends - RATE_WINDOW]) / RATE_WINDOW > 3 * ALPHA
-    run = 0
-    for position, is_above in enumerate(above):
-        run = run + 1 if is_above else 0
-        if run >= RATE_HOLD:
-            return int(ends[position] - 1 - change)
-    return None
 
 
 def delay_replays(scores: dict[str, np.ndarray], shifted: str, fraction: float, replays: int, delta: float, change_threshold: float,
@@ -184,7 +130,7 @@ def main() -> None:
     began = time.monotonic()
     report["null_held_out"] = null_replays(scores["held_out"], arguments.replays, 10_000, len(scores["calibration"]), arguments.delta, 0)
     print("null (held-out training images, i.i.d. resampled):", report["null_held_out"], f"{time.monotonic() - began:.0f}s", flush=True)
-    report["test_file"] = test_file_replays(scores["calibration"], scores["test"], min(arguments.replays, 200), arguments.delta, 0)
+    report["test_file"] = shuffle_replays(scores["calibration"], scores["test"], min(arguments.replays, 200), arguments.delta, 0)
     print("Fashion-MNIST test file against the bundle's calibration:", report["test_file"], flush=True)
     delays = {}
     for shifted, fraction in (("mnist", 1.0), ("mnist", 0.3), ("mnist", 0.1), ("mnist", 0.03), ("rotated", 1.0), ("rotated", 0.3)):

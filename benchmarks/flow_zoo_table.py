@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images  # noqa: E402
-from models.flows.export import export_flow, onnx_latency_per_image_ms  # noqa: E402
-from models.flows.train import evaluate_bits_per_dim, evaluate_dequantized_bits_per_dim, load_checkpoint_flow  # noqa: E402
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images  # noqa: E402
+from oodserve.models.flows.export import export_flow, onnx_latency_per_image_ms  # noqa: E402
+from oodserve.models.flows.train import evaluate_bits_per_dim, evaluate_dequantized_bits_per_dim, load_checkpoint_flow  # noqa: E402
 
 
 def measure_run(run: Path, test_pixels: torch.Tensor, latency_threads: int) -> dict[str, object]:

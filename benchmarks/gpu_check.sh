@@ -49,5 +49,5 @@ echo "gpu_check: installed in $(( $(date +%s) - started )) s"
 "$venv/bin/python" -c 'import onnxruntime as o; print("gpu_check: onnxruntime", o.__version__, o.get_available_providers())'
 flags=()
 if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then flags+=(--allow-cpu); fi
-timeout 420 "$venv/bin/python" -m benchmarks.gpu_check --bundle models/bundles/fashion-mnist --out "$out/gpu-check.json" "${flags[@]}"
+timeout 420 "$venv/bin/python" -m oodserve.bench.gpu_check --bundle models/bundles/fashion-mnist --out "$out/gpu-check.json" "${flags[@]}"
 echo "gpu_check: done in $(( $(date +%s) - started )) s"

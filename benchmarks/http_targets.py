@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -22,10 +22,10 @@ import numpy as np
 import onnxruntime
 from tqdm import tqdm
 
-from benchmarks.http_driver import ServerProcess
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
-from models.evaluation.metrics import auroc, clopper_pearson
-from models.flows.export import onnx_latency_per_image_ms
+from oodserve.bench.http_driver import ServerProcess
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.evaluation.metrics import auroc, clopper_pearson
+from oodserve.models.flows.export import onnx_latency_per_image_ms
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 NOISE_SIGMAS = (8, 16, 32)
@@ -89,8 +89,8 @@ def measure_checkpoint(name: str, checkpoint: Path, test: np.ndarray, labels: np
     """A `train flow --hybrid` checkpoint without a bundle: exported, then test bits/dim, accuracy and ms/image."""
     import tempfile
 
-    from models.fit.images import _read_metrics
-    from models.flows.export import export_checkpoint
+    from oodserve.models.fit.images import _read_metrics
+    from oodserve.models.flows.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         path, _ = export_checkpoint(checkpoint, Path(directory) / "flow.onnx")

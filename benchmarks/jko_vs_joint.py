@@ -1,6 +1,6 @@
 """JKO against end-to-end training of the same flow for the same wall-clock budget: test bits/dim (dequantised)
 of the EMA snapshots saved at given training minutes, and the trained map's summed transport cost
-sum_k E||T_k(x) - x||^2 (`models.flows.jko.transport_cost`), with a plot of both against the minutes.
+sum_k E||T_k(x) - x||^2 (`oodserve.models.flows.jko.transport_cost`), with a plot of both against the minutes.
 
     .venv/bin/python -m benchmarks.jko_vs_joint --run jko=runs/jko/jko --run joint=runs/jko/joint \
         --out benchmarks/results/jko-vs-joint.json
@@ -21,10 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images  # noqa: E402
-from models.flows.jko import transport_cost  # noqa: E402
-from models.flows.preprocessing import centre_of_bin  # noqa: E402
-from models.flows.train import evaluate_dequantized_bits_per_dim, load_checkpoint_flow  # noqa: E402
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images  # noqa: E402
+from oodserve.models.flows.jko import transport_cost  # noqa: E402
+from oodserve.models.flows.preprocessing import centre_of_bin  # noqa: E402
+from oodserve.models.flows.train import evaluate_dequantized_bits_per_dim, load_checkpoint_flow  # noqa: E402
 
 
 def snapshots(run: Path) -> list[tuple[float, Path]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

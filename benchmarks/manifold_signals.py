@@ -5,7 +5,7 @@ perturbations, plus the rectangular flow's on-manifold bits/dim and reconstructi
     .venv/bin/python -m benchmarks.manifold_signals --manifold DIR [--reference models/bundles/fashion-mnist] \
         --out benchmarks/results/manifold-signals.json
 
-Scores go through the serving engine (`service.engine.Engine`), in batches of 256.
+Scores go through the serving engine (`oodserve.engine.Engine`), in batches of 256.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 
 from benchmarks.byod_images import score_all
 from benchmarks.hybrid_iresnet import MNIST_DIR
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
-from models.evaluation.metrics import auroc
-from models.perturbations import make_perturbed_sets
-from service.engine import Engine
+from oodserve.engine import Engine
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.evaluation.metrics import auroc
+from oodserve.models.perturbations import make_perturbed_sets
 
 NINE_PERTURBATIONS = ["uniform_noise", "gaussian_noise", "mutated_30pct", "inverted", "flipped_vertical", "rotated_90", "pixel_shuffled",
                       "constant", "checkerboard"]

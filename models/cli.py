@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from models.data import DEFAULT_FASHION_MNIST_DIR
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
 
 train_app = typer.Typer(help="Train models (needs the `train` extra).", no_args_is_help=True)
 export_app = typer.Typer(help="Export trained checkpoints to ONNX (needs the `train` extra).", no_args_is_help=True)
@@ -40,13 +40,13 @@ def build_bundle_command(
 ) -> None:
     """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
     if rectangular_checkpoint is not None:
-        from models.bundles.manifold_builder import build_manifold_bundle
+        from oodserve.models.bundles.manifold_builder import build_manifold_bundle
 
         build_manifold_bundle(rectangular_checkpoint, out or Path("models/bundles/fashion-mnist-manifold"), data=str(data), seed=seed,
                               threads=threads)
         return
     if hybrid:
-        from models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
+        from oodserve.models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
 
         build_hybrid_bundle(HybridBuildSettings(
             checkpoint=str(hybrid_checkpoint) if hybrid_checkpoint else None, data=str(data),
@@ -56,7 +56,7 @@ def build_bundle_command(
         return
     if hybrid_checkpoint or attention != "none":
         raise typer.BadParameter("--hybrid-checkpoint and --attention apply with --hybrid only")
-    from models.bundles.builder import BuildSettings, build_bundle
+    from oodserve.models.bundles.builder import BuildSettings, build_bundle
 
     build_bundle(BuildSettings(
         data=str(data), out=str(out or "models/bundles/fashion-mnist"), work=str(work or "runs/bundle"),
@@ -82,8 +82,8 @@ def fit_command(
     resize: str | None = typer.Option(None, help="images: resize every image to HxW pixels (sides 8 to 64), e.g. 32x32"),
 ) -> None:
     """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
-    from models.data import DataError
-    from models.fit.run import FitSettings, fit, format_summary
+    from oodserve.models.data import DataError
+    from oodserve.models.fit.run import FitSettings, fit, format_summary
 
     if labels not in ("auto", "none"):
         raise typer.BadParameter(f"--labels must be auto or none, got {labels!r}")
@@ -106,7 +106,7 @@ def eval_command(
     threads: int = typer.Option(2, help="onnxruntime threads"),
 ) -> None:
     """Score data sets through the serving engine and write a Markdown report with ROC curves and histograms."""
-    from models.evaluation.run import EvalSettings, evaluate
+    from oodserve.models.evaluation.run import EvalSettings, evaluate
 
     named = {}
     for item in ood:
@@ -120,8 +120,8 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Attach the torch-side subcommands to the main CLI."""
-    from models.flows.cli import register as register_flows
-    from models.sngp.cli import register as register_sngp
+    from oodserve.models.flows.cli import register as register_flows
+    from oodserve.models.sngp.cli import register as register_sngp
 
     register_flows(train_app, export_app)
     register_sngp(train_app, export_app)

@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.drift.monitor import DriftSettings
-from service.runtime.batching import BatchingOptions
-from service.runtime.sessions import RuntimeOptions
+from oodserve.drift.monitor import DriftSettings
+from oodserve.runtime.batching import BatchingOptions
+from oodserve.runtime.sessions import RuntimeOptions
 
 DEFAULT_BUNDLE = Path("models/bundles/fashion-mnist")
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.loader import BundleError, VerifiedBundle, load_bundle
-from service.bundle.manifest import Manifest
-from service.runtime.sampler import Sampler
-from service.runtime.sessions import ModelRunner, RuntimeOptions
-from service.scoring.batch_typicality import BatchTypicalityTest
-from service.scoring.inputs import InputError, accepted_instance_shapes
-from service.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
-from service.scoring.signals import SIGNAL_KINDS, SignalSource
+from oodserve.bundle.loader import BundleError, VerifiedBundle, load_bundle
+from oodserve.bundle.manifest import Manifest
+from oodserve.runtime.sampler import Sampler
+from oodserve.runtime.sessions import ModelRunner, RuntimeOptions
+from oodserve.scoring.batch_typicality import BatchTypicalityTest
+from oodserve.scoring.inputs import InputError, accepted_instance_shapes
+from oodserve.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
+from oodserve.scoring.signals import SIGNAL_KINDS, SignalSource
 
 logger = logging.getLogger("oodserve.engine")
 

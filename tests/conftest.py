@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.config import Settings
-from service.server.app import create_app
+from oodserve.config import Settings
+from oodserve.server.app import create_app
 from tests.helpers.bundles import FUSION, assert_results_match, build_bundle, make_models, make_settings, oracle, sample_images
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent

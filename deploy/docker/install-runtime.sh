@@ -18,4 +18,4 @@ if "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "install-runtime.sh: torch ended up in $venv; the runtime image must not contain it" >&2
   exit 1
 fi
-"$venv/bin/python" -c "import onnxruntime, service.server.app; print('oodserve runtime ok: onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+"$venv/bin/python" -c "import onnxruntime, oodserve.server.app; print('oodserve runtime ok: onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"

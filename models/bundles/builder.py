@@ -1,7 +1,7 @@
-"""`oodserve build-bundle`: the Fashion-MNIST case of `oodserve fit` (models.fit.images) with the shipped
+"""`oodserve build-bundle`: the Fashion-MNIST case of `oodserve fit` (oodserve.models.fit.images) with the shipped
 bundle's settings: Glow (3 levels x 8 steps, 64 channels), a mutation-trained background Glow and SNGP,
 each for a fixed number of minutes (or from given checkpoints), calibrated on the held-out split every
-trainer in this repository uses (`models.data.bundle_split`), so checkpoints trained with `oodserve train`
+trainer in this repository uses (`oodserve.models.data.bundle_split`), so checkpoints trained with `oodserve train`
 never saw the calibration images.
 
 Data use (all from the in-distribution training file):
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, bundle_split, load_image_dataset
-from models.fit.images import REUSED_FILES, ImageFitOptions, fit_images
-from models.fit.splits import FitSplit
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, bundle_split, load_image_dataset
+from oodserve.models.fit.images import REUSED_FILES, ImageFitOptions, fit_images
+from oodserve.models.fit.splits import FitSplit
 
 EXPORT_AND_CALIBRATION_MINUTES = 15.0
 """Budget on top of the training minutes for export, calibration on 10,000 images and the fusion choice."""

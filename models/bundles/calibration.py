@@ -16,10 +16,10 @@ import subprocess
 
 import numpy as np
 
-from service.bundle.writer import write_calibration
-from service.scoring.conformal import conformal_p_values, sort_calibration_scores
-from service.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, SignalDefinition, compute_signals, fused_calibration_scores
-from service.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, ModelOutputs, SignalSource
+from oodserve.bundle.writer import write_calibration
+from oodserve.scoring.conformal import conformal_p_values, sort_calibration_scores
+from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, SignalDefinition, compute_signals, fused_calibration_scores
+from oodserve.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, ModelOutputs, SignalSource
 
 CALIBRATION_FILE = "calibration.npz"
 

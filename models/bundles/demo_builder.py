@@ -1,10 +1,10 @@
-"""`make demo-bundle`: the closed-form Fashion-MNIST demo bundle (`models.closed_form` models fitted in
+"""`make demo-bundle`: the closed-form Fashion-MNIST demo bundle (`oodserve.models.closed_form` models fitted in
 seconds, numpy only), served by `make run` until a trained bundle exists.
 
-`python -m models.bundles.demo_builder --out models/bundles/demo` fits a per-pixel Gaussian density, a density of
+`python -m oodserve.models.bundles.demo_builder --out models/bundles/demo` fits a per-pixel Gaussian density, a density of
 mutated inputs (the likelihood-ratio background) and a linear Gaussian-process classifier on the
 Fashion-MNIST training split, fits the signal parameters and calibrates them through the same path as
-the trained builder (`models.bundles.calibration`), and writes a verified bundle.
+the trained builder (`oodserve.models.bundles.calibration`), and writes a verified bundle.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundles.calibration import (
+from oodserve.models.bundles.calibration import (
     SignalPlan,
     code_version,
     calibration_arrays,
@@ -26,7 +26,7 @@ from models.bundles.calibration import (
     p_values_against,
     write_signal_data,
 )
-from models.closed_form import (
+from oodserve.models.closed_form import (
     INPUT_SHAPE,
     ModelParameters,
     fit_gaussian_density,
@@ -35,12 +35,12 @@ from models.closed_form import (
     reference_outputs,
     save_models,
 )
-from models.evaluation.metrics import auroc
-from models.perturbations import mutate_pixels
-from service.bundle.manifest import Manifest
-from service.bundle.writer import write_bundle
-from service.scoring.fusion import fused_statistic
-from service.scoring.pipeline import FusionRule, compute_signals
+from oodserve.models.evaluation.metrics import auroc
+from oodserve.models.perturbations import mutate_pixels
+from oodserve.bundle.manifest import Manifest
+from oodserve.bundle.writer import write_bundle
+from oodserve.scoring.fusion import fused_statistic
+from oodserve.scoring.pipeline import FusionRule, compute_signals
 
 
 def write_closed_form_bundle(
@@ -141,7 +141,7 @@ def evaluate_signals(
 
 def build_fashion_mnist_demo(data_directory: Path, out: Path, seed: int = 0, ood_directory: Path | None = None) -> Manifest:
     """Fit the demo models on the Fashion-MNIST training split and write the bundle to `out`."""
-    from models.data import FASHION_MNIST_LABELS, bundle_split, load_images
+    from oodserve.models.data import FASHION_MNIST_LABELS, bundle_split, load_images
 
     train_set = load_images(data_directory, "train")
     split = bundle_split(len(train_set.images), seed=seed)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.evaluation.metrics import auroc
-from service.scoring.fusion import fused_statistic
+from oodserve.models.evaluation.metrics import auroc
+from oodserve.scoring.fusion import fused_statistic
 
 
 @dataclass(frozen=True)

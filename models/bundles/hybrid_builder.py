@@ -1,11 +1,11 @@
 """`oodserve build-bundle --hybrid`: a bundle whose every signal comes from one hybrid invertible ResNet
-(`models.flows.hybrid`: a residual flow with a linear classifier head on its latent).
+(`oodserve.models.flows.hybrid`: a residual flow with a linear classifier head on its latent).
 
 Signals: bits/dim (reported, never fused: Nalisnick et al. 2019), typicality and input complexity
 (Serra et al. 2020) from the flow's log-density, 1 - max softmax from its head's logits, and the
 class-conditional Gaussian density of its latent (DDU, Mukhoti et al. 2021; one shared covariance,
 since the latent has as many dimensions as the image). The calibration, the fusion choice on self-made
-perturbations and the data splits are the default bundle's (`models.bundles.builder`), so a checkpoint
+perturbations and the data splits are the default bundle's (`oodserve.models.bundles.builder`), so a checkpoint
 trained by `oodserve train flow --hybrid` never saw the calibration images.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.bundles.calibration import SignalPlan
-from models.bundles.single_flow import MODEL, build_single_flow_bundle
-from models.data import DEFAULT_FASHION_MNIST_DIR
-from models.fit.images import FEATURE_DENSITY_FILE, BundleLayout
+from oodserve.models.bundles.calibration import SignalPlan
+from oodserve.models.bundles.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
+from oodserve.models.fit.images import FEATURE_DENSITY_FILE, BundleLayout
 
 
 def hybrid_signal_plans() -> list[SignalPlan]:
@@ -54,7 +54,7 @@ class HybridBuildSettings:
 
 
 def _train(settings: HybridBuildSettings) -> Path:
-    from models.flows.train import TrainSettings, train_flow
+    from oodserve.models.flows.train import TrainSettings, train_flow
 
     out = Path(settings.work) / "flow"
     overrides = {"attention": settings.attention} if settings.attention != "none" else {}
@@ -66,7 +66,7 @@ def _train(settings: HybridBuildSettings) -> Path:
 
 def build_hybrid_bundle(settings: HybridBuildSettings) -> Path:
     """Export the hybrid flow, calibrate its signals, choose the fusion and write the bundle `settings.out`."""
-    from models.flows.train import load_checkpoint_flow
+    from oodserve.models.flows.train import load_checkpoint_flow
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else _train(settings)
     flow, stored = load_checkpoint_flow(checkpoint)

@@ -1,5 +1,5 @@
 """`oodserve build-bundle --rectangular-checkpoint`: a bundle of manifold signals from one rectangular flow
-(`models.flows.rectangular`; Caterini et al. 2021).
+(`oodserve.models.flows.rectangular`; Caterini et al. 2021).
 
 Signals (higher = more OOD), all `model_output` of the flow's manifold graph:
 - `manifold_density`: -log p(x_hat), the density on the learned manifold at the input's projection;
@@ -7,17 +7,17 @@ Signals (higher = more OOD), all `model_output` of the flow's manifold graph:
   et al. 2019 on the manifold: too likely is as suspect as too unlikely);
 - `manifold_distance`: ||x - x_hat||, how far the input lies off the manifold (pixel levels);
 - `distance_typicality`: the same two-sided standardisation of the distance.
-Calibration, splits and the label-free fusion choice are every image bundle's (`models.bundles.single_flow`).
+Calibration, splits and the label-free fusion choice are every image bundle's (`oodserve.models.bundles.single_flow`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from models.bundles.calibration import SignalPlan
-from models.bundles.single_flow import MODEL, build_single_flow_bundle
-from models.data import DEFAULT_FASHION_MNIST_DIR
-from models.fit.images import BundleLayout
+from oodserve.models.bundles.calibration import SignalPlan
+from oodserve.models.bundles.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
+from oodserve.models.fit.images import BundleLayout
 
 
 def manifold_signal_plans() -> list[SignalPlan]:
@@ -33,7 +33,7 @@ def manifold_signal_plans() -> list[SignalPlan]:
 def build_manifold_bundle(checkpoint: Path, out: Path, *, data: str = str(DEFAULT_FASHION_MNIST_DIR), name: str = "fashion-mnist-manifold",
                           seed: int = 0, threads: int = 2, limit: int | None = None, reference_size: int = 10000) -> Path:
     """Export a rectangular flow checkpoint, calibrate its manifold signals and write the bundle `out`."""
-    from models.flows.train import load_checkpoint_flow
+    from oodserve.models.flows.train import load_checkpoint_flow
 
     flow, stored = load_checkpoint_flow(checkpoint)
     if not hasattr(flow, "manifold_outputs"):

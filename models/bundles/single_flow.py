@@ -1,6 +1,6 @@
 """The build path shared by bundles whose every signal comes from one exported flow (a hybrid i-ResNet, a
-rectangular flow): the default bundle's data splits (`models.data.bundle_split`, calibration halved), export,
-signal fitting, calibration and the label-free fusion choice (`models.fit.images.calibrate_and_write`)."""
+rectangular flow): the default bundle's data splits (`oodserve.models.data.bundle_split`, calibration halved), export,
+signal fitting, calibration and the label-free fusion choice (`oodserve.models.fit.images.calibrate_and_write`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES, held_out_split
-from models.data import FASHION_MNIST_LABELS, load_image_dataset
-from models.fit.budget import Budget
-from models.fit.images import BundleLayout, ImageFitOptions, _read_metrics, calibrate_and_write, fresh_staging, publish_staging
+from oodserve.models.bundles.builder import EXPORT_AND_CALIBRATION_MINUTES, held_out_split
+from oodserve.models.data import FASHION_MNIST_LABELS, load_image_dataset
+from oodserve.models.fit.budget import Budget
+from oodserve.models.fit.images import BundleLayout, ImageFitOptions, _read_metrics, calibrate_and_write, fresh_staging, publish_staging
 
 MODEL = "flow"
 """The one model's name in the manifest."""
@@ -24,7 +24,7 @@ def build_single_flow_bundle(checkpoint: Path, flow: nn.Module, stored: dict[str
     """Export `flow` (loaded from `checkpoint`, a `train flow` best.pt whose contents are `stored`), calibrate the layout's signals and write the
     bundle `out` (replaced only once complete). Refuses a checkpoint trained with another seed: its training split
     could hold this bundle's calibration images."""
-    from models.flows.export import export_flow
+    from oodserve.models.flows.export import export_flow
 
     trained_seed = stored.get("settings", {}).get("seed", seed)
     if trained_seed != seed:

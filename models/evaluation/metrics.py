@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from oodserve.stats import clopper_pearson  # noqa: F401  (re-exported: evaluation reports use it)
+
 
 @dataclass(frozen=True)
 class DetectionMetrics:
@@ -68,11 +70,3 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(error)
 
 
-def clopper_pearson(failures: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) two-sided confidence interval of a binomial rate `failures / trials`."""
-    from scipy.stats import beta
-
-    tail = (1.0 - level) / 2.0
-    low = 0.0 if failures == 0 else float(beta.ppf(tail, failures, trials - failures + 1))
-    high = 1.0 if failures == trials else float(beta.ppf(1.0 - tail, failures + 1, trials - failures))
-    return low, high

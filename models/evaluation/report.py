@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.metrics import DetectionMetrics, detection_metrics, expected_calibration_error
+from oodserve.models.evaluation.metrics import DetectionMetrics, detection_metrics, expected_calibration_error
 
 ALPHAS = (0.01, 0.05, 0.10)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.data import load_images
-from models.evaluation.report import ScoredSet, write_report
-from models.perturbations import make_perturbed_sets
-from service.engine import Engine
-from service.runtime.sessions import RuntimeOptions
-from service.scoring.pipeline import score_outputs
-from service.scoring.signals import softmax
+from oodserve.engine import Engine
+from oodserve.models.data import load_images
+from oodserve.models.evaluation.report import ScoredSet, write_report
+from oodserve.models.perturbations import make_perturbed_sets
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.scoring.pipeline import score_outputs
+from oodserve.scoring.signals import softmax
 
 
 @dataclass
@@ -74,7 +74,7 @@ def evaluate(settings: EvalSettings) -> Path:
     fusion = engine.manifest.fusion
     samples = []
     if engine.sampler is not None:
-        from service.runtime.sampler import png_grid
+        from oodserve.runtime.sampler import png_grid
 
         Path(settings.out).mkdir(parents=True, exist_ok=True)
         (Path(settings.out) / "samples_t0.7.png").write_bytes(png_grid(engine.sampler.sample(64, 0.7, seed=0)))
@@ -82,7 +82,7 @@ def evaluate(settings: EvalSettings) -> Path:
                    "![samples](samples_t0.7.png)"]
     header = [
         f"Bundle version {engine.version}, code {engine.manifest.provenance.code_version}; "
-        f"scored through `service.engine.Engine` (the server's code path), alpha {engine.default_alpha}.",
+        f"scored through `oodserve.engine.Engine` (the server's code path), alpha {engine.default_alpha}.",
         "",
         f"Signals fused: {', '.join(fusion.signals)} ({fusion.method}). Why: {fusion.reason}",
         *samples,

@@ -22,18 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from models.bundles.calibration import SignalPlan, code_version, fit_signals, p_values_against, signal_calibration, write_signal_data
-from models.bundles.fusion_choice import choice_reason, choose_fusion
-from models.bundles.onnx_outputs import open_sessions, run_models
-from models.data import ImageDataset
-from models.fit.budget import Budget
-from models.fit.splits import FitSplit, fit_split
-from models.fit.summary import FitResult, closing_rows, figure_text
-from models.fit.work import WorkDirectory, data_fingerprint
-from models.perturbations import make_perturbed_sets
-from service.bundle.writer import write_bundle
-from service.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
-from service.scoring.signals import bits_per_dim_from_log_prob
+from oodserve.bundle.writer import write_bundle
+from oodserve.models.bundles.calibration import (
+    SignalPlan,
+    code_version,
+    fit_signals,
+    p_values_against,
+    signal_calibration,
+    write_signal_data,
+)
+from oodserve.models.bundles.fusion_choice import choice_reason, choose_fusion
+from oodserve.models.bundles.onnx_outputs import open_sessions, run_models
+from oodserve.models.data import ImageDataset
+from oodserve.models.fit.budget import Budget
+from oodserve.models.fit.splits import FitSplit, fit_split
+from oodserve.models.fit.summary import FitResult, closing_rows, figure_text
+from oodserve.models.fit.work import WorkDirectory, data_fingerprint
+from oodserve.models.perturbations import make_perturbed_sets
+from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
+from oodserve.scoring.signals import bits_per_dim_from_log_prob
 
 FEATURE_DENSITY_FILE = "feature_density.npz"
 BATCH_TYPICALITY_FILE = "batch_typicality.npz"
@@ -115,9 +122,9 @@ def _train_models(
     data: ImageDataset, split: FitSplit, budget: Budget, options: ImageFitOptions, work: WorkDirectory, seed: int
 ) -> dict[str, Path]:
     """Checkpoints of the flow, the background flow and (with labels) SNGP: given, finished in `work`, or trained now."""
-    from models.flows.train import FlowData, TrainSettings, train_flow
-    from models.sngp.train import SNGPData, train
-    from models.sngp.train import TrainSettings as SNGPSettings
+    from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
+    from oodserve.models.sngp.train import SNGPData, train
+    from oodserve.models.sngp.train import TrainSettings as SNGPSettings
 
     images, labels = data.images, data.labels
     has_classifier = labels is not None
@@ -200,7 +207,7 @@ def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None
         return
     if options.reuse_bundle is None:
         raise ValueError(f"reuse_models {list(options.reuse_models)} needs reuse_bundle")
-    from service.bundle.loader import load_bundle
+    from oodserve.bundle.loader import load_bundle
 
     earlier = load_bundle(options.reuse_bundle).manifest.provenance.model_dump(mode="json")
     if earlier.get("seed") != seed:
@@ -213,8 +220,8 @@ def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None
 
 
 def _export(checkpoints: dict[str, Path], staging: Path, options: ImageFitOptions) -> dict[str, Path]:
-    from models.flows.export import export_checkpoint as export_flow
-    from models.sngp.export import export_checkpoint as export_sngp
+    from oodserve.models.flows.export import export_checkpoint as export_flow
+    from oodserve.models.sngp.export import export_checkpoint as export_sngp
 
     files: dict[str, Path] = {}
     for stage in options.reuse_models:

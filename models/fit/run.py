@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.data import DataError, is_vector_file, load_image_dataset, load_vectors, parse_resize
-from models.fit.images import ImageFitOptions, fit_images
-from models.fit.summary import FitResult
-from models.fit.vectors import fit_vectors
+from oodserve.models.data import DataError, is_vector_file, load_image_dataset, load_vectors, parse_resize
+from oodserve.models.fit.images import ImageFitOptions, fit_images
+from oodserve.models.fit.summary import FitResult
+from oodserve.models.fit.vectors import fit_vectors
 
 DEFAULT_MINUTES = 5.0
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.fit.budget import Budget
+from oodserve.models.fit.budget import Budget
 
 
 @dataclass

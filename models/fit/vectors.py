@@ -6,8 +6,8 @@ Models (each ONNX graph takes the raw vectors `x` (N, D) float32 and standardise
 - `reference` (closed form): the standardised kept columns, the mean distance to the k = 5 nearest
   training rows (a k-nearest-neighbour detector, Ramaswamy et al. 2000; the strong tabular baseline) and
   its ratio to the neighbours' own k-NN distances (local density, after Breunig et al. 2000);
-- `flow` (D' >= 2): an affine-coupling flow on the standardised features (`models.flows.tabular`);
-- `sngp` (with labels): SNGP with a spectral-normalised residual MLP (`models.sngp.tabular`).
+- `flow` (D' >= 2): an affine-coupling flow on the standardised features (`oodserve.models.flows.tabular`);
+- `sngp` (with labels): SNGP with a spectral-normalised residual MLP (`oodserve.models.sngp.tabular`).
 
 Signals: knn distance and ratio, Gaussian (Mahalanobis) density of the standardised features, flow negative
 log-likelihood and its typicality, and with labels SNGP variance, 1 - max softmax, class-conditional
@@ -27,18 +27,25 @@ import numpy as np
 import onnx
 import torch
 
-from models.bundles.calibration import SignalPlan, code_version, fit_signals, p_values_against, signal_calibration, write_signal_data
-from models.bundles.fusion_choice import choice_reason, choose_fusion
-from models.bundles.onnx_outputs import open_sessions, run_models
-from models.closed_form import fit_vector_reference, vector_reference_model
-from models.data import VectorSet
-from models.fit.budget import Budget
-from models.fit.splits import FitSplit, fit_split
-from models.fit.summary import FitResult, closing_rows, figure_text
-from models.fit.work import WorkDirectory, data_fingerprint
-from models.perturbations import make_perturbed_vectors
-from service.bundle.writer import write_bundle
-from service.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
+from oodserve.bundle.writer import write_bundle
+from oodserve.models.bundles.calibration import (
+    SignalPlan,
+    code_version,
+    fit_signals,
+    p_values_against,
+    signal_calibration,
+    write_signal_data,
+)
+from oodserve.models.bundles.fusion_choice import choice_reason, choose_fusion
+from oodserve.models.bundles.onnx_outputs import open_sessions, run_models
+from oodserve.models.closed_form import fit_vector_reference, vector_reference_model
+from oodserve.models.data import VectorSet
+from oodserve.models.fit.budget import Budget
+from oodserve.models.fit.splits import FitSplit, fit_split
+from oodserve.models.fit.summary import FitResult, closing_rows, figure_text
+from oodserve.models.fit.work import WorkDirectory, data_fingerprint
+from oodserve.models.perturbations import make_perturbed_vectors
+from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
 
 logger = logging.getLogger("oodserve.fit")
 
@@ -126,7 +133,7 @@ def fit_vectors(
 
 def _flow_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, split: FitSplit, reference: Any,
                 kept: np.ndarray, dimensions: int, staging: Path, seed: int) -> dict[str, Any]:
-    from models.flows.tabular import build_tabular_flow, export_tabular_flow, train_tabular_flow
+    from oodserve.models.flows.tabular import build_tabular_flow, export_tabular_flow, train_tabular_flow
 
     checkpoint = work.file("flow.pt")
     with budget.timed("flow"):
@@ -149,7 +156,7 @@ def _flow_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, s
 
 def _sngp_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, labels: np.ndarray, classes: int, split: FitSplit,
                 reference: Any, kept: np.ndarray, dimensions: int, staging: Path, seed: int) -> dict[str, Any]:
-    from models.sngp.tabular import TabularSNGP, export_tabular_sngp, train_tabular_sngp, width_for
+    from oodserve.models.sngp.tabular import TabularSNGP, export_tabular_sngp, train_tabular_sngp, width_for
 
     checkpoint = work.file("sngp.pt")
     with budget.timed("sngp"):

@@ -15,7 +15,7 @@ is Lipschitz (dot-product attention is not), with (their Theorem 3.2, 2-norm)
 W0 the principal branch of Lambert's W. The block uses g = coefficient * F / bound with the bound computed
 from exact spectral norms of the current weights, so Lip(g) <= coefficient whatever the weights.
 
-Log-determinant and inverse as in `models.flows.iresnet`: the power series of tr(J^k) with Hutchinson probes
+Log-determinant and inverse as in `oodserve.models.flows.iresnet`: the power series of tr(J^k) with Hutchinson probes
 (autograd in training, stored probes and the explicit Jacobian-vector product below at inference, so the ONNX
 graph needs no autograd), and the fixed-point inverse x <- y - g(x).
 
@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from models.flows.iresnet import ContractiveResidual, explicit_series_log_det
+from oodserve.models.flows.iresnet import ContractiveResidual, explicit_series_log_det
 
 
 def lambert_w0(value: float) -> float:

@@ -119,7 +119,7 @@ class Flow(nn.Module):
         self.event_shape = tuple(event_shape)
         self.dimension = int(math.prod(self.event_shape))
         self.classifier: nn.Module | None = None
-        """A hybrid flow's head on the latent, `(N, D) -> logits (N, K)` (`models.flows.hybrid`); None for a pure density."""
+        """A hybrid flow's head on the latent, `(N, D) -> logits (N, K)` (`oodserve.models.flows.hybrid`); None for a pure density."""
 
     def latent_log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """`(N, *event_shape) -> (latent z (N, D), log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""

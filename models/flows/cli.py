@@ -42,7 +42,7 @@ def train_flow_command(
     limit_test: int | None = typer.Option(None, help="use only the first N test images"),
 ) -> None:
     """Train a normalizing flow by maximum likelihood on dequantised 8-bit images."""
-    from models.flows.train import TrainSettings, train_flow
+    from oodserve.models.flows.train import TrainSettings, train_flow
 
     overrides = json.loads(config) if config else {}
     if attention != "none":
@@ -66,7 +66,7 @@ def export_flow_command(
     opset: int = typer.Option(18, help="ONNX opset (>= 17)"),
 ) -> None:
     """Export a trained flow to ONNX: x (N,1,28,28) 0..255 -> log_prob (+ level_k) and z -> x sampling graph."""
-    from models.flows.export import export_checkpoint
+    from oodserve.models.flows.export import export_checkpoint
 
     paths = export_checkpoint(checkpoint, out, opset=opset)
     for path in paths:

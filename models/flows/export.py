@@ -3,7 +3,7 @@
 Density graph (`FILE.onnx`): input `x` float32 `(N, 1, 28, 28)` raw pixels 0..255 ->
 `log_prob` `(N,)` = log density (nats) of `u = (x + 0.5) / 256` (see `preprocessing.py`; bits/dim =
 -(log_prob - D ln 256) / (D ln 2)), plus `level_0`, `level_1`, ... `(N,)` per-level latent
-log-densities for multi-scale families, and for a hybrid flow (`models.flows.hybrid`) `logits` `(N, K)` and
+log-densities for multi-scale families, and for a hybrid flow (`oodserve.models.flows.hybrid`) `logits` `(N, K)` and
 `features` `(N, D)` (the latent z the head reads); for a rectangular flow `log_prob`, `distance`, `latent`
 (`ManifoldGraph`). Sampling graph (`FILE_sample.onnx`): input `z` float32
 `(N, D)` standard-normal latents (scale by a temperature before feeding) -> `x` float32
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import Flow
-from models.flows.preprocessing import centre_of_bin, unit_to_pixels
+from oodserve.models.flows.base import Flow
+from oodserve.models.flows.preprocessing import centre_of_bin, unit_to_pixels
 
 DEFAULT_OPSET = 18
 
@@ -40,7 +40,7 @@ class DensityGraph(nn.Module):
 
 
 class ManifoldGraph(nn.Module):
-    """A rectangular flow (`models.flows.rectangular`): `x (N, C, H, W)` in 0..255 -> (`log_prob (N,)` nats on the
+    """A rectangular flow (`oodserve.models.flows.rectangular`): `x (N, C, H, W)` in 0..255 -> (`log_prob (N,)` nats on the
     manifold at the projection, `distance (N,)` = ||x - x_hat|| in pixel levels, `latent (N, d)` manifold coordinates)."""
 
     def __init__(self, flow: nn.Module) -> None:
@@ -116,7 +116,7 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> tuple[Path, Path]:
     """Rebuild the flow stored in a training checkpoint (EMA weights) and export both graphs."""
-    from models.flows.train import load_checkpoint_flow
+    from oodserve.models.flows.train import load_checkpoint_flow
 
     flow, _ = load_checkpoint_flow(checkpoint)
     return export_flow(flow, out, opset=opset)

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.flows.base import (
+from oodserve.models.flows.base import (
     CompositeTransform,
     Flow,
     Transform,
     gaussian_log_prob,
     sum_except_batch,
 )
-from models.flows.layers import ActNorm, InvertibleConv1x1, ZeroConv2d, coupling_network, squeeze2x2, unsqueeze2x2
-from models.flows.preprocessing import LogitTransform
+from oodserve.models.flows.layers import ActNorm, InvertibleConv1x1, ZeroConv2d, coupling_network, squeeze2x2, unsqueeze2x2
+from oodserve.models.flows.preprocessing import LogitTransform
 
 
 class AffineCoupling(Transform):

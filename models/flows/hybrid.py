@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.flows.preprocessing import bits_per_dim
+from oodserve.models.flows.preprocessing import bits_per_dim
 
 
 class LatentClassifier(nn.Module):

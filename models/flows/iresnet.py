@@ -2,7 +2,7 @@
 
 A block is `y = x + g(x)` with `g = W3 o ELU o W2 o ELU o W1` (convolutions), each weight spectrally
 normalised with a soft bound `W / max(1, sigma(W) / c)`, `c < 1`, sigma the operator norm of the
-convolution on the block's input size (power iteration on conv / conv-transpose, `models.nn.spectral`),
+convolution on the block's input size (power iteration on conv / conv-transpose, `oodserve.models.nn.spectral`),
 so Lip(g) < 1.
 
 log det(I + J_g) = sum_k (-1)^(k+1) / k tr(J_g^k) (Behrmann eq. 6), truncated after a fixed number
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.flows.base import CompositeTransform, Flatten, Flow, Transform, sum_except_batch
-from models.flows.layers import ActNorm, Squeeze
-from models.flows.preprocessing import LogitTransform
-from models.nn.spectral import SpectralNormConv2d
+from oodserve.models.flows.base import CompositeTransform, Flatten, Flow, Transform, sum_except_batch
+from oodserve.models.flows.layers import ActNorm, Squeeze
+from oodserve.models.flows.preprocessing import LogitTransform
+from oodserve.models.nn.spectral import SpectralNormConv2d
 
 
 def elu_derivative(preactivation: Tensor) -> Tensor:
@@ -74,7 +74,7 @@ def exact_trace_probes(probes: Tensor) -> Tensor:
 
 class ContractiveConv2d(SpectralNormConv2d):
     """Same-size convolution (padding kernel_size // 2) whose operator norm on `(C, H, W)` inputs is softly
-    bounded by `coefficient` < 1 (`models.nn.spectral`); sigma is converged at construction, so a new
+    bounded by `coefficient` < 1 (`oodserve.models.nn.spectral`); sigma is converged at construction, so a new
     block is contractive in eval mode too."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_hw: tuple[int, int],
@@ -199,7 +199,7 @@ class IResNetConfig:
     inverse_iterations: int = 40
     logit_alpha: float = 0.05
     attention: str = "none"
-    """"l2": end every scale with an attentive contractive block (`models.flows.attention`, L2 self-attention)."""
+    """"l2": end every scale with an attentive contractive block (`oodserve.models.flows.attention`, L2 self-attention)."""
     attention_heads: int = 1
 
 
@@ -224,7 +224,7 @@ def build_iresnet(config: IResNetConfig | dict) -> Flow:
             )
             block_index += 1
         if config.attention == "l2":
-            from models.flows.attention import L2AttentionBlock
+            from oodserve.models.flows.attention import L2AttentionBlock
 
             transforms.append(ActNorm(channels))
             transforms.append(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import Flow, Transform, evaluation_mode, sum_except_batch
+from oodserve.models.flows.base import Flow, Transform, evaluation_mode, sum_except_batch
 
 NORMALISATIONS = ("ActNorm", "ElementwiseAffine", "DiagonalRescaling")
 """Elementwise affine layers: not JKO steps of their own, they join the stage of the block after them."""

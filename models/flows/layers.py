@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.flows.base import Transform
+from oodserve.models.flows.base import Transform
 
 
 class ActNorm(Transform):

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import CompositeTransform, Flatten, Flow, Transform
-from models.flows.preprocessing import LogitTransform
+from oodserve.models.flows.base import CompositeTransform, Flatten, Flow, Transform
+from oodserve.models.flows.preprocessing import LogitTransform
 
 
 def mlp(in_features: int, hidden_features: int, hidden_layers: int, out_features: int, zero_last: bool = True) -> nn.Sequential:

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from models.flows.base import CompositeTransform, Flow, Transform, sum_except_batch
-from models.flows.glow import GlowMultiscale
-from models.flows.layers import coupling_network
-from models.flows.preprocessing import LogitTransform
-from models.flows.splines import rational_quadratic_spline, spline_parameter_count
+from oodserve.models.flows.base import CompositeTransform, Flow, Transform, sum_except_batch
+from oodserve.models.flows.glow import GlowMultiscale
+from oodserve.models.flows.layers import coupling_network
+from oodserve.models.flows.preprocessing import LogitTransform
+from oodserve.models.flows.splines import rational_quadratic_spline, spline_parameter_count
 
 
 class RationalQuadraticCoupling(Transform):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from models.flows.base import Transform, sum_except_batch
+from oodserve.models.flows.base import Transform, sum_except_batch
 
 PIXEL_LEVELS = 256
 

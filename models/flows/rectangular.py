@@ -2,7 +2,7 @@
 "Rectangular flows for manifold learning").
 
 Generative map `g: R^d -> R^D`, `g = s o h^-1 o pad o f^-1` applied to `z ~ N(0, I_d)`:
-- `f`: a bijective coupling flow on R^d (`models.flows.tabular`, affine couplings);
+- `f`: a bijective coupling flow on R^d (`oodserve.models.flows.tabular`, affine couplings);
 - `pad(u) = [u, 0]`: the injective padding R^d -> R^D;
 - `h`: a bijective flow on R^D in logit space: a PCA rotation (fixed, from the first training batch, so the
   manifold starts as the principal subspace), then additive couplings with MLP conditioners;
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.flows.base import evaluation_mode
-from models.flows.preprocessing import PIXEL_LEVELS
-from models.flows.tabular import TabularFlowConfig, build_tabular_flow, coupling_masks
+from oodserve.models.flows.base import evaluation_mode
+from oodserve.models.flows.preprocessing import PIXEL_LEVELS
+from oodserve.models.flows.tabular import TabularFlowConfig, build_tabular_flow, coupling_masks
 
 
 def silu_derivative(preactivation: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.flows.base import CompositeTransform, Flow, Transform
-from models.nn.training import TimedEarlyStopping
+from oodserve.models.flows.base import CompositeTransform, Flow, Transform
+from oodserve.models.nn.training import TimedEarlyStopping
 
 
 def coupling_masks(features: int, couplings: int) -> list[Tensor]:

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models import perturbations
-from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from models.flows.base import Flow, evaluation_mode
-from models.flows.hybrid import hybrid_loss
-from models.flows.jko import jko_stages, stage_objective, transport_cost
-from models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
-from models.flows.zoo import build_flow, preset_config
+from oodserve.models import perturbations
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.flows.base import Flow, evaluation_mode
+from oodserve.models.flows.hybrid import hybrid_loss
+from oodserve.models.flows.jko import jko_stages, stage_objective, transport_cost
+from oodserve.models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
+from oodserve.models.flows.zoo import build_flow, preset_config
 
 
 @dataclass
@@ -59,12 +59,12 @@ class TrainSettings:
     limit_test: int | None = None
     eval_batch_size: int = 500
     hybrid: bool = False
-    """Add a linear classifier head on the latent and train on CE + nll_weight * bits/dim (`models.flows.hybrid`);
+    """Add a linear classifier head on the latent and train on CE + nll_weight * bits/dim (`oodserve.models.flows.hybrid`);
     needs labels."""
     nll_weight: float = 1.0
     schedule: str = "joint"
     """"joint": every parameter trained end to end; "jko": a sequence of JKO proximal steps, one stage of the flow at a
-    time (`models.flows.jko`), the budget (epochs or minutes) split evenly between the stages."""
+    time (`oodserve.models.flows.jko`), the budget (epochs or minutes) split evenly between the stages."""
     jko_step_size: float = 1.0
     jko_steps: int | None = None
     snapshot_minutes: tuple[float, ...] = ()
@@ -72,7 +72,7 @@ class TrainSettings:
 
 
 def mutate_pixels(pixels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
-    """The background model's training inputs (Ren et al. 2019): `models.perturbations.mutate_pixels` on a
+    """The background model's training inputs (Ren et al. 2019): `oodserve.models.perturbations.mutate_pixels` on a
     uint8 tensor `(N, ...)`, seeded from `generator` so a resumed run stays reproducible. Same shape and dtype."""
     if rate <= 0:
         return pixels
@@ -199,7 +199,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
     """Train, checkpoint, early-stop and evaluate; writes `checkpoint.pt`, `best.pt`, `metrics.json` in `out`.
 
     Data: `data` when given (its image shape becomes the flow's input shape), else `settings.data` read with
-    `models.data.load_images` and split by `bundle_split`."""
+    `oodserve.models.data.load_images` and split by `bundle_split`."""
     if settings.schedule not in ("joint", "jko"):
         raise ValueError(f"schedule must be joint or jko, got {settings.schedule!r}")
     if settings.threads:

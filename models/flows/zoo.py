@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from models.flows.base import Flow
+from oodserve.models.flows.base import Flow
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "glow": {
@@ -39,35 +39,35 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _builders() -> dict[str, Callable[[dict[str, Any]], Flow]]:
-    from models.flows.glow import build_glow
+    from oodserve.models.flows.glow import build_glow
 
     builders: dict[str, Callable[[dict[str, Any]], Flow]] = {"glow": build_glow}
     try:
-        from models.flows.nice import build_nice
+        from oodserve.models.flows.nice import build_nice
 
         builders["nice"] = build_nice
     except ImportError:
         pass
     try:
-        from models.flows.nsf import build_nsf
+        from oodserve.models.flows.nsf import build_nsf
 
         builders["nsf"] = build_nsf
     except ImportError:
         pass
     try:
-        from models.flows.iresnet import build_iresnet
+        from oodserve.models.flows.iresnet import build_iresnet
 
         builders["iresnet"] = build_iresnet
     except ImportError:
         pass
-    from models.flows.rectangular import build_rectangular
+    from oodserve.models.flows.rectangular import build_rectangular
 
     builders["rectangular"] = build_rectangular  # type: ignore[assignment]  # injective, not a Flow
     return builders
 
 
 FAMILIES = ("nice", "glow", "nsf", "iresnet")
-"""The bijective families; `rectangular` (models.flows.rectangular) is injective and has its own tests and export."""
+"""The bijective families; `rectangular` (oodserve.models.flows.rectangular) is injective and has its own tests and export."""
 
 
 def preset_config(family: str, preset: str) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def preset_config(family: str, preset: str) -> dict[str, Any]:
 
 def build_flow(family: str, config: dict[str, Any]) -> Flow:
     """Build an untrained flow of `family` from its config (as stored in a checkpoint). `config["classes"] = K > 0`
-    adds a hybrid classifier head on the latent (`models.flows.hybrid`) as `flow.classifier`."""
+    adds a hybrid classifier head on the latent (`oodserve.models.flows.hybrid`) as `flow.classifier`."""
     builders = _builders()
     if family not in builders:
         raise ValueError(f"unknown or unimplemented flow family {family!r}; have {sorted(builders)}")
@@ -88,7 +88,7 @@ def build_flow(family: str, config: dict[str, Any]) -> Flow:
     flow = builders[family](config)
     flow.family = family
     if classes:
-        from models.flows.hybrid import LatentClassifier
+        from oodserve.models.flows.hybrid import LatentClassifier
 
         flow.classifier = LatentClassifier(flow.dimension, classes)
     return flow

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nn.spectral import SpectralNormConv2d, SpectralNormLinear
-from models.sngp.gp import RandomFeatureGaussianProcess
+from oodserve.models.nn.spectral import SpectralNormConv2d, SpectralNormLinear
+from oodserve.models.sngp.gp import RandomFeatureGaussianProcess
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530

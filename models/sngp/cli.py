@@ -30,7 +30,7 @@ def train_command(
     limit_train: int = typer.Option(0, "--limit-train", help="Use only N training images (smoke tests)."),
 ) -> None:
     """Train the SNGP classifier on split.train of Fashion-MNIST."""
-    from models.sngp.train import TrainSettings, train
+    from oodserve.models.sngp.train import TrainSettings, train
 
     settings = TrainSettings(
         data_dir=str(data), out_dir=str(out), epochs=epochs, batch_size=batch_size, learning_rate=lr,
@@ -51,7 +51,7 @@ def export_command(
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
 ) -> None:
     """Export a trained SNGP to ONNX: x (N,1,28,28) 0..255 -> logits, variance, features."""
-    from models.sngp.export import export_checkpoint
+    from oodserve.models.sngp.export import export_checkpoint
 
     export_checkpoint(checkpoint, out, opset=opset)
     typer.echo(f"wrote {out}")
@@ -64,7 +64,7 @@ def register(train_app: typer.Typer, export_app: typer.Typer) -> None:
 
 
 def main() -> None:
-    """Stand-alone entry: `python -m models.sngp.cli train|export ...`."""
+    """Stand-alone entry: `python -m oodserve.models.sngp.cli train|export ...`."""
     app = typer.Typer(no_args_is_help=True)
     train_app = typer.Typer(no_args_is_help=True)
     export_app = typer.Typer(no_args_is_help=True)

@@ -5,7 +5,7 @@ the mean-field logits, and a DDU-style class-conditional Gaussian density on the
 output (Mukhoti et al. 2021: `-logsumexp_c log N(f; mu_c, Sigma_c)`), fitted on `split.train`
 only, with per-class and with tied covariance.
 
-Usage: `python -m models.sngp.evaluate runs/sngp/sngp.onnx --out runs/sngp/ood_metrics.json`.
+Usage: `python -m oodserve.models.sngp.evaluate runs/sngp/sngp.onnx --out runs/sngp/ood_metrics.json`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from models.evaluation.metrics import detection_metrics as shared_detection_metrics
-from models.sngp.train import _softmax, expected_calibration_error
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.evaluation.metrics import detection_metrics as shared_detection_metrics
+from oodserve.models.sngp.train import _softmax, expected_calibration_error
 
 DEFAULT_OOD_DIR = Path("/work/shared/data/mnist")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.sngp.backbone import SNGPClassifier
+from oodserve.models.sngp.backbone import SNGPClassifier
 
 INPUT_NAME = "x"
 OUTPUT_NAMES = ["logits", "variance", "features"]
@@ -49,7 +49,7 @@ def export_model(model: SNGPClassifier, path: str | Path, opset: int = 17) -> Pa
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, opset: int = 17) -> Path:
     """Rebuild the model from a `train sngp` checkpoint and export it."""
-    from models.sngp.train import load_checkpoint
+    from oodserve.models.sngp.train import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     return export_model(model, path, opset=opset)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.nn.training import TimedEarlyStopping
-from models.sngp.backbone import ResidualMLP
-from models.sngp.gp import RandomFeatureGaussianProcess
+from oodserve.models.nn.training import TimedEarlyStopping
+from oodserve.models.sngp.backbone import ResidualMLP
+from oodserve.models.sngp.gp import RandomFeatureGaussianProcess
 
 
 class TabularSNGP(nn.Module):

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from models.evaluation.metrics import expected_calibration_error  # noqa: F401 - re-exported for callers
-from models.nn.spectral import refresh_all_sigmas
-from models.sngp.backbone import SNGPClassifier, SNGPConfig
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.evaluation.metrics import expected_calibration_error  # noqa: F401 - re-exported for callers
+from oodserve.models.nn.spectral import refresh_all_sigmas
+from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Model bundles: the manifest schema, sha256-verified loading, and the writer bundle builders call."""
 
-from service.bundle.loader import BundleError, VerifiedBundle, load_bundle
-from service.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
-from service.bundle.writer import sha256_bytes, sha256_file, write_bundle, write_calibration
+from oodserve.bundle.loader import BundleError, VerifiedBundle, load_bundle
+from oodserve.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
+from oodserve.bundle.writer import sha256_bytes, sha256_file, write_bundle, write_calibration
 
 __all__ = [
     "MANIFEST_FILE_NAME",

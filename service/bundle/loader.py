@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from service.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
-from service.bundle.writer import bundle_file_names, sha256_bytes
-from service.scoring.conformal import sort_calibration_scores
-from service.scoring.pipeline import FUSED_CALIBRATION_KEY, Calibration
-from service.scoring.signals import PARAMETERS_FILE_KEY
+from oodserve.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
+from oodserve.bundle.writer import bundle_file_names, sha256_bytes
+from oodserve.scoring.conformal import sort_calibration_scores
+from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, Calibration
+from oodserve.scoring.signals import PARAMETERS_FILE_KEY
 
 
 class BundleError(Exception):
@@ -124,7 +124,7 @@ def load_bundle(directory: Path | str) -> VerifiedBundle:
 
     Raises BundleError naming the file for a missing, altered or unlisted file, an invalid
     manifest or unreadable calibration. ONNX input/output names are checked when sessions
-    are created (service.runtime.sessions).
+    are created (oodserve.runtime.sessions).
     """
     directory = Path(directory)
     if not directory.is_dir():

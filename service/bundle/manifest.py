@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.scoring.pipeline import FUSED_CALIBRATION_KEY
-from service.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, SignalSource
+from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY
+from oodserve.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, SignalSource
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE_NAME = "manifest.json"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import MANIFEST_FILE_NAME, Manifest
+from oodserve.bundle.manifest import MANIFEST_FILE_NAME, Manifest
 
 _CHUNK_BYTES = 1 << 20
 

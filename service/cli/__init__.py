@@ -1,5 +1,5 @@
-"""The `oodserve` command line (`service.cli:app`; `python -m service.cli`)."""
+"""The `oodserve` command line (`oodserve.cli:app`; `python -m oodserve.cli`)."""
 
-from service.cli.main import app
+from oodserve.cli.main import app
 
 __all__ = ["app"]

@@ -1,5 +1,5 @@
-"""`python -m service.cli ...`"""
+"""`python -m oodserve.cli ...`"""
 
-from service.cli.main import app
+from oodserve.cli.main import app
 
 app()

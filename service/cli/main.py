@@ -1,5 +1,5 @@
 """The `oodserve` command line: `serve`, `info` and `export-triton` here; the training commands (train extra)
-and `bench` (dev extra) are registered by `service.cli.optional` when their packages are installed."""
+and `bench` (dev extra) are registered by `oodserve.cli.optional` when their packages are installed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from service import __version__
-from service.cli.optional import register_optional_commands
+from oodserve import __version__
+from oodserve.cli.optional import register_optional_commands
 
 app = typer.Typer(
     help="oodserve: out-of-distribution detection service for ONNX model bundles.",
@@ -23,7 +23,7 @@ app = typer.Typer(
 
 def _settings(**overrides: Any) -> Any:
     """Settings from OODSERVE_* variables, with the command-line options that were given taking priority."""
-    from service.config import Settings
+    from oodserve.config import Settings
 
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
@@ -43,19 +43,19 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option(help="Also serve KServe v2 gRPC on this port [env OODSERVE_GRPC_PORT; off].")] = None,
 ) -> None:
     """Verify the bundle(s), then serve the HTTP API (and gRPC with --grpc-port; ready after warm-up)."""
-    from service.bundle.loader import BundleError
-    from service.runtime.providers import GpuRequiredError
+    from oodserve.bundle.loader import BundleError
+    from oodserve.runtime.providers import GpuRequiredError
 
     settings = _settings(bundle=bundle, host=host, port=port, log_level=log_level, grpc_port=grpc_port)
     _configure_logging(settings.log_level)
-    from service.server.app import create_app, load_registry_from_settings
+    from oodserve.server.app import create_app, load_registry_from_settings
 
     try:
         registry = load_registry_from_settings(settings)
     except (BundleError, GpuRequiredError) as error:
         typer.echo(f"oodserve: refusing to start: {error}", err=True)
         raise typer.Exit(code=2) from error
-    from service.server.runner import run_server
+    from oodserve.server.runner import run_server
 
     run_server(create_app(settings, registry), settings)  # SIGTERM: finish in-flight requests, exit 0; SIGHUP: reload
 
@@ -66,9 +66,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full model summary as JSON.")] = False,
 ) -> None:
     """Verify a bundle, create its sessions and print its summary and the execution providers."""
-    from service.bundle.loader import BundleError
-    from service.engine import Engine
-    from service.runtime.providers import GpuRequiredError, available_providers
+    from oodserve.bundle.loader import BundleError
+    from oodserve.engine import Engine
+    from oodserve.runtime.providers import GpuRequiredError, available_providers
 
     settings = _settings(bundle=bundle)
     try:
@@ -108,8 +108,8 @@ def export_triton(
     name_prefix: Annotated[str | None, typer.Option(help="Prefix of the Triton model names [default: '<bundle name>-'].")] = None,
 ) -> None:
     """Write a Triton model repository (config.pbtxt with dynamic batching per ONNX model) plus a bundle copy for scoring."""
-    from service.bundle.loader import BundleError
-    from service.export.triton import TritonExportError, export_triton_repository
+    from oodserve.bundle.loader import BundleError
+    from oodserve.export.triton import TritonExportError, export_triton_repository
 
     try:
         export = export_triton_repository(

@@ -1,17 +1,26 @@
-"""Commands that live outside the runtime package, registered only when their packages are installed:
+"""Commands whose dependencies are optional extras, registered only when those are installed:
 
-- the torch-side training, export, bundle and evaluation commands (`models.cli`) with the `train` extra;
-- `oodserve bench` (`benchmarks.cli`) with the `dev` extra.
+- the torch-side training, export, bundle and evaluation commands (`oodserve.models.cli`) with the `train` extra;
+- `oodserve bench` (`oodserve.bench.cli`, the serving load and peer tools) with the `dev` extra (aiohttp).
 
-"Installed" is decided by whether the package can be found, never by catching ImportError: a package
-that is installed but fails to import is an error the user sees, not a silently missing command.
+This is the one documented place where the runtime reaches the optional packages: by module name, through
+importlib, so the layering contracts (import-linter: the runtime never imports `oodserve.models`) hold.
+"Installed" is decided by whether the extra's packages can be found, never by catching ImportError: a
+package that is installed but fails to import is an error the user sees, not a silently missing command.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import typer
+
+OPTIONAL_COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("oodserve.models.cli", ("torch",)),
+    ("oodserve.bench.cli", ("aiohttp",)),
+)
+"""(module with a `register(app)` function, the third-party packages its extra installs)."""
 
 
 def is_installed(module: str) -> bool:
@@ -23,12 +32,7 @@ def is_installed(module: str) -> bool:
 
 
 def register_optional_commands(app: typer.Typer) -> None:
-    """Attach the training commands when torch is installed and `bench` when the benchmarks are."""
-    if is_installed("torch") and is_installed("models"):
-        from models.cli import register as register_training
-
-        register_training(app)
-    if is_installed("benchmarks"):
-        from benchmarks.cli import register as register_bench
-
-        register_bench(app)
+    """Attach the training commands when torch is installed and `bench` when its load client is."""
+    for module, requirements in OPTIONAL_COMMANDS:
+        if all(is_installed(package) for package in requirements):
+            importlib.import_module(module).register(app)

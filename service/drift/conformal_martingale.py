@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from sortedcontainers import SortedList
 
-from service.scoring.conformal import as_non_conformity
+from oodserve.scoring.conformal import as_non_conformity
 
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.linspace(0.05, 0.95, 10))
 """The mixing grid of the power martingale: small eps bets hard on tiny p-values, large eps gently."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
+from oodserve.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
 
 DEFAULT_STREAM = "default"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.bundle.loader import load_bundle
+from oodserve.bundle.loader import load_bundle
 
 ONNX_TO_TRITON_TYPES = {
     "tensor(bool)": "TYPE_BOOL",

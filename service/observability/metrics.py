@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.drift.monitor import DriftMonitor
-from service.observability.batched_histogram import BatchedHistogram
-from service.runtime.batching import REFUSAL_REASONS, BatchScheduler
-from service.scoring.pipeline import BatchScores
+from oodserve.drift.monitor import DriftMonitor
+from oodserve.observability.batched_histogram import BatchedHistogram
+from oodserve.runtime.batching import REFUSAL_REASONS, BatchScheduler
+from oodserve.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
-    from service.engine import Engine
+    from oodserve.engine import Engine
 
 disable_created_metrics()  # the *_created series only double the exposition size
 
@@ -302,7 +302,7 @@ class ServiceMetrics:
         batch is timed per ONNX model. `available_providers` defaults to onnxruntime's list.
         """
         if available_providers is None:
-            from service.runtime.providers import available_providers as onnxruntime_providers
+            from oodserve.runtime.providers import available_providers as onnxruntime_providers
 
             available_providers = onnxruntime_providers()
         engines = list(engines)

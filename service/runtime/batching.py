@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.scoring.pipeline import BatchScores
+from oodserve.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
-    from service.engine import Engine
+    from oodserve.engine import Engine
 
 logger = logging.getLogger("oodserve.batching")
 

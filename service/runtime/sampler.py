@@ -8,10 +8,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.bundle.loader import VerifiedBundle
-from service.bundle.manifest import ModelSpec
-from service.runtime.providers import available_providers, resolve_providers
-from service.runtime.sessions import ModelSession, RuntimeOptions, create_model_session
+from oodserve.bundle.loader import VerifiedBundle
+from oodserve.bundle.manifest import ModelSpec
+from oodserve.runtime.providers import available_providers, resolve_providers
+from oodserve.runtime.sessions import ModelSession, RuntimeOptions, create_model_session
 
 
 class Sampler:

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.loader import BundleError, VerifiedBundle
-from service.bundle.manifest import ModelSpec
-from service.runtime.providers import CUDA_PROVIDER, GpuRequiredError, available_providers, resolve_providers
+from oodserve.bundle.loader import BundleError, VerifiedBundle
+from oodserve.bundle.manifest import ModelSpec
+from oodserve.runtime.providers import CUDA_PROVIDER, GpuRequiredError, available_providers, resolve_providers
 
 logger = logging.getLogger("oodserve.runtime")
 

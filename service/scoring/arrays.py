@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.scoring.inputs import InputError, accepted_instance_shapes, check_image_values, to_input_layout
+from oodserve.scoring.inputs import InputError, accepted_instance_shapes, check_image_values, to_input_layout
 
 ACCEPTED_ARRAY_KINDS = "uif"
 """numpy dtype kinds an image array may have: unsigned and signed integers, floats."""

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from service.scoring.conformal import conformal_p_values
+from oodserve.scoring.conformal import conformal_p_values
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.conformal import StackedCalibration, conformal_p_values
-from service.scoring.fusion import fused_statistic
-from service.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
-from service.scoring.signals.base import PREPARED_KEY
+from oodserve.scoring.conformal import StackedCalibration, conformal_p_values
+from oodserve.scoring.fusion import fused_statistic
+from oodserve.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
+from oodserve.scoring.signals.base import PREPARED_KEY
 
 FUSED_CALIBRATION_KEY = "__fused__"
 """Name of the calibration array holding fused statistics of the second calibration split."""

@@ -7,12 +7,12 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.server.body import json_type_name, read_optional_json_object
-from service.server.deps import StateDep
-from service.server.errors import ApiError
-from service.server.responses import OrjsonResponse
-from service.server.schemas import error_responses
-from service.server.security import ADMIN_KEY_DEPENDENCIES
+from oodserve.server.body import json_type_name, read_optional_json_object
+from oodserve.server.deps import StateDep
+from oodserve.server.errors import ApiError
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import error_responses
+from oodserve.server.security import ADMIN_KEY_DEPENDENCIES
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=ADMIN_KEY_DEPENDENCIES)
 

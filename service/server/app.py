@@ -11,25 +11,25 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service import __version__
-from service.config import Settings
-from service.drift.monitor import DriftMonitor
-from service.engine import EngineRegistry, load_registry
-from service.observability.metrics import ServiceMetrics
-from service.runtime.batching import BatchScheduler
-from service.server import admin, console, drift, health, metrics_endpoint
-from service.server.errors import install_error_handlers
-from service.server.hot_path import Handler, HotPathMiddleware, hot_routes
-from service.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
-from service.server.middleware.request_metrics import RequestMetricsMiddleware
-from service.server.reload import install_sighup_reload
-from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES, v2_error_responses
-from service.server.security import AUTH_ERROR_RESPONSES, METRICS_KEY_DEPENDENCIES, SCORING_KEY_DEPENDENCIES
-from service.server.state import STATE_KEY, AppState, app_state
-from service.server.v1 import evidence, generation
-from service.server.v1 import routes as v1
-from service.server.v2 import routes as v2
+from oodserve import __version__
+from oodserve.config import Settings
+from oodserve.drift.monitor import DriftMonitor
+from oodserve.engine import EngineRegistry, load_registry
+from oodserve.observability.metrics import ServiceMetrics
+from oodserve.runtime.batching import BatchScheduler
+from oodserve.server import admin, console, drift, health, metrics_endpoint
+from oodserve.server.errors import install_error_handlers
+from oodserve.server.hot_path import Handler, HotPathMiddleware, hot_routes
+from oodserve.server.middleware.limits import LIMIT_ERROR_RESPONSES, RequestLimitsMiddleware
+from oodserve.server.middleware.request_metrics import RequestMetricsMiddleware
+from oodserve.server.reload import install_sighup_reload
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import ERROR_RESPONSES, v2_error_responses
+from oodserve.server.security import AUTH_ERROR_RESPONSES, METRICS_KEY_DEPENDENCIES, SCORING_KEY_DEPENDENCIES
+from oodserve.server.state import STATE_KEY, AppState, app_state
+from oodserve.server.v1 import evidence, generation
+from oodserve.server.v1 import routes as v1
+from oodserve.server.v2 import routes as v2
 
 logger = logging.getLogger("oodserve.app")
 
@@ -52,7 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.track_registry(registry)
     grpc_server = None
     if settings.grpc_port is not None:  # bound before readiness: a port that cannot be bound fails the start-up
-        from service.server.v2_grpc.service import start_grpc_server
+        from oodserve.server.v2_grpc.service import start_grpc_server
 
         grpc_server, state.grpc_port = await start_grpc_server(state, settings.host, settings.grpc_port)
     state.ready = True
@@ -74,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, registry: EngineRegistry | None = None) -> FastAPI:
     """Build the app. With `registry` the given engines are served, else the lifespan loads settings.bundle.
 
-    Usable as `uvicorn --factory service.server.app:create_app` (settings from OODSERVE_* variables).
+    Usable as `uvicorn --factory oodserve.server.app:create_app` (settings from OODSERVE_* variables).
     """
     settings = settings or Settings()
     app = FastAPI(
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         description="Out-of-distribution detection: normalizing flows and SNGP in ONNX, conformal p-values, fused verdicts.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
-        docs_url=None,  # served by service.server.console from packaged assets, never from a CDN
+        docs_url=None,  # served by oodserve.server.console from packaged assets, never from a CDN
         redoc_url=None,
     )
     metrics = ServiceMetrics(ood_rate_window=settings.ood_rate_window)

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from service.server.errors import ApiError
-from service.server.middleware.limits import check_json_depth
-from service.server.state import app_state
+from oodserve.server.errors import ApiError
+from oodserve.server.middleware.limits import check_json_depth
+from oodserve.server.state import app_state
 
 
 def is_json_media_type(content_type: str | None) -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
-from service.console import CONSOLE_PAGE, DOCS_PAGE, Asset, console_assets, docs_assets
-from service.server.errors import ApiError
+from oodserve.console import CONSOLE_PAGE, DOCS_PAGE, Asset, console_assets, docs_assets
+from oodserve.server.errors import ApiError
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "

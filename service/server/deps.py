@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.config import Settings
-from service.engine import Engine, EngineRegistry
-from service.observability.metrics import ServiceMetrics
-from service.server.state import AppState, app_state
+from oodserve.config import Settings
+from oodserve.engine import Engine, EngineRegistry
+from oodserve.observability.metrics import ServiceMetrics
+from oodserve.server.state import AppState, app_state
 
 # Dependencies are `async def` although they never await: FastAPI runs plain `def` dependencies in its
 # thread pool, a thread hop (and GIL hand-over) per dependency per request that costs more than scoring.

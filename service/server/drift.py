@@ -8,16 +8,16 @@ import re
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.drift.monitor import DEFAULT_STREAM, DriftMonitor
-from service.engine import Engine
-from service.scoring.pipeline import BatchScores
-from service.server.body import json_type_name, read_optional_json_object
-from service.server.deps import NamedEngineDep, StateDep
-from service.server.errors import ApiError
-from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES, error_responses
-from service.server.security import ADMIN_KEY_DEPENDENCIES
-from service.server.state import AppState
+from oodserve.drift.monitor import DEFAULT_STREAM, DriftMonitor
+from oodserve.engine import Engine
+from oodserve.scoring.pipeline import BatchScores
+from oodserve.server.body import json_type_name, read_optional_json_object
+from oodserve.server.deps import NamedEngineDep, StateDep
+from oodserve.server.errors import ApiError
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import ERROR_RESPONSES, error_responses
+from oodserve.server.security import ADMIN_KEY_DEPENDENCIES
+from oodserve.server.state import AppState
 
 STREAM_HEADER = "x-ood-stream"
 STREAM_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

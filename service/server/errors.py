@@ -24,10 +24,10 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from service.engine import NotReadyError, UnknownModelError
-from service.runtime.batching import DeadlineExceededError, QueueFullError
-from service.scoring.inputs import InputError
-from service.server.reload import BundleRefusedError, ReloadFailedError, ReloadInProgressError
+from oodserve.engine import NotReadyError, UnknownModelError
+from oodserve.runtime.batching import DeadlineExceededError, QueueFullError
+from oodserve.scoring.inputs import InputError
+from oodserve.server.reload import BundleRefusedError, ReloadFailedError, ReloadInProgressError
 
 logger = logging.getLogger("oodserve.server")
 

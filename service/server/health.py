@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.server.errors import error_response
-from service.server.responses import OrjsonResponse
-from service.server.state import app_state
+from oodserve.server.errors import error_response
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.state import app_state
 
 router = APIRouter(tags=["health"])
 

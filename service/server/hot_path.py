@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from service.engine import Engine
-from service.server.errors import DOMAIN_ERRORS, ApiError, as_api_error, envelope_of_route
-from service.server.middleware.limits import ASGIApp, Receive, Scope, Send
-from service.server.security import bearer_scheme, check_key
-from service.server.state import AppState
+from oodserve.engine import Engine
+from oodserve.server.errors import DOMAIN_ERRORS, ApiError, as_api_error, envelope_of_route
+from oodserve.server.middleware.limits import ASGIApp, Receive, Scope, Send
+from oodserve.server.security import bearer_scheme, check_key
+from oodserve.server.state import AppState
 
 Handler = Callable[[Request, Engine], Awaitable[Response]]
 DOMAIN_ERROR_TYPES: tuple[type[Exception], ...] = (ApiError, *DOMAIN_ERRORS)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.server.deps import MetricsDep
+from oodserve.server.deps import MetricsDep
 
 router = APIRouter(tags=["metrics"])
 

@@ -1,9 +1,9 @@
 """Hot reload: load and verify new bundles completely, warm them up, then swap the served registry atomically.
 
-Request handlers read `AppState.registry` once per request (service.server.deps.get_ready_registry) and keep
+Request handlers read `AppState.registry` once per request (oodserve.server.deps.get_ready_registry) and keep
 that object for the whole request, so the swap is a single reference assignment: requests already running
 finish on the old engines, later ones see the new. A refused reload leaves the old registry serving.
-The checks are the start-up ones (service.engine.load_registry: manifest and schema_version, sha256 of every
+The checks are the start-up ones (oodserve.engine.load_registry: manifest and schema_version, sha256 of every
 file, missing/extra files, ONNX input/output names and shapes, calibration without pickle) plus a warm-up run.
 """
 
@@ -20,12 +20,12 @@ from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 
-from service.bundle.loader import BundleError
-from service.config import Settings
-from service.engine import EngineRegistry, NotReadyError, load_registry
-from service.observability.metrics import ServiceMetrics
-from service.runtime.providers import GpuRequiredError
-from service.runtime.sessions import RuntimeOptions
+from oodserve.bundle.loader import BundleError
+from oodserve.config import Settings
+from oodserve.engine import EngineRegistry, NotReadyError, load_registry
+from oodserve.observability.metrics import ServiceMetrics
+from oodserve.runtime.providers import GpuRequiredError
+from oodserve.runtime.sessions import RuntimeOptions
 
 logger = logging.getLogger("oodserve.reload")
 

@@ -7,7 +7,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-from service.config import Settings
+from oodserve.config import Settings
 
 logger = logging.getLogger("oodserve.serving")
 

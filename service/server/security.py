@@ -17,10 +17,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from service.config import Settings
-from service.server.errors import ApiError
-from service.server.schemas import ErrorResponse
-from service.server.state import app_state
+from oodserve.config import Settings
+from oodserve.server.errors import ApiError
+from oodserve.server.schemas import ErrorResponse
+from oodserve.server.state import app_state
 
 BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="oodserve"'}
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
-from service.config import Settings
-from service.drift.monitor import DriftMonitor
-from service.engine import EngineRegistry, NotReadyError
-from service.observability.metrics import ServiceMetrics
-from service.runtime.batching import BatchScheduler
-from service.server.reload import BundleReloader
+from oodserve.config import Settings
+from oodserve.drift.monitor import DriftMonitor
+from oodserve.engine import EngineRegistry, NotReadyError
+from oodserve.observability.metrics import ServiceMetrics
+from oodserve.runtime.batching import BatchScheduler
+from oodserve.server.reload import BundleReloader
 
 STATE_KEY = "oodserve"
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.browser import PageRequest, chromium_paths, console_problems, headless_chromium, page_requests, wait_for
-from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.bench.browser import PageRequest, chromium_paths, console_problems, headless_chromium, page_requests, wait_for
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from tests.helpers.live_server import REPOSITORY_ROOT, ServeProcess
 
 BUNDLE = REPOSITORY_ROOT / "models" / "bundles" / "fashion-mnist"

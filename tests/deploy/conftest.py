@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from benchmarks.http_driver import free_port
+from oodserve.bench.http_driver import free_port
 from tests.helpers.deploy_support import (
     DEMO_BUNDLE,
     PROMETHEUS_DIR,

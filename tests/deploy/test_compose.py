@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from service.config import Settings
+from oodserve.config import Settings
 from tests.helpers.deploy_support import DEPLOY, REPO
 
 COMPOSE = DEPLOY / "compose.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.http_driver import free_port
+from oodserve.bench.http_driver import free_port
 from tests.helpers.deploy_support import REPO, http_get, http_post_json, stop, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -182,7 +182,7 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     assert "service/server/app.py" in copied and not any(path.startswith(("tests/", ".venv/")) for path in copied)
     # cpu-build: the runtime package and the install script are copied, then the script builds the venv.
     source = tmp_path / "src"
-    for relative in ("pyproject.toml", "README.md", "service", INSTALL_SCRIPT):
+    for relative in ("pyproject.toml", "README.md", "service", "models", INSTALL_SCRIPT):
         origin, target = context / relative, source / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, target)

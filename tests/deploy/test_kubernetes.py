@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import Settings
+from oodserve.config import Settings
 from tests.helpers.deploy_support import DEPLOY
 
 K8S = DEPLOY / "k8s"

@@ -1,4 +1,4 @@
-"""Test bundles of closed-form ONNX models (`models.closed_form`) and an independent numpy oracle of their verdicts."""
+"""Test bundles of closed-form ONNX models (`oodserve.models.closed_form`) and an independent numpy oracle of their verdicts."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.bundles.demo_builder import write_closed_form_bundle
-from models.closed_form import GaussianDensity, LinearGaussianProcess, reference_outputs
-from service.config import Settings
+from oodserve.config import Settings
+from oodserve.models.bundles.demo_builder import write_closed_form_bundle
+from oodserve.models.closed_form import GaussianDensity, LinearGaussianProcess, reference_outputs
 
 D = 28 * 28
 LABELS = [f"class-{index}" for index in range(10)]
@@ -122,7 +122,7 @@ def brute_force_p_value(calibration: np.ndarray, score: float) -> float:
 
 
 def oracle(models: dict[str, Any], bundle: Path, images: np.ndarray, alpha: float, fusion: dict[str, Any] = FUSION) -> list[dict[str, Any]]:
-    """Expected results computed directly from the formulas (independent of service.scoring)."""
+    """Expected results computed directly from the formulas (independent of oodserve.scoring)."""
     outputs = reference_outputs(models, images)
     log_prob = outputs["flow"]["log_prob"]
     bpd = -(log_prob - D * math.log(256.0)) / (D * math.log(2.0))

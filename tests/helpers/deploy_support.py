@@ -94,7 +94,7 @@ def start_service(
         "-m",
         "uvicorn",
         "--factory",
-        "service.server.app:create_app",
+        "oodserve.server.app:create_app",
         "--host",
         "127.0.0.1",
         "--port",
@@ -129,7 +129,7 @@ def prometheus_query(base_url: str, expr: str) -> dict[str, Any]:
 def scoring_images() -> np.ndarray:
     """6 Fashion-MNIST test images (in-distribution for the demo bundle) and 4 noise images (OOD), uint8 (10, 1, 28, 28)."""
     if (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        from models.data import load_images
+        from oodserve.models.data import load_images
 
         in_distribution = load_images(FASHION_MNIST, "t10k").images[:6]
     else:

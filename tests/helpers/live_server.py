@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from benchmarks.http_driver import free_port
+from oodserve.bench.http_driver import free_port
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,14 +41,14 @@ def uvicorn_in_thread(app: Any, **config: Any) -> Iterator[str]:
 
 
 class ServeProcess:
-    """`python -m service.cli serve` in a subprocess with its log in a file."""
+    """`python -m oodserve.cli serve` in a subprocess with its log in a file."""
 
     def __init__(self, bundle: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
-        command = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle), "--port", str(self.port)]
+        command = [sys.executable, "-m", "oodserve.cli", "serve", "--bundle", str(bundle), "--port", str(self.port)]
         environment = {**os.environ, "OODSERVE_INTRA_OP_THREADS": "1", "OODSERVE_INTER_OP_THREADS": "1", **(env or {})}
         self.process = subprocess.Popen(
             command, cwd=REPOSITORY_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=environment

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from models.closed_form import fit_vector_reference, vector_reference_model, vector_reference_outputs
+from oodserve.models.closed_form import fit_vector_reference, vector_reference_model, vector_reference_outputs
 
 
 def test_reference_graph_matches_numpy_and_drops_constant_columns() -> None:

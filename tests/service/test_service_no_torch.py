@@ -9,8 +9,8 @@ import sys
 def test_service_modules_do_not_import_torch(repository_root) -> None:
     code = (
         "import sys\n"
-        "import service.server.app, service.cli, service.engine\n"
-        "from service.server.app import create_app\n"
+        "import oodserve.server.app, oodserve.cli, oodserve.engine\n"
+        "from oodserve.server.app import create_app\n"
         "create_app()\n"
         "loaded = sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.'))\n"
         "print(loaded)\n"

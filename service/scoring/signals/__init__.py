@@ -3,7 +3,7 @@
 Importing this package registers every kind.
 """
 
-from service.scoring.signals import (  # noqa: F401 - each module registers its kind
+from oodserve.scoring.signals import (  # noqa: F401 - each module registers its kind
     bits_per_dim,
     feature_density,
     input_complexity,
@@ -12,7 +12,7 @@ from service.scoring.signals import (  # noqa: F401 - each module registers its 
     model_output,
     typicality,
 )
-from service.scoring.signals.base import (
+from oodserve.scoring.signals.base import (
     PARAMETERS_FILE_KEY,
     SIGNAL_KINDS,
     FittedSignal,
@@ -25,7 +25,7 @@ from service.scoring.signals.base import (
     register_signal_kind,
     softmax,
 )
-from service.scoring.signals.input_complexity import png_length_bits
+from oodserve.scoring.signals.input_complexity import png_length_bits
 
 __all__ = [
     "PARAMETERS_FILE_KEY",

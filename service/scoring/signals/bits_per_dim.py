@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import (
+from oodserve.scoring.signals.base import (
     ModelOutputs,
     SignalSource,
     bits_per_dim_from_log_prob,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import (
+from oodserve.scoring.signals.base import (
     PARAMETERS_FILE_KEY,
     FittedSignal,
     ModelOutputs,

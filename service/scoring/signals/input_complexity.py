@@ -13,7 +13,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from service.scoring.signals.base import (
+from oodserve.scoring.signals.base import (
     PARAMETERS_FILE_KEY,
     PREPARED_KEY,
     FittedSignal,
@@ -22,7 +22,7 @@ from service.scoring.signals.base import (
     dimensions_of,
     register_signal_kind,
 )
-from service.scoring.signals.bits_per_dim import bits_per_dim_signal
+from oodserve.scoring.signals.bits_per_dim import bits_per_dim_signal
 
 
 def png_length_bits(images: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import ModelOutputs, SignalSource, read_scalar_output, register_signal_kind
+from oodserve.scoring.signals.base import ModelOutputs, SignalSource, read_scalar_output, register_signal_kind
 
 
 def background_sources(params: Mapping[str, Any]) -> list[SignalSource]:

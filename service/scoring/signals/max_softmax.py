@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import ModelOutputs, SignalSource, read_output, register_signal_kind, softmax
+from oodserve.scoring.signals.base import ModelOutputs, SignalSource, read_output, register_signal_kind, softmax
 
 
 @register_signal_kind("max_softmax", description="1 - max softmax probability of the classifier logits")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, read_scalar_output, register_signal_kind, require_number
+from oodserve.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, read_scalar_output, register_signal_kind, require_number
 
 
 def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:

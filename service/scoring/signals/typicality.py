@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, register_signal_kind, require_number
-from service.scoring.signals.bits_per_dim import bits_per_dim_signal
+from oodserve.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, register_signal_kind, require_number
+from oodserve.scoring.signals.bits_per_dim import bits_per_dim_signal
 
 
 def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:

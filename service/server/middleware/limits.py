@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from starlette.routing import BaseRoute
 
-from service.server.errors import ApiError, ErrorEnvelope, envelope_for_scope
-from service.server.schemas import ErrorResponse
+from oodserve.server.errors import ApiError, ErrorEnvelope, envelope_for_scope
+from oodserve.server.schemas import ErrorResponse
 
 logger = logging.getLogger("oodserve.limits")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.observability.metrics import HTTP_METHODS, ServiceMetrics
+from oodserve.observability.metrics import HTTP_METHODS, ServiceMetrics
 
 
 class RequestMetricsMiddleware:

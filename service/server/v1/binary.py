@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers, UploadFile
 
-from service.bundle.manifest import InputSpec
-from service.scoring.arrays import check_image_array
-from service.server.errors import ApiError
+from oodserve.bundle.manifest import InputSpec
+from oodserve.scoring.arrays import check_image_array
+from oodserve.server.errors import ApiError
 
 NPY_MEDIA_TYPE = "application/x-npy"
 PNG_MEDIA_TYPE = "image/png"

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from service.scoring.histograms import MAX_BINS, calibration_histogram
-from service.server.deps import MetricsDep, NamedEngineDep
-from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES
+from oodserve.scoring.histograms import MAX_BINS, calibration_histogram
+from oodserve.server.deps import MetricsDep, NamedEngineDep
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 

@@ -9,12 +9,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.runtime.sampler import png_grid
-from service.server.body import read_json_request
-from service.server.deps import NamedEngineDep, SettingsDep
-from service.server.errors import ApiError
-from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES
+from oodserve.runtime.sampler import png_grid
+from oodserve.server.body import read_json_request
+from oodserve.server.deps import NamedEngineDep, SettingsDep
+from oodserve.server.errors import ApiError
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 

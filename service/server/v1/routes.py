@@ -7,14 +7,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.engine import Engine
-from service.scoring.pipeline import BatchScores, InstanceResult
-from service.server.deps import NamedEngineDep, RegistryDep
-from service.server.drift import observe_stream, stream_of
-from service.server.responses import OrjsonResponse
-from service.server.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
-from service.server.state import app_state
-from service.server.v1.scoring import read_score_images
+from oodserve.engine import Engine
+from oodserve.scoring.pipeline import BatchScores, InstanceResult
+from oodserve.server.deps import NamedEngineDep, RegistryDep
+from oodserve.server.drift import observe_stream, stream_of
+from oodserve.server.responses import OrjsonResponse
+from oodserve.server.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
+from oodserve.server.state import app_state
+from oodserve.server.v1.scoring import read_score_images
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 

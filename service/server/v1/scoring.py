@@ -8,12 +8,12 @@ import numpy as np
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from service.config import Settings
-from service.engine import Engine
-from service.scoring.inputs import instances_to_array
-from service.server.body import checked_alpha, is_json_media_type, json_type_name, read_body_limited, read_json_request
-from service.server.errors import ApiError
-from service.server.v1.binary import (
+from oodserve.config import Settings
+from oodserve.engine import Engine
+from oodserve.scoring.inputs import instances_to_array
+from oodserve.server.body import checked_alpha, is_json_media_type, json_type_name, read_body_limited, read_json_request
+from oodserve.server.errors import ApiError
+from oodserve.server.v1.binary import (
     JPEG_MEDIA_TYPE,
     JPEG_ONLY,
     MULTIPART_MEDIA_TYPE,

@@ -14,12 +14,12 @@ import numpy as np
 import orjson
 from fastapi import Response
 
-from service.bundle.manifest import InputSpec
-from service.engine import Engine
-from service.scoring.arrays import check_batch_shape, check_image_array
-from service.scoring.pipeline import BatchScores
-from service.server.body import checked_alpha, json_type_name
-from service.server.errors import ApiError
+from oodserve.bundle.manifest import InputSpec
+from oodserve.engine import Engine
+from oodserve.scoring.arrays import check_batch_shape, check_image_array
+from oodserve.scoring.pipeline import BatchScores
+from oodserve.server.body import checked_alpha, json_type_name
+from oodserve.server.errors import ApiError
 
 INPUT_NAME = "x"
 """The one input tensor of every served model (the ONNX input name convention)."""

@@ -1,5 +1,5 @@
 """Open Inference Protocol v2 (KServe / Triton REST): health, server and model metadata, readiness and
-`infer` with JSON or binary tensors (the codec is `service.server.v2.codec`).
+`infer` with JSON or binary tensors (the codec is `oodserve.server.v2.codec`).
 
 Errors are `{"error": "..."}` (the routers' `V2Route`): 400 for a bad request, 404 for an unknown model or
 version, 503 when not ready or overloaded (with Retry-After), 504 past the scoring deadline.
@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service import __version__
-from service.server.body import read_body_limited
-from service.server.deps import StateDep, VersionedEngineDep
-from service.server.drift import observe_stream, stream_of
-from service.server.errors import V2_ENVELOPE, ApiError, V2Route
-from service.server.state import app_state
-from service.server.v2.codec import HEADER_LENGTH, infer_response, model_metadata, output_specs, parse_infer_request
+from oodserve import __version__
+from oodserve.server.body import read_body_limited
+from oodserve.server.deps import StateDep, VersionedEngineDep
+from oodserve.server.drift import observe_stream, stream_of
+from oodserve.server.errors import V2_ENVELOPE, ApiError, V2Route
+from oodserve.server.state import app_state
+from oodserve.server.v2.codec import HEADER_LENGTH, infer_response, model_metadata, output_specs, parse_infer_request
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:

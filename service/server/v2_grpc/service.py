@@ -24,16 +24,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import __version__
-from service.engine import Engine, NotReadyError, UnknownModelError
-from service.scoring.arrays import check_batch_shape, check_image_array
-from service.server.body import checked_alpha
-from service.server.drift import check_stream_name, observe_stream
-from service.server.errors import ApiError, as_api_error
-from service.server.security import key_matches
-from service.server.state import AppState
-from service.server.v2.codec import INPUT_DATATYPES, INPUT_NAME, InferRequest, RequestedOutput, model_metadata, output_arrays, output_specs
-from service.server.v2_grpc import messages
+from oodserve import __version__
+from oodserve.engine import Engine, NotReadyError, UnknownModelError
+from oodserve.scoring.arrays import check_batch_shape, check_image_array
+from oodserve.server.body import checked_alpha
+from oodserve.server.drift import check_stream_name, observe_stream
+from oodserve.server.errors import ApiError, as_api_error
+from oodserve.server.security import key_matches
+from oodserve.server.state import AppState
+from oodserve.server.v2.codec import INPUT_DATATYPES, INPUT_NAME, InferRequest, RequestedOutput, model_metadata, output_arrays, output_specs
+from oodserve.server.v2_grpc import messages
 
 logger = logging.getLogger("oodserve.grpc")
 

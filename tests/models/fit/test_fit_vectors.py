@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from models.data import DataError, load_vectors
-from models.fit.run import FitSettings, fit
-from models.fit.splits import fit_split, split_sizes
-from service.cli import app as cli_app
-from service.config import Settings
-from service.server.app import create_app
+from oodserve.cli import app as cli_app
+from oodserve.config import Settings
+from oodserve.models.data import DataError, load_vectors
+from oodserve.models.fit.run import FitSettings, fit
+from oodserve.models.fit.splits import fit_split, split_sizes
+from oodserve.server.app import create_app
 
 ROWS, FEATURES = 400, 6
 
@@ -160,7 +160,7 @@ def test_splits_are_disjoint_stratified_and_sized_to_the_data() -> None:
 
 
 def test_a_stage_that_stops_early_hands_its_time_to_the_next() -> None:
-    from models.fit.budget import Budget
+    from oodserve.models.fit.budget import Budget
 
     budget = Budget(1000.0, reserve_fraction=0.2, started=time.monotonic())
     budget.plan({"flow": 0.5, "sngp": 0.5})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.flows.base import Flow
-from models.flows.zoo import build_flow, preset_config
+from oodserve.models.flows.base import Flow
+from oodserve.models.flows.zoo import build_flow, preset_config
 from tests.helpers.data import write_idx
 
 FAMILIES = ["nice", "glow", "nsf", "iresnet", "iresnet+l2"]

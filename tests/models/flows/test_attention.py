@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.flows.attention import L2AttentionBlock, l2_attention_lipschitz_factor, lambert_w0
+from oodserve.models.flows.attention import L2AttentionBlock, l2_attention_lipschitz_factor, lambert_w0
 
 
 def _block(seed: int = 0, heads: int = 2, coefficient: float = 0.9) -> L2AttentionBlock:

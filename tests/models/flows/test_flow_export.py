@@ -10,8 +10,8 @@ import onnxruntime
 import pytest
 import torch
 
-from models.flows.export import DensityGraph, SamplingGraph, export_flow, onnx_latency_per_image_ms
-from models.flows.preprocessing import bits_per_dim
+from oodserve.models.flows.export import DensityGraph, SamplingGraph, export_flow, onnx_latency_per_image_ms
+from oodserve.models.flows.preprocessing import bits_per_dim
 from tests.models.flows.conftest import FAMILIES, perturbed_flow
 
 IMAGE_SHAPE = (1, 28, 28)

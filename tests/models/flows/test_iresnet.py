@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.flows.iresnet import ContractiveConv2d, ResidualBlock, elu_derivative
+from oodserve.models.flows.iresnet import ContractiveConv2d, ResidualBlock, elu_derivative
 
 
 def _block(seed: int = 0) -> ResidualBlock:

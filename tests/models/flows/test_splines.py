@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.flows.splines import bin_index, rational_quadratic_spline
+from oodserve.models.flows.splines import bin_index, rational_quadratic_spline
 
 
 @settings(max_examples=30, deadline=None)

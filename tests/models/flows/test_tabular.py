@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.flows.tabular import build_tabular_flow, coupling_masks, export_tabular_flow, train_tabular_flow
+from oodserve.models.flows.tabular import build_tabular_flow, coupling_masks, export_tabular_flow, train_tabular_flow
 
 
 def nudged_flow(features: int, seed: int = 0):

@@ -11,9 +11,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from models.flows.base import Flow, Transform
-from models.flows.cli import register
-from models.flows.train import (
+from oodserve.models.flows.base import Flow, Transform
+from oodserve.models.flows.cli import register
+from oodserve.models.flows.train import (
     TrainSettings,
     evaluate_bits_per_dim,
     evaluate_dequantized_bits_per_dim,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.flows.layers import squeeze2x2
-from models.flows.preprocessing import LogitTransform, bits_per_dim, centre_of_bin, log_prob_from_bits_per_dim
+from oodserve.models.flows.layers import squeeze2x2
+from oodserve.models.flows.preprocessing import LogitTransform, bits_per_dim, centre_of_bin, log_prob_from_bits_per_dim
 from tests.models.flows.conftest import FAMILIES, IRESNET_EXACT, SMALL_IMAGE_SHAPE, perturbed_flow, use_exact_traces
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.nn.spectral import SpectralNormConv2d, SpectralNormLinear, soft_spectral_scale, spectral_layers
-from models.sngp.backbone import ResidualCNNBackbone, SNGPConfig
+from oodserve.models.nn.spectral import SpectralNormConv2d, SpectralNormLinear, soft_spectral_scale, spectral_layers
+from oodserve.models.sngp.backbone import ResidualCNNBackbone, SNGPConfig
 
 
 def conv_operator_matrix(layer: SpectralNormConv2d, weight: torch.Tensor) -> torch.Tensor:

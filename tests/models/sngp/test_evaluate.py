@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from models.sngp.evaluate import density_score, detection_metrics, fit_class_gaussians, gaussian_log_densities
-from models.sngp.train import expected_calibration_error
+from oodserve.models.sngp.evaluate import density_score, detection_metrics, fit_class_gaussians, gaussian_log_densities
+from oodserve.models.sngp.train import expected_calibration_error
 
 
 def test_gaussian_log_densities_match_scipy() -> None:

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from models.sngp.backbone import SNGPClassifier, SNGPConfig
-from models.sngp.gp import RandomFeatureGaussianProcess, mean_field_logits, predictive_variance
-from models.sngp.train import TrainSettings, train_one_epoch
+from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
+from oodserve.models.sngp.gp import RandomFeatureGaussianProcess, mean_field_logits, predictive_variance
+from oodserve.models.sngp.train import TrainSettings, train_one_epoch
 
 
 def test_variance_is_the_diagonal_of_ridge_phi_sigma_phi() -> None:

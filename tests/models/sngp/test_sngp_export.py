@@ -10,9 +10,9 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from models.nn.spectral import refresh_all_sigmas
-from models.sngp.backbone import SNGPClassifier, SNGPConfig
-from models.sngp.export import export_model
+from oodserve.models.nn.spectral import refresh_all_sigmas
+from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
+from oodserve.models.sngp.export import export_model
 
 
 def briefly_trained_model() -> SNGPClassifier:

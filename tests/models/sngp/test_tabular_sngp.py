@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.sngp.tabular import export_tabular_sngp, train_tabular_sngp
+from oodserve.models.sngp.tabular import export_tabular_sngp, train_tabular_sngp
 
 
 def test_tabular_sngp_classifies_knows_distance_and_exports(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import make_moons
 
-from models.sngp.backbone import ResidualMLP
-from models.sngp.gp import RandomFeatureGaussianProcess
+from oodserve.models.sngp.backbone import ResidualMLP
+from oodserve.models.sngp.gp import RandomFeatureGaussianProcess
 
 
 def test_variance_grows_far_from_the_training_data() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import BundleError, load_bundle, sha256_file, write_bundle
-from service.engine import Engine
-from service.runtime.providers import GpuRequiredError, resolve_providers
-from service.runtime.sessions import RuntimeOptions
+from oodserve.bundle import BundleError, load_bundle, sha256_file, write_bundle
+from oodserve.engine import Engine
+from oodserve.runtime.providers import GpuRequiredError, resolve_providers
+from oodserve.runtime.sessions import RuntimeOptions
 
 
 @pytest.fixture

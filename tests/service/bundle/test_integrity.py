@@ -17,10 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from service.bundle import BundleError, write_bundle
-from service.cli import app as cli_app
-from service.config import Settings
-from service.server.app import create_app
+from oodserve.bundle import BundleError, write_bundle
+from oodserve.cli import app as cli_app
+from oodserve.config import Settings
+from oodserve.server.app import create_app
 
 SERVICE_ROOT = Path(__file__).resolve().parents[3] / "service"
 

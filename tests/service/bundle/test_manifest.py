@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from service.bundle.loader import BundleError, parse_manifest
-from service.bundle.manifest import Manifest
-from service.scoring.signals import SignalSource
+from oodserve.bundle.loader import BundleError, parse_manifest
+from oodserve.bundle.manifest import Manifest
+from oodserve.scoring.signals import SignalSource
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 import typer
 
-from service.cli import optional
+from oodserve.cli import optional
 
 
 def command_names(app: typer.Typer) -> set[str]:
@@ -30,8 +30,8 @@ def test_without_torch_the_training_commands_are_absent(monkeypatch: pytest.Monk
 
 
 def test_a_broken_models_import_is_an_error_not_a_missing_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "models.cli", None)  # importing it now raises ImportError
-    with pytest.raises(ImportError, match="models.cli"):
+    monkeypatch.setitem(sys.modules, "oodserve.models.cli", None)  # importing it now raises ImportError
+    with pytest.raises(ImportError, match="oodserve.models.cli"):
         optional.register_optional_commands(typer.Typer())
 
 

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 from typer.testing import CliRunner
 
-from benchmarks.http_driver import free_port
-from service.cli import app
+from oodserve.bench.http_driver import free_port
+from oodserve.cli import app
 
 
 def test_info_prints_the_verified_summary(bundle_dir: Path) -> None:
@@ -34,7 +34,7 @@ def test_info_refuses_a_tampered_bundle(bundle_dir: Path, tmp_path: Path) -> Non
 
 def test_serve_runs_uvicorn_until_ready_and_scores(bundle_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "oodserve.cli", "serve", "--bundle", str(bundle_dir), "--port", str(port)]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -62,7 +62,7 @@ def test_serve_refuses_to_start_on_a_missing_file(bundle_dir: Path, tmp_path: Pa
     copy = Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
     (copy / "calibration.npz").unlink()
     completed = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--bundle", str(copy), "--port", str(free_port())],
+        [sys.executable, "-m", "oodserve.cli", "serve", "--bundle", str(copy), "--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=60,

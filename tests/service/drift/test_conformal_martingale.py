@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import kstest
 
-from models.evaluation.metrics import clopper_pearson
-from service.drift.conformal_martingale import (
+from oodserve.drift.conformal_martingale import (
     DEFAULT_EPSILONS,
     MixturePowerMartingale,
     OnlineConformalPValues,
     ShiryaevRoberts,
     log_betting_components,
 )
+from oodserve.models.evaluation.metrics import clopper_pearson
 
 
 def upper_bound(failures: int, trials: int) -> float:

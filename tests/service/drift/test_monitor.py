@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 
-from service.drift.monitor import DriftMonitor, DriftSettings
-from service.server.app import create_app
+from oodserve.drift.monitor import DriftMonitor, DriftSettings
+from oodserve.server.app import create_app
 
 ADMIN = {"authorization": "Bearer admin-key"}
 

@@ -15,9 +15,9 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from service.bundle.loader import load_bundle
-from service.cli import app
-from service.export.triton import TritonExportError, TritonModelConfig, render_config, triton_tensor
+from oodserve.bundle.loader import load_bundle
+from oodserve.cli import app
+from oodserve.export.triton import TritonExportError, TritonModelConfig, render_config, triton_tensor
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[3] / "models" / "bundles" / "demo"
 ONNX_ELEMENT_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT64: "TYPE_INT64"}

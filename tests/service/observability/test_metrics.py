@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import Engine
-from service.observability.metrics import ServiceMetrics, VerdictWindow
-from service.runtime.sessions import RuntimeOptions
-from service.server.app import create_app
+from oodserve.engine import Engine
+from oodserve.observability.metrics import ServiceMetrics, VerdictWindow
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.server.app import create_app
 
 ONE_THREAD = RuntimeOptions(intra_op_threads=1, inter_op_threads=1)
 
@@ -130,8 +130,8 @@ def test_batched_histogram_exposes_what_one_observe_per_value_would() -> None:
     bits: summation order), including values on a bucket bound, above the largest finite one, and empty rows."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from service.observability.batched_histogram import BatchedHistogram
-    from service.observability.metrics import P_VALUE_BUCKETS
+    from oodserve.observability.batched_histogram import BatchedHistogram
+    from oodserve.observability.metrics import P_VALUE_BUCKETS
 
     batched_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
     batched = BatchedHistogram("p", "p-values", ["model", "signal"], P_VALUE_BUCKETS)

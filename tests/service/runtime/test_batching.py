@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.engine import Engine
-from service.runtime.batching import (
+from oodserve.engine import Engine
+from oodserve.runtime.batching import (
     BatchingOptions,
     BatchScheduler,
     DeadlineExceededError,
@@ -23,10 +23,10 @@ from service.runtime.batching import (
     score_merged,
     slice_scores,
 )
-from service.runtime.sessions import RuntimeOptions
-from service.scoring.pipeline import BatchScores
-from service.server.app import create_app
-from service.server.state import app_state
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.scoring.pipeline import BatchScores
+from oodserve.server.app import create_app
+from oodserve.server.state import app_state
 
 WAIT_S = 10.0
 """Upper bound for anything a test waits on, so a bug fails the test instead of hanging it."""
@@ -549,7 +549,7 @@ def test_a_side_by_side_run_with_prepared_signal_parts_scores_exactly_like_one_t
 @pytest.fixture()
 def gated_app(bundle_dir: Path, settings_for, real_engine: Engine) -> Iterator[tuple[Any, threading.Event, threading.Event]]:
     """An app over the real engine whose onnxruntime runs wait at a gate; ready without a lifespan."""
-    from service.engine import EngineRegistry
+    from oodserve.engine import EngineRegistry
 
     gate = threading.Event()
     entered = threading.Event()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import Settings
-from service.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
-from service.runtime.sessions import provider_entries
+from oodserve.config import Settings
+from oodserve.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
+from oodserve.runtime.sessions import provider_entries
 
 
 def test_cuda_options_attach_to_the_cuda_provider_only() -> None:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from models.evaluation.metrics import clopper_pearson
-from service.scoring.batch_typicality import (
+from oodserve.models.evaluation.metrics import clopper_pearson
+from oodserve.scoring.batch_typicality import (
     BatchTypicalityTest,
     batch_typicality_statistic,
     conformal_threshold,

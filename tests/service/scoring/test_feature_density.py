@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from service.scoring.signals import SIGNAL_KINDS, SignalSource
-from service.scoring.signals.feature_density import (
+from oodserve.scoring.signals import SIGNAL_KINDS, SignalSource
+from oodserve.scoring.signals.feature_density import (
     GaussianMixtureParameters,
     fit_class_conditional_gaussians,
     negative_log_feature_density,

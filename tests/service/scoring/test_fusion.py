@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from service.scoring.conformal import conformal_p_values, sort_calibration_scores
-from service.scoring.fusion import fisher_statistic, fused_statistic, min_p_statistic
-from service.scoring.pipeline import FusionRule, fused_calibration_scores
+from oodserve.scoring.conformal import conformal_p_values, sort_calibration_scores
+from oodserve.scoring.fusion import fisher_statistic, fused_statistic, min_p_statistic
+from oodserve.scoring.pipeline import FusionRule, fused_calibration_scores
 
 
 def test_fisher_is_minus_two_sum_of_log_p() -> None:

@@ -1,4 +1,4 @@
-"""The contract every registered signal kind keeps (service.scoring.signals.base), checked on random model
+"""The contract every registered signal kind keeps (oodserve.scoring.signals.base), checked on random model
 outputs: `fit` gives JSON parameters the manifest accepts, and `score` returns (N,) float64, finite or NaN,
 row by row (a slice of a batch scores as that slice of the batch's scores, which the batcher relies on)."""
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.scoring.signals import SIGNAL_KINDS, SignalSource
+from oodserve.scoring.signals import SIGNAL_KINDS, SignalSource
 
 IMAGE_SHAPE = (1, 8, 8)
 CLASSES = 4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.scoring.signals import (
+from oodserve.scoring.signals import (
     SIGNAL_KINDS,
     SignalSource,
     bits_per_dim_from_log_prob,

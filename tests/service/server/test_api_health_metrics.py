@@ -8,8 +8,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.server.app import create_app
-from service.server.state import app_state
+from oodserve.server.app import create_app
+from oodserve.server.state import app_state
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

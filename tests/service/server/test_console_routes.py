@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.console import console_assets, docs_assets
-from service.scoring.histograms import calibration_histogram
-from service.server.app import create_app
-from service.server.console import CONTENT_SECURITY_POLICY
+from oodserve.console import console_assets, docs_assets
+from oodserve.scoring.histograms import calibration_histogram
+from oodserve.server.app import create_app
+from oodserve.server.console import CONTENT_SECURITY_POLICY
 from tests.helpers.bundles import make_settings
 
 URL = re.compile(rb"(?:https?:)?//[A-Za-z0-9.-]+\.[A-Za-z]{2,}[^\s\"'<>)]*")

@@ -9,12 +9,12 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from service.engine import NotReadyError, UnknownModelError
-from service.runtime.batching import DeadlineExceededError, QueueFullError
-from service.scoring.inputs import InputError
-from service.server.app import create_app
-from service.server.errors import DOMAIN_ERRORS, V1_ENVELOPE, V2_ENVELOPE, as_api_error
-from service.server.reload import BundleRefusedError, ReloadFailedError, ReloadInProgressError, ReloadNotReadyError
+from oodserve.engine import NotReadyError, UnknownModelError
+from oodserve.runtime.batching import DeadlineExceededError, QueueFullError
+from oodserve.scoring.inputs import InputError
+from oodserve.server.app import create_app
+from oodserve.server.errors import DOMAIN_ERRORS, V1_ENVELOPE, V2_ENVELOPE, as_api_error
+from oodserve.server.reload import BundleRefusedError, ReloadFailedError, ReloadInProgressError, ReloadNotReadyError
 
 
 @pytest.mark.parametrize(

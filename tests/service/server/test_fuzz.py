@@ -24,8 +24,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.config import Settings
-from service.server.app import create_app
+from oodserve.config import Settings
+from oodserve.server.app import create_app
 
 EXAMPLES_PER_MODE = 15  # positive + negative = 30 per operation
 SCORING_KEY, ADMIN_KEY = "fuzz-scoring-key", "fuzz-admin-key"

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.config import Settings
-from service.server.app import create_app
-from service.server.middleware.limits import RequestLimitsMiddleware, json_nesting_depth
-from service.server.state import app_state
+from oodserve.config import Settings
+from oodserve.server.app import create_app
+from oodserve.server.middleware.limits import RequestLimitsMiddleware, json_nesting_depth
+from oodserve.server.state import app_state
 from tests.helpers.live_server import uvicorn_in_thread
 
 ZERO_IMAGE = np.zeros((28, 28), int).tolist()

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import service.server.reload
-from service.engine import Engine
-from service.runtime.sessions import RuntimeOptions
-from service.server.app import create_app
-from service.server.state import app_state
+import oodserve.server.reload
+from oodserve.engine import Engine
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.server.app import create_app
+from oodserve.server.state import app_state
 from tests.helpers.live_server import ServeProcess, uvicorn_in_thread
 
 ADMIN = {"authorization": "Bearer admin-key"}
@@ -209,14 +209,14 @@ def test_a_second_reload_while_one_runs_is_409(
     bundle_dir: Path, settings_for: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered, release = threading.Event(), threading.Event()
-    real_load = service.server.reload.load_and_warm_up
+    real_load = oodserve.server.reload.load_and_warm_up
 
     def slow_load(*args: Any) -> Any:
         entered.set()
         assert release.wait(timeout=30)
         return real_load(*args)
 
-    monkeypatch.setattr(service.server.reload, "load_and_warm_up", slow_load)
+    monkeypatch.setattr(oodserve.server.reload, "load_and_warm_up", slow_load)
     with TestClient(create_app(settings_for(bundle_dir, admin_keys=["admin-key"]))) as client:
         answers: dict[str, Any] = {}
         first = threading.Thread(target=lambda: answers.update(first=client.post("/v1/admin/reload", headers=ADMIN)))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.bundle import write_bundle, write_calibration
-from service.server.app import create_app
+from oodserve.bundle import write_bundle, write_calibration
+from oodserve.server.app import create_app
 
 
 def test_scores_match_the_numpy_oracle(client: TestClient, bundle_dir: Path, make_images, score_oracle, results_match) -> None:

@@ -174,7 +174,7 @@ def test_json_bodies_take_alpha_from_the_query_when_the_body_has_none(client: Te
     ],
 )
 def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None:
-    from service.server.v1.binary import fast_npy_header, read_npy
+    from oodserve.server.v1.binary import fast_npy_header, read_npy
 
     body = npy_bytes(array)
     parsed = fast_npy_header(body)
@@ -187,8 +187,8 @@ def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None
 
 
 def test_a_huge_declared_shape_is_refused_before_allocation() -> None:
-    from service.server.errors import ApiError
-    from service.server.v1.binary import read_npy
+    from oodserve.server.errors import ApiError
+    from oodserve.server.v1.binary import read_npy
 
     header = "{'descr': '<f8', 'fortran_order': False, 'shape': (4000000000, 28, 28), }"
     padded = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from service.bundle.loader import BundleError, load_bundle
-from service.bundle.writer import write_bundle
-from service.scoring.batch_typicality import BatchTypicalityTest
-from service.server.app import create_app
+from oodserve.bundle.loader import BundleError, load_bundle
+from oodserve.bundle.writer import write_bundle
+from oodserve.scoring.batch_typicality import BatchTypicalityTest
+from oodserve.server.app import create_app
 
 ENTROPY = 7.5
 

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.server.app import create_app
-from service.server.state import app_state
-from service.server.v2_grpc import messages
+from oodserve.server.app import create_app
+from oodserve.server.state import app_state
+from oodserve.server.v2_grpc import messages
 from tests.helpers.bundles import make_settings
 from tests.helpers.live_server import uvicorn_in_thread
 

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from service.server.app import create_app
-from service.server.state import app_state
+from oodserve.server.app import create_app
+from oodserve.server.state import app_state
 from tests.helpers.live_server import ServeProcess
 
 MODEL = "test-bundle"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.drift import RATE_HOLD, RATE_WINDOW, null_replays, ood_rate_rule_delay
+from oodserve.drift.replay import RATE_HOLD, RATE_WINDOW, null_replays, ood_rate_rule_delay
 
 
 def test_the_ood_rate_rule_fires_once_the_window_rate_held_long_enough() -> None:

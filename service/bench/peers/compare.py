@@ -1,10 +1,10 @@
-"""oodserve beside MLServer on the same bundle, same machine, same run: `python -m benchmarks.peers.compare [--quick]`.
+"""oodserve beside MLServer on the same bundle, same machine, same run: `python -m oodserve.bench.peers.compare [--quick]`.
 
 What one run does, in this order:
 1. the raw onnxruntime limit: the bundle's models on batches of 64 from 2 threads in this process, with
    oodserve's session options (one intra-op thread per session); measured before the servers start and
    after they stop, the better figure counts (noise only slows a run down);
-2. starts oodserve (`python -m service.cli serve`, gRPC on) and MLServer from its own venv
+2. starts oodserve (`python -m oodserve.cli serve`, gRPC on) and MLServer from its own venv
    (benchmarks/peers/mlserver: a custom runtime running the same ONNX files with onnxruntime, adaptive
    batching max_batch_size 64 / max_batch_time 0.004 s) once per parallel_workers setting (default 1, which
    is MLServer 1.7.1's default, 0 = inference in the server process, and 2 = one worker per core), all on
@@ -34,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import Outcomes, ServerProcess, free_port, request_bodies, run_client, send_requests
-from benchmarks.load import require_loopback
-from benchmarks.peers.drivers import grpc_infer_requests, process_tree_cpu_seconds, send_grpc, send_prepared, v2_json_bodies
-from benchmarks.peers.mlserver.launch import DEFAULT_VENV, MLServerProcess, mlserver_versions
-from benchmarks.throughput import parallel_runs_per_second, percentile_ms
+from oodserve.bench.http_driver import Outcomes, ServerProcess, free_port, request_bodies, run_client, send_requests
+from oodserve.bench.load import require_loopback
+from oodserve.bench.peers.drivers import grpc_infer_requests, process_tree_cpu_seconds, send_grpc, send_prepared, v2_json_bodies
+from oodserve.bench.peers.mlserver.launch import DEFAULT_VENV, MLServerProcess, mlserver_versions
+from oodserve.bench.throughput import parallel_runs_per_second, percentile_ms
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_BUNDLE = REPO / "models" / "bundles" / "fashion-mnist"
 RESULTS = REPO / "benchmarks" / "results"
 QUICK_OUTPUT = Path("/tmp/peers-mlserver-quick")
@@ -115,7 +115,7 @@ class Target:
     grpc_target: str | None = None
 
 
-Sender = Callable[[int, int, float | None], Awaitable[Outcomes]]
+Sender = Callable[[int, int, float | None], Coroutine[Any, Any, Outcomes]]
 """(concurrency, requests, max seconds) -> outcomes of that many requests of one row's kind."""
 
 
@@ -137,8 +137,8 @@ def worker_meaning(workers: int) -> str:
 
 def load_images(options: CompareOptions, shape: Sequence[int], count: int) -> np.ndarray:
     """The first `count` Fashion-MNIST test images (or of options.images) as (count, *shape) uint8."""
-    from models.data import DEFAULT_FASHION_MNIST_DIR
-    from models.data import load_images as read_set
+    from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR
+    from oodserve.datasets import load_images as read_set
 
     images = read_set(options.images or DEFAULT_FASHION_MNIST_DIR, "test").images
     chosen = np.resize(images, (count, *images.shape[1:])) if len(images) < count else images[:count]
@@ -292,8 +292,8 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
 
     import onnxruntime
 
-    from service.config import Settings
-    from service.engine import Engine
+    from oodserve.config import Settings
+    from oodserve.engine import Engine
 
     engine = Engine.load(options.bundle, Settings(bundle=options.bundle).runtime_options())
     shape = list(engine.manifest.input.shape)
@@ -314,7 +314,7 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
         "warmup_requests_per_row": options.warmup_requests,
         "raw_limit": f"ModelRunner.run on batch {RAW_BATCH} from {options.raw_threads} threads, oodserve's session options "
         f"(intra-op 1), {options.raw_seconds:g} s, best of one sweep before and one after the servers",
-        "oodserve": "python -m service.cli serve, default settings (lean routes, dynamic batching, batch_max_size 64 images, "
+        "oodserve": "python -m oodserve.cli serve, default settings (lean routes, dynamic batching, batch_max_size 64 images, "
         "batch_max_delay_ms 0, batch_min_beside_run 8, one inference thread per core), gRPC on OODSERVE_GRPC_PORT",
         "mlserver": "benchmarks/peers/mlserver: runtime.BundleOnnxRuntime (onnxruntime, intra-op 1, every output tensor raw), "
         "adaptive batching max_batch_size 64 requests, max_batch_time 0.004 s, debug off, uvloop + httptools",
@@ -407,7 +407,7 @@ def write_results(prefix: Path, context: dict[str, Any], rows: Sequence[PeerRow]
 
 
 def parse_options(argv: Sequence[str] | None = None) -> CompareOptions:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m oodserve.bench.peers.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 requests per row, short warm-ups, results to /tmp")
     parser.add_argument("--requests", type=int, help="measured requests per row (default 4000; 300 with --quick)")
     parser.add_argument("--warmup-requests", type=int, help="unmeasured requests before each row (default 200; 32 with --quick)")

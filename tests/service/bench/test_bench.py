@@ -7,9 +7,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from benchmarks.throughput import load_bench_images, percentile_ms
-from models.data import read_idx
-from service.cli import app
+from oodserve.bench.throughput import load_bench_images, percentile_ms
+from oodserve.cli import app
+from oodserve.models.data import read_idx
 
 SECTIONS = ("service, dynamic batching", "service, naive (1 run/request)")
 
@@ -59,7 +59,7 @@ def test_request_bodies_group_images_per_request() -> None:
     import numpy as np
     import orjson
 
-    from benchmarks.throughput import request_bodies
+    from oodserve.bench.throughput import request_bodies
 
     images = load_bench_images(None, [1, 28, 28], 7, 2)
     npy, npy_type = request_bodies(images, "npy", 3)

@@ -1,7 +1,7 @@
-"""Load drivers the peer comparison needs beside benchmarks.http_driver: v2 JSON and gRPC request bodies, an
+"""Load drivers the peer comparison needs beside oodserve.bench.http_driver: v2 JSON and gRPC request bodies, an
 HTTP sender to any path with any headers, a KServe v2 gRPC sender, and the CPU time of a process tree.
 
-`benchmarks.http_driver.send_requests` posts to /v1/score only and sets no headers but the content type;
+`oodserve.bench.http_driver.send_requests` posts to /v1/score only and sets no headers but the content type;
 the v2 rows go to /v2/models/NAME/infer on both servers and must say `Accept-Encoding: identity` (MLServer
 gzips answers over 500 bytes otherwise), so `send_prepared` is the same design (one keep-alive connection
 per worker, prebuilt requests, bounded count and time) with the URL and headers as arguments. Both
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import Outcomes, drive_workers, send_requests
+from oodserve.bench.http_driver import Outcomes, drive_workers, send_requests
 
 GRPC_TIMEOUT_SECONDS = 120.0
 
@@ -65,7 +65,7 @@ async def send_prepared(
     max_seconds: float | None = None,
 ) -> Outcomes:
     """`requests` POSTs of the bodies (in turn) to the full `url` with `headers` from `concurrency` workers, each on
-    its own one-connection keep-alive transport (benchmarks.http_driver.send_requests); stops early after `max_seconds`."""
+    its own one-connection keep-alive transport (oodserve.bench.http_driver.send_requests); stops early after `max_seconds`."""
     others = {key: value for key, value in headers.items() if key.lower() != "content-type"}
     content_type = next((value for key, value in headers.items() if key.lower() == "content-type"), "application/json")
     return await send_requests(url, bodies, content_type, concurrency, requests, max_seconds=max_seconds, path="", extra_headers=others)

@@ -64,7 +64,7 @@ def wait_until_ok(process: subprocess.Popen[bytes], url: str, timeout: float, wh
 
 
 class ServerProcess:
-    """`python -m service.cli serve` on 127.0.0.1 with the given OODSERVE_* overrides; stopped on exit."""
+    """`python -m oodserve.cli serve` on 127.0.0.1 with the given OODSERVE_* overrides; stopped on exit."""
 
     def __init__(self, bundle: Path, env: dict[str, str], log: Path | None) -> None:
         self.port = free_port()
@@ -74,7 +74,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "service.cli",
+            "oodserve.cli",
             "serve",
             "--bundle",
             str(bundle),

@@ -1,5 +1,5 @@
 """An MLServer custom runtime that runs the ONNX files of an oodserve bundle with onnxruntime and answers
-their raw outputs: the peer-server row of the comparison in `benchmarks.peers.compare`.
+their raw outputs: the peer-server row of the comparison in `oodserve.bench.peers.compare`.
 
 What it computes is what oodserve's ModelRunner computes for the same request: input `x` (UINT8 or FP32,
 shape (N, *input shape)) cast to float32 on the raw 0..255 scale, every model of the bundle's manifest run

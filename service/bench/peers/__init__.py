@@ -1,2 +1,2 @@
 """Peer-server comparisons: oodserve beside another model server on the same bundle, same machine, same run
-(`python -m benchmarks.peers.compare`)."""
+(`python -m oodserve.bench.peers.compare`)."""

@@ -1,4 +1,4 @@
-"""Where a single-image request's server CPU goes: `python -m benchmarks.profile_hot_path [--concurrency 64]`.
+"""Where a single-image request's server CPU goes: `python -m oodserve.bench.profile_hot_path [--concurrency 64]`.
 
 Starts `oodserve serve` on the bundle (loopback, default settings), sends single-image v2 JSON infer requests
 from `--concurrency` clients (the benchmarks' aiohttp client on uvloop, same machine), records the server with
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import orjson
 
-from benchmarks.http_driver import ServerProcess, run_client, send_requests
-from benchmarks.peers.drivers import v2_json_bodies
+from oodserve.bench.http_driver import ServerProcess, run_client, send_requests
+from oodserve.bench.peers.drivers import v2_json_bodies
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO / "models" / "bundles" / "fashion-mnist"
 
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -63,7 +63,7 @@ def categorise(raw: str) -> tuple[Counter[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_hot_path", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m oodserve.bench.profile_hot_path", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--images", type=Path, help="images for the bundle's input (default: the Fashion-MNIST test set)")
     parser.add_argument("--concurrency", type=int, default=64)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(py_spy).exists():
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
-    from models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+    from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR, load_images
 
     manifest = orjson.loads((args.bundle / "manifest.json").read_bytes())
     images = load_images(DEFAULT_FASHION_MNIST_DIR if args.images is None else args.images, "test").images[:512]

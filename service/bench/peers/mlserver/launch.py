@@ -1,5 +1,5 @@
 """Start MLServer (from its own venv) on free 127.0.0.1 ports with this folder's runtime and settings, serving
-one oodserve bundle's ONNX files; used by benchmarks.peers.compare from oodserve's venv.
+one oodserve bundle's ONNX files; used by oodserve.bench.peers.compare from oodserve's venv.
 
 The checked-in settings.json and model-settings.json are the configuration; a run copies them into a
 temporary model repository and changes only what one run needs: the ports (free loopback ones), the
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.http_driver import free_port, wait_until_ok
+from oodserve.bench.http_driver import free_port, wait_until_ok
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VENV = HERE / ".venv"

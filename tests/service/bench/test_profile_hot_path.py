@@ -3,7 +3,7 @@ threads are left out."""
 
 from __future__ import annotations
 
-from benchmarks.profile_hot_path import categorise
+from oodserve.bench.profile_hot_path import categorise
 
 
 def test_samples_are_sorted_into_the_first_matching_category_and_idle_ones_dropped() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.gpu_check import compare
+from oodserve.bench.gpu_check import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 

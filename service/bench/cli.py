@@ -1,5 +1,5 @@
-"""`oodserve bench`: the throughput table (`benchmarks.throughput`) or, with --load, the bounded load run
-(`benchmarks.load`). Registered on the `oodserve` CLI when the benchmarks package is installed."""
+"""`oodserve bench`: the throughput table (`oodserve.bench.throughput`) or, with --load, the bounded load run
+(`oodserve.bench.load`). Registered on the `oodserve` CLI when the benchmarks package is installed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from service.config import Settings
+from oodserve.config import Settings
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -74,7 +74,7 @@ def bench(
             server_log=server_log,
         )
         return
-    from benchmarks.throughput import BenchOptions, format_table, rows_as_json, run_benchmark
+    from oodserve.bench.throughput import BenchOptions, format_table, rows_as_json, run_benchmark
 
     chosen_bodies = tuple(part.strip() for part in bodies.split(",") if part.strip())
     if not chosen_bodies or any(body not in ("json", "npy") for body in chosen_bodies):
@@ -101,8 +101,8 @@ def bench(
 
 
 def _bench_load(**options: Any) -> None:
-    """`bench --load`: run benchmarks.load, print its report; exit 1 when any request failed (503 aside)."""
-    from benchmarks.load import LoadOptions, format_load_report, run_load
+    """`bench --load`: run oodserve.bench.load, print its report; exit 1 when any request failed (503 aside)."""
+    from oodserve.bench.load import LoadOptions, format_load_report, run_load
 
     if options["body"] not in ("json", "npy"):
         raise typer.BadParameter(f"--load-body must be json or npy, got {options['body']!r}")

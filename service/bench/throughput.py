@@ -7,7 +7,7 @@ One run measures, in this order and never two things at once:
    (onnxruntime plus the numpy scoring), since the service cannot beat it either. The sweep runs once
    before and once after the servers and the better figures count, so a noisy moment cannot lower
    the limit the service is compared with.
-2. the service with dynamic batching, as a `python -m service.cli serve` subprocess on 127.0.0.1,
+2. the service with dynamic batching, as a `python -m oodserve.cli serve` subprocess on 127.0.0.1,
    loaded by the benchmarks' HTTP driver at each concurrency with JSON and with .npy bodies (one image each);
 3. the same bundle served naively (OODSERVE_BATCHING=false: one onnxruntime run per request).
 The load client runs in this process, on the same machine as the server, and its CPU use is part of
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from benchmarks.http_driver import ServerProcess, request_bodies, run_client, send_requests
-from models.data import read_idx
+from oodserve.bench.http_driver import ServerProcess, request_bodies, run_client, send_requests
+from oodserve.datasets import read_idx
 
 LATENCY_PERCENTILES = (50, 99)
 
@@ -265,7 +265,7 @@ async def drive_load(
     server_pid: int | None = None,
     api_key: str | None = None,
 ) -> tuple[float, list[float], int, float | None, float]:
-    """`requests` measured POSTs to url/v1/score from `concurrency` workers (benchmarks.http_driver).
+    """`requests` measured POSTs to url/v1/score from `concurrency` workers (oodserve.bench.http_driver).
 
     Returns (wall seconds, per-request latencies in seconds, count of requests without a 200, server CPU
     seconds used during them when server_pid is given and /proc exists, CPU seconds this client process
@@ -325,10 +325,11 @@ def run_benchmark(options: BenchOptions) -> tuple[dict[str, Any], list[BenchRow]
     """Everything in one run: (context facts, table rows)."""
     import onnxruntime
 
-    from service.config import Settings
-    from service.engine import Engine
+    from oodserve.config import Settings
+    from oodserve.engine import Engine
 
-    settings = Settings(bundle=options.bundle, **{key.removeprefix("OODSERVE_").lower(): value for key, value in options.server_env})
+    overrides: dict[str, Any] = {key.removeprefix("OODSERVE_").lower(): value for key, value in options.server_env}
+    settings = Settings(bundle=options.bundle, **overrides)
     engine = Engine.load(options.bundle, settings.runtime_options())  # the session options the server will use
     raw_threads = settings.inference_threads or os.cpu_count() or 1
     options = replace(options, raw_threads=raw_threads, side_by_side=raw_threads >= 2 and settings.batch_side_by_side_max >= 1)

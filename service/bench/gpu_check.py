@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from models.data import load_images
-from service.engine import Engine
-from service.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
-from service.runtime.sessions import RuntimeOptions
+from oodserve.datasets import load_images
+from oodserve.engine import Engine
+from oodserve.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
+from oodserve.runtime.sessions import RuntimeOptions
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROVIDER_SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -111,8 +111,8 @@ def service_rows(bundle: Path, images: np.ndarray, env: dict[str, str], seconds:
     """Start `oodserve serve` (GPU required unless --allow-cpu), check its providers, measure it over HTTP."""
     import httpx
 
-    from benchmarks.http_driver import ServerProcess
-    from benchmarks.load import LoadOptions, run_load
+    from oodserve.bench.http_driver import ServerProcess
+    from oodserve.bench.load import LoadOptions, run_load
 
     rows: dict[str, Any] = {}
     with ServerProcess(bundle, env, Path(os.environ.get("GPU_CHECK_LOG", "/tmp/oodserve-gpu-check-serve.log"))) as server:
@@ -222,8 +222,8 @@ def main() -> None:
     if best is None:
         arguments.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         raise SystemExit(f"no CUDA provider setting gave sessions on {gpu_provider} (see {arguments.out}); is CUDA / cuDNN loadable?")
-    options = dict(PROVIDER_SETTINGS[best]) if best and not arguments.allow_cpu else {}
-    env = {"OODSERVE_REQUIRE_GPU": "false" if arguments.allow_cpu else "true", "OODSERVE_CUDA_PROVIDER_OPTIONS": json.dumps(options)}
+    serving_options: dict[str, str] = dict(PROVIDER_SETTINGS[best]) if best and not arguments.allow_cpu else {}
+    env = {"OODSERVE_REQUIRE_GPU": "false" if arguments.allow_cpu else "true", "OODSERVE_CUDA_PROVIDER_OPTIONS": json.dumps(serving_options)}
     if arguments.allow_cpu:
         env["OODSERVE_PROVIDERS"] = CPU_PROVIDER
     report["service"] = service_rows(arguments.bundle, fashion[:256], env, arguments.seconds)

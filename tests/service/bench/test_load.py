@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.load import LoadOptions, LoadReport, format_load_report, require_loopback, resident_memory_kib, run_load
-from service.cli import app as cli_app
-from service.config import Settings
-from service.server.app import create_app
+from oodserve.bench.load import LoadOptions, LoadReport, format_load_report, require_loopback, resident_memory_kib, run_load
+from oodserve.cli import app as cli_app
+from oodserve.config import Settings
+from oodserve.server.app import create_app
 from tests.helpers.live_server import uvicorn_in_thread
 
 

@@ -2,7 +2,7 @@
 
 A fixed number of score requests (default 20,000) from a fixed number of concurrent keep-alive clients
 (default 64), stopped early at a wall-clock bound, against a server on 127.0.0.1 only: started here from
-a bundle (`python -m service.cli serve`) or already running (--url, with --server-pid for its memory).
+a bundle (`python -m oodserve.cli serve`) or already running (--url, with --server-pid for its memory).
 Prints the status and transport-error counts, latency percentiles, throughput and the resident memory of
 the server process (/proc/PID/status) after warm-up, at the end and at its peak. Errors are everything but
 200 and 503 (backpressure); the run fails (exit 1) when there is any.
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from benchmarks.http_driver import Outcomes, ServerProcess, request_bodies, run_client, send_requests
+from oodserve.bench.http_driver import Outcomes, ServerProcess, request_bodies, run_client, send_requests
 
 BACKPRESSURE_STATUS = 503
 RSS_SAMPLE_SECONDS = 0.5
@@ -157,7 +157,7 @@ def input_shape_of(url: str, api_key: str | None) -> list[int]:
 
 def run_load(options: LoadOptions) -> LoadReport:
     """Start a server from options.bundle (or use options.url), run the load, stop the server."""
-    from benchmarks.throughput import load_bench_images
+    from oodserve.bench.throughput import load_bench_images
 
     if options.url is None and options.bundle is None:
         raise ValueError("give a bundle to serve or the url of a running loopback server")

@@ -1,0 +1,1 @@
+"""KServe v2 over gRPC: the generated messages and the servicer."""
