@@ -223,7 +223,10 @@ def main() -> None:
         arguments.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         raise SystemExit(f"no CUDA provider setting gave sessions on {gpu_provider} (see {arguments.out}); is CUDA / cuDNN loadable?")
     serving_options: dict[str, str] = dict(PROVIDER_SETTINGS[best]) if best and not arguments.allow_cpu else {}
-    env = {"OODSERVE_REQUIRE_GPU": "false" if arguments.allow_cpu else "true", "OODSERVE_CUDA_PROVIDER_OPTIONS": json.dumps(serving_options)}
+    env = {
+        "OODSERVE_REQUIRE_GPU": "false" if arguments.allow_cpu else "true",
+        "OODSERVE_CUDA_PROVIDER_OPTIONS": json.dumps(serving_options),
+    }
     if arguments.allow_cpu:
         env["OODSERVE_PROVIDERS"] = CPU_PROVIDER
     report["service"] = service_rows(arguments.bundle, fashion[:256], env, arguments.seconds)

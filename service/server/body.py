@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,10 +100,3 @@ def json_type_name(value: Any) -> str:
         return "number"
     names: dict[type, str] = {dict: "object", list: "array", str: "string"}
     return names.get(type(value), type(value).__name__)
-
-
-def checked_alpha(value: Any) -> float | None:
-    """`value` as a float when it is a number (not a boolean) in (0, 1), else None: the one alpha check."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value < 1.0:
-        return None
-    return float(value)

@@ -33,7 +33,7 @@ async def get_metrics(state: StateDep) -> ServiceMetrics:
 
 async def get_ready_registry(state: StateDep) -> EngineRegistry:
     """The engines, or NotReadyError (503) until bundles are loaded and warmed up."""
-    return state.ready_registry()
+    return state.plane.registry()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -41,14 +41,14 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 RegistryDep = Annotated[EngineRegistry, Depends(get_ready_registry)]
 
 
-async def get_named_engine(name: str, registry: RegistryDep) -> Engine:
+async def get_named_engine(name: str, state: StateDep) -> Engine:
     """The engine serving bundle `name` (a path parameter), else UnknownModelError (404) listing the served names."""
-    return registry.require(name)
+    return state.plane.model(name)
 
 
-async def get_versioned_engine(name: str, registry: RegistryDep, version: str | None = None) -> Engine:
+async def get_versioned_engine(name: str, state: StateDep, version: str | None = None) -> Engine:
     """As get_named_engine, and the model's version must equal `version` when the path names one (v2)."""
-    return registry.require(name, version)
+    return state.plane.model(name, version)
 
 
 NamedEngineDep = Annotated[Engine, Depends(get_named_engine)]

@@ -1,16 +1,13 @@
 """Drift API: the streams' online tests per model (`GET /v1/models/{name}/drift`), their restart by an admin
-(`POST /v1/admin/drift/reset`), and the hooks the scoring routes call (`stream_of`, `observe_stream`)."""
+(`POST /v1/admin/drift/reset`). Scored batches enter their stream's tests in the data plane (`DataPlane.observe_stream`);
+the stream is named by the `X-OOD-Stream` header (`STREAM_HEADER`) or gRPC metadata `x-ood-stream`."""
 
 from __future__ import annotations
-
-import re
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from oodserve.drift.monitor import DEFAULT_STREAM, DriftMonitor
-from oodserve.engine import Engine
-from oodserve.scoring.pipeline import BatchScores
+from oodserve.drift.monitor import DriftMonitor
 from oodserve.server.body import json_type_name, read_optional_json_object
 from oodserve.server.deps import NamedEngineDep, StateDep
 from oodserve.server.errors import ApiError
@@ -20,31 +17,10 @@ from oodserve.server.security import ADMIN_KEY_DEPENDENCIES
 from oodserve.server.state import AppState
 
 STREAM_HEADER = "x-ood-stream"
-STREAM_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_RESET_BODY_BYTES = 4096
 
 router = APIRouter(prefix="/v1", tags=["drift"])
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=ADMIN_KEY_DEPENDENCIES)
-
-
-def stream_of(request: Request) -> str:
-    """The request's stream name from `X-OOD-Stream` (default `default`); 422 when it is not 1-64 of [A-Za-z0-9_.:-]."""
-    return check_stream_name(request.headers.get(STREAM_HEADER))
-
-
-def check_stream_name(value: str | None) -> str:
-    """A stream name as sent (`X-OOD-Stream` header or gRPC metadata), `default` when none; 422 when malformed."""
-    if value is None:
-        return DEFAULT_STREAM
-    if not STREAM_PATTERN.fullmatch(value):
-        raise ApiError(422, "invalid_stream", f"header X-OOD-Stream must be 1 to 64 characters of A-Z a-z 0-9 _ . : -, got {value[:80]!r}")
-    return value
-
-
-def observe_stream(state: AppState, stream: str, engine: Engine, scores: BatchScores) -> None:
-    """Feed a scored request's fused statistics into its stream's tests (no-op when drift is off)."""
-    if state.drift is not None:
-        state.drift.observe(engine.name, stream, engine.bundle.calibration.fused, scores.fused_score)
 
 
 def _monitor(state: AppState) -> DriftMonitor:

@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from oodserve.dataplane import InvalidStreamError, PermissionDenied, Unauthenticated
 from oodserve.engine import NotReadyError, UnknownModelError
 from oodserve.runtime.batching import DeadlineExceededError, QueueFullError
 from oodserve.scoring.inputs import InputError
@@ -114,12 +115,26 @@ def _unknown_model(error: UnknownModelError) -> ApiError:
     return ApiError(404, error.code, str(error))
 
 
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="oodserve"'}
+
+
+def _unauthenticated(error: Unauthenticated) -> ApiError:
+    return ApiError(401, "unauthorized", str(error), headers=BEARER_CHALLENGE)
+
+
+def _permission_denied(error: PermissionDenied) -> ApiError:
+    return ApiError(403, error.code, str(error))
+
+
 DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
     InputError: _input_error,
     QueueFullError: _queue_full,
     DeadlineExceededError: _fixed(504, "deadline_exceeded"),
     NotReadyError: _fixed(503, "not_ready"),
     UnknownModelError: _unknown_model,
+    Unauthenticated: _unauthenticated,
+    PermissionDenied: _permission_denied,
+    InvalidStreamError: _fixed(422, "invalid_stream"),
     ReloadInProgressError: _fixed(409, "reload_in_progress"),
     BundleRefusedError: _fixed(422, "bundle_refused"),
     ReloadFailedError: _fixed(500, "reload_failed"),

@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute
 from oodserve.engine import Engine
 from oodserve.server.errors import DOMAIN_ERRORS, ApiError, as_api_error, envelope_of_route
 from oodserve.server.middleware.limits import ASGIApp, Receive, Scope, Send
-from oodserve.server.security import bearer_scheme, check_key
+from oodserve.server.security import authorize
 from oodserve.server.state import AppState
 
 Handler = Callable[[Request, Engine], Awaitable[Response]]
@@ -110,14 +110,11 @@ class HotPathMiddleware:
         await response(scope, receive, send)
 
     async def _handle(self, hot: HotRoute, path_params: dict[str, Any], request: Request) -> Response:
-        """The router's dependencies in the same order (API key, ready registry, engine), then its handler."""
-        state = self.state
-        if state.settings.api_keys:
-            check_key(await bearer_scheme(request), state.settings.api_keys, "API")
-        registry = state.ready_registry()
+        """The data plane's key check and model lookup (as the routers' dependencies do), then the route's handler."""
+        await authorize(request, "api")
         if hot.default_model:
-            engine = registry.default
+            engine = self.state.plane.model(None)
         else:  # the v2 route without {version} takes ?version= as FastAPI's dependency does
             version = path_params.get("version", request.query_params.get("version") if hot.versioned else None)
-            engine = registry.require(path_params["name"], version)
+            engine = self.state.plane.model(path_params["name"], version)
         return await hot.handler(request, engine)

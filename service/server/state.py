@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from oodserve.config import Settings
+from oodserve.dataplane import DataPlane
 from oodserve.drift.monitor import DriftMonitor
 from oodserve.engine import EngineRegistry, NotReadyError
 from oodserve.observability.metrics import ServiceMetrics
@@ -19,7 +20,7 @@ STATE_KEY = "oodserve"
 @dataclass
 class AppState:
     """Everything a request handler may read: settings, metrics, the served registry (swapped whole by a
-    reload), readiness, the batch scheduler, the drift monitor and the reloader."""
+    reload), readiness, the batch scheduler, the drift monitor, the reloader and the data plane over them."""
 
     settings: Settings
     metrics: ServiceMetrics
@@ -31,9 +32,12 @@ class AppState:
     grpc_port: int | None = None
     """The port the KServe v2 gRPC server listens on once started (OODSERVE_GRPC_PORT; 0 binds a free one)."""
     reloader: BundleReloader = field(init=False, repr=False)
+    plane: DataPlane = field(init=False, repr=False)
+    """The transport-neutral data plane over this state: every codec (v1, v2, gRPC, the lean route) goes through it."""
 
     def __post_init__(self) -> None:
         self.reloader = BundleReloader(self)
+        self.plane = DataPlane(self)
 
     def ready_registry(self) -> EngineRegistry:
         """The served engines; NotReadyError until bundles are loaded and warmed up."""

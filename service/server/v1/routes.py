@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Request
 from oodserve.engine import Engine
 from oodserve.scoring.pipeline import BatchScores, InstanceResult
 from oodserve.server.deps import NamedEngineDep, RegistryDep
-from oodserve.server.drift import observe_stream, stream_of
+from oodserve.server.drift import STREAM_HEADER
 from oodserve.server.responses import OrjsonResponse
 from oodserve.server.schemas import ERROR_RESPONSES, ScoreRequest, ScoreResponse
 from oodserve.server.state import app_state
@@ -78,18 +77,10 @@ def score_response_body(engine: Engine, scores: BatchScores) -> dict[str, Any]:
 
 
 async def score_request(request: Request, engine: Engine) -> OrjsonResponse:
-    """Read any accepted body type, queue the images for a merged run (or run them alone when batching
-    is off), record metrics and answer. Settings, metrics and the scheduler come from the app state
-    directly: every dependency is work FastAPI repeats per request on the hot path."""
+    """Any accepted body type through the data plane's score sequence; the v1 response body back."""
     state = app_state(request)
-    stream = stream_of(request)
-    with state.batching.arrival(engine) as arrival:
-        images, alpha = await read_score_images(request, engine, state.settings)
-        engine.check_alpha(alpha)
-        started = time.perf_counter()
-        scores = await state.batching.score(engine, images, alpha, arrival)
-    state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
-    observe_stream(state, stream, engine, scores)
+    stream = request.headers.get(STREAM_HEADER)
+    _, scores = await state.plane.score(engine, stream, lambda: read_score_images(request, engine, state.settings))
     return OrjsonResponse(score_response_body(engine, scores))
 
 

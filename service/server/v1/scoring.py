@@ -9,9 +9,10 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from oodserve.config import Settings
+from oodserve.dataplane import DecodedInput, checked_alpha
 from oodserve.engine import Engine
 from oodserve.scoring.inputs import instances_to_array
-from oodserve.server.body import checked_alpha, is_json_media_type, json_type_name, read_body_limited, read_json_request
+from oodserve.server.body import is_json_media_type, json_type_name, read_body_limited, read_json_request
 from oodserve.server.errors import ApiError
 from oodserve.server.v1.binary import (
     JPEG_MEDIA_TYPE,
@@ -77,8 +78,8 @@ def json_instances_to_images(engine: Engine, instances: list[object]) -> np.ndar
     return instances_to_array(instances, spec.shape, spec.dtype, spec.min, spec.max)
 
 
-async def read_score_images(request: Request, engine: Engine, settings: Settings) -> tuple[np.ndarray, float | None]:
-    """The request's images (N, *input_shape) float32 and alpha, from any accepted body type.
+async def read_score_images(request: Request, engine: Engine, settings: Settings) -> DecodedInput:
+    """The request's images (N, *input_shape) float32 and alpha, from any accepted body type (the v1 codec).
 
     JSON `{"instances", "alpha"}`; application/x-npy (N, *instance shape); image/png or image/jpeg (one image);
     multipart/form-data (PNG files, optional `alpha` field). `?alpha=` applies when the body names none.
@@ -89,14 +90,13 @@ async def read_score_images(request: Request, engine: Engine, settings: Settings
     if media_type in (NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE):
         body = await read_body_limited(request, settings.max_body_bytes)
         if media_type == NPY_MEDIA_TYPE:
-            return npy_to_images(body, spec, settings.max_batch_instances), query_alpha
+            return DecodedInput(npy_to_images(body, spec, settings.max_batch_instances), query_alpha)
         if media_type in (PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE):
-            if media_type == PNG_MEDIA_TYPE:
-                return pngs_to_images([("the PNG body", body)], spec, settings.max_batch_instances, PNG_ONLY), query_alpha
-            return pngs_to_images([("the JPEG body", body)], spec, settings.max_batch_instances, JPEG_ONLY), query_alpha
+            named, kinds = (("the PNG body", PNG_ONLY) if media_type == PNG_MEDIA_TYPE else ("the JPEG body", JPEG_ONLY))
+            return DecodedInput(pngs_to_images([(named, body)], spec, settings.max_batch_instances, kinds), query_alpha)
         images, form_alpha = await multipart_to_images(request.headers, body, spec, settings.max_batch_instances)
         alpha = parse_alpha_text(form_alpha, "form field")
-        return images, query_alpha if alpha is None else alpha
+        return DecodedInput(images, query_alpha if alpha is None else alpha)
     if not is_json_media_type(request.headers.get("content-type")):
         raise ApiError(
             415,
@@ -109,4 +109,4 @@ async def read_score_images(request: Request, engine: Engine, settings: Settings
         images = await run_in_threadpool(json_instances_to_images, engine, instances)
     else:
         images = json_instances_to_images(engine, instances)
-    return images, query_alpha if alpha is None else alpha
+    return DecodedInput(images, query_alpha if alpha is None else alpha)

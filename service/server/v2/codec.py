@@ -15,10 +15,11 @@ import orjson
 from fastapi import Response
 
 from oodserve.bundle.manifest import InputSpec
+from oodserve.dataplane import checked_alpha
 from oodserve.engine import Engine
 from oodserve.scoring.arrays import check_batch_shape, check_image_array
 from oodserve.scoring.pipeline import BatchScores
-from oodserve.server.body import checked_alpha, json_type_name
+from oodserve.server.body import json_type_name
 from oodserve.server.errors import ApiError
 
 INPUT_NAME = "x"

@@ -7,7 +7,6 @@ version, 503 when not ready or overloaded (with Retry-After), 504 past the scori
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -16,10 +15,10 @@ from fastapi import APIRouter, Request, Response
 from oodserve import __version__
 from oodserve.server.body import read_body_limited
 from oodserve.server.deps import StateDep, VersionedEngineDep
-from oodserve.server.drift import observe_stream, stream_of
+from oodserve.server.drift import STREAM_HEADER
 from oodserve.server.errors import V2_ENVELOPE, ApiError, V2Route
 from oodserve.server.state import app_state
-from oodserve.server.v2.codec import HEADER_LENGTH, infer_response, model_metadata, output_specs, parse_infer_request
+from oodserve.server.v2.codec import HEADER_LENGTH, InferRequest, infer_response, model_metadata, output_specs, parse_infer_request
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:
@@ -67,24 +66,17 @@ async def get_model_ready(engine: VersionedEngineDep) -> Response:
 async def infer(request: Request, engine: VersionedEngineDep) -> Response:
     state = app_state(request)
     settings = state.settings
-    stream = stream_of(request)
+    stream = request.headers.get(STREAM_HEADER)
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if encoding != "identity":
         raise ApiError(400, "bad_request", f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
-    with state.batching.arrival(engine) as arrival:
+
+    async def decode() -> InferRequest:
         body = await read_body_limited(request, settings.max_body_bytes)
-        parsed = parse_infer_request(
-            body,
-            request.headers.get(HEADER_LENGTH),
-            engine.manifest.input,
-            settings.max_batch_instances,
-            [output_name for output_name, _ in output_specs(engine)],
-        )
-        engine.check_alpha(parsed.alpha)
-        started = time.perf_counter()
-        scores = await state.batching.score(engine, parsed.images, parsed.alpha, arrival)
-    state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
-    observe_stream(state, stream, engine, scores)
+        outputs = [output_name for output_name, _ in output_specs(engine)]
+        return parse_infer_request(body, request.headers.get(HEADER_LENGTH), engine.manifest.input, settings.max_batch_instances, outputs)
+
+    parsed, scores = await state.plane.score(engine, stream, decode)
     return infer_response(engine, scores, parsed)
 
 

@@ -25,12 +25,10 @@ import grpc
 import numpy as np
 
 from oodserve import __version__
+from oodserve.dataplane import checked_alpha
 from oodserve.engine import Engine, NotReadyError, UnknownModelError
 from oodserve.scoring.arrays import check_batch_shape, check_image_array
-from oodserve.server.body import checked_alpha
-from oodserve.server.drift import check_stream_name, observe_stream
 from oodserve.server.errors import ApiError, as_api_error
-from oodserve.server.security import key_matches
 from oodserve.server.state import AppState
 from oodserve.server.v2.codec import INPUT_DATATYPES, INPUT_NAME, InferRequest, RequestedOutput, model_metadata, output_arrays, output_specs
 from oodserve.server.v2_grpc import messages
@@ -133,21 +131,15 @@ class InferenceService:
     # ---- helpers ----
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
-        """The call's metadata, once the API key in it is checked (when keys are configured)."""
+        """The call's metadata, once the bearer token in it passed the data plane's key check."""
         metadata = dict(context.invocation_metadata() or ())
-        keys = self.state.settings.api_keys
-        if not keys:
-            return metadata
-        header = metadata.get("authorization", "")
-        scheme, _, token = str(header).partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "this RPC needs an API key: send metadata `authorization: Bearer KEY`")
-        if not key_matches(token.strip(), keys):
-            raise ApiError(403, "forbidden", "the presented key is not a valid API key")
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else None
+        self.state.plane.authorize(presented, "api", asked_by="RPC", how="send metadata `authorization: Bearer KEY`")
         return metadata
 
     def _engine(self, name: str, version: str) -> Engine:
-        return self.state.ready_registry().require(name, version or None)
+        return self.state.plane.model(name, version or None)
 
     # ---- RPCs ----
 
@@ -180,16 +172,12 @@ class InferenceService:
 
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = self._check_key(context)
-        state = self.state
         engine = self._engine(request.model_name, request.model_version)
-        stream = check_stream_name(metadata.get("x-ood-stream"))
-        with state.batching.arrival(engine) as arrival:
-            parsed = parse_model_infer(request, engine, state.settings.max_batch_instances)
-            engine.check_alpha(parsed.alpha)
-            started = time.perf_counter()
-            scores = await state.batching.score(engine, parsed.images, parsed.alpha, arrival)
-        state.metrics.observe_batch(engine.name, scores, time.perf_counter() - started)
-        observe_stream(state, stream, engine, scores)
+
+        async def decode() -> InferRequest:
+            return parse_model_infer(request, engine, self.state.settings.max_batch_instances)
+
+        parsed, scores = await self.state.plane.score(engine, metadata.get("x-ood-stream"), decode)
         arrays = output_arrays(engine, scores)
         names = [output.name for output in parsed.outputs] if parsed.outputs is not None else list(arrays)
         response = messages.ModelInferResponse(model_name=engine.name, model_version=engine.version, id=request.id)

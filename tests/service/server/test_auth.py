@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
-import oodserve.server.security
+import oodserve.dataplane
 from oodserve.config import Settings
+from oodserve.dataplane import key_matches
 from oodserve.engine import EngineRegistry, load_registry
 from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server.app import create_app
-from oodserve.server.security import key_matches
 
 SCORE_BODY = {"instances": [np.zeros((28, 28), int).tolist()]}
 
@@ -58,13 +58,13 @@ def test_key_matches_only_configured_keys() -> None:
 def test_every_configured_key_is_compared_with_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     """No early exit: a match on the first key still compares the others, each in constant time."""
     calls: list[tuple[bytes, bytes]] = []
-    real = oodserve.server.security.hmac.compare_digest
+    real = oodserve.dataplane.hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(oodserve.server.security.hmac, "compare_digest", counting)
+    monkeypatch.setattr(oodserve.dataplane.hmac, "compare_digest", counting)
     keys = [SecretStr("first"), SecretStr("second-and-longer"), SecretStr("third")]
     assert key_matches("first", keys)
     assert len(calls) == 3 and all(len(a) == len(b) == 32 for a, b in calls)  # sha256 digests: equal lengths
