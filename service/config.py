@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from oodserve.drift.monitor import DriftSettings
+from oodserve.drift.store import MEMORY_STORE, StoreOptions
 from oodserve.runtime.batching import BatchingOptions
 from oodserve.runtime.sessions import RuntimeOptions
 
@@ -87,6 +88,22 @@ class Settings(BaseSettings):
     drift_max_stream_inputs: int = Field(
         100_000, ge=100, description="A stream restarts after this many inputs (bounded memory); each segment keeps its guarantee."
     )
+    drift_store: str = Field(
+        MEMORY_STORE,
+        description="Where the drift streams live: `memory` (this process only) or a Valkey/Redis URL (redis://HOST:PORT/DB, "
+        "rediss://..., unix:///path) shared by every replica, so a deployment keeps one guarantee per stream.",
+    )
+    drift_store_password: SecretStr | None = Field(
+        None, description="Password of the drift store (overrides one in the URL; e.g. from a Kubernetes Secret)."
+    )
+    drift_store_timeout_ms: float = Field(
+        50.0, gt=0, le=10_000, description="Longest one drift store call may take; scoring never waits on the store at all."
+    )
+    drift_store_buffer_inputs: int = Field(
+        50_000, ge=1, description="Inputs a replica holds while the drift store is slow or down; beyond that the oldest are "
+        "dropped and their streams restart (reason `gap`) once the store is back."
+    )
+    drift_store_prefix: str = Field("oodserve:drift", min_length=1, description="Prefix of every drift store key.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
     lean_routes: bool = Field(
         True,
@@ -153,6 +170,13 @@ class Settings(BaseSettings):
     def _lists_from_text(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("drift_store")
+    @classmethod
+    def _drift_store_url(cls, value: str) -> str:
+        if value != MEMORY_STORE and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"OODSERVE_DRIFT_STORE must be `memory` or a redis://, rediss:// or unix:// URL, got {value[:80]!r}")
+        return value
+
     @model_validator(mode="after")
     def _metrics_protection_needs_keys(self) -> Settings:
         if self.protect_metrics and not (self.api_keys or self.admin_keys):
@@ -178,6 +202,17 @@ class Settings(BaseSettings):
             change_threshold=self.drift_change_threshold,
             max_streams=self.drift_max_streams,
             max_stream_inputs=self.drift_max_stream_inputs,
+        )
+
+    def drift_store_options(self) -> StoreOptions:
+        """Where the drift streams live (OODSERVE_DRIFT_STORE and its options)."""
+        password = self.drift_store_password.get_secret_value() if self.drift_store_password is not None else None
+        return StoreOptions(
+            url=self.drift_store,
+            password=password,
+            timeout_ms=self.drift_store_timeout_ms,
+            buffer_inputs=self.drift_store_buffer_inputs,
+            prefix=self.drift_store_prefix,
         )
 
     def batching_options(self) -> BatchingOptions:

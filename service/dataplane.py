@@ -30,7 +30,8 @@ import numpy as np
 from pydantic import SecretStr
 
 from oodserve.config import Settings
-from oodserve.drift.monitor import DEFAULT_STREAM, DriftMonitor
+from oodserve.drift.monitor import DEFAULT_STREAM
+from oodserve.drift.store import DriftStore
 from oodserve.engine import Engine, EngineRegistry
 from oodserve.observability.metrics import ServiceMetrics
 from oodserve.runtime.batching import BatchScheduler
@@ -63,7 +64,7 @@ class PlaneState(Protocol):
     settings: Settings
     metrics: ServiceMetrics
     batching: BatchScheduler
-    drift: DriftMonitor | None
+    drift: DriftStore | None
 
     def ready_registry(self) -> EngineRegistry: ...
 

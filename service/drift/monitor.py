@@ -87,6 +87,21 @@ class StreamReport:
         }
 
 
+@dataclass(frozen=True)
+class DriftSnapshot:
+    """What a store holds at one moment: the streams' reports, streams evicted per model, restarts per (model,
+    reason), and the store itself (`kind`: memory or redis; `status`: ok or unavailable, with details)."""
+
+    reports: list[StreamReport]
+    evicted: dict[str, int]
+    restarts: dict[tuple[str, str], int]
+    store: dict[str, Any]
+
+    @property
+    def available(self) -> bool:
+        return bool(self.store.get("status") == "ok")
+
+
 LOG10 = math.log(10.0)
 
 
@@ -178,6 +193,16 @@ class DriftMonitor:
                 for key, state in self._streams.items()
                 if model is None or key[0] == model
             ]
+
+    def snapshot(self, model: str | None = None) -> DriftSnapshot:
+        """The reports (of `model` when given) and counters; the embedded store is always available."""
+        reports = self.reports(model)
+        with self._lock:
+            evicted, restarts = dict(self.evicted), dict(self.restarts)
+        return DriftSnapshot(reports, evicted, restarts, {"kind": "memory", "status": "ok"})
+
+    def close(self) -> None:
+        """Nothing to release: the streams live and die with the process."""
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from oodserve.drift.monitor import DriftMonitor
+from oodserve.drift.store import DriftStore
 from oodserve.observability.batched_histogram import BatchedHistogram
 from oodserve.runtime.batching import REFUSAL_REASONS, BatchScheduler
 from oodserve.scoring.pipeline import BatchScores
@@ -69,14 +69,17 @@ class VerdictWindow:
 
 
 class DriftCollector(Collector):
-    """The streams' online tests, read from the drift monitor at scrape time (nothing on the request path).
-    Labels are bounded: at most OODSERVE_DRIFT_MAX_STREAMS streams live at once, dropped ones disappear."""
+    """The streams' online tests, read from the drift store at scrape time (nothing on the request path).
+    Labels are bounded: at most OODSERVE_DRIFT_MAX_STREAMS streams live at once, dropped ones disappear. With a shared
+    store every replica exports the same streams (aggregate with max by (model, stream)); while the store cannot
+    answer, oodserve_drift_store_up is 0 and no stream series are exported."""
 
-    def __init__(self, monitor: DriftMonitor) -> None:
+    def __init__(self, monitor: DriftStore) -> None:
         self.monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
-        reports = self.monitor.reports()
+        snapshot = self.monitor.snapshot()
+        reports = snapshot.reports
         stream_labels = ["model", "stream"]
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "martingale": GaugeMetricFamily(
@@ -114,14 +117,30 @@ class DriftCollector(Collector):
                                 value=-math.log10(self.monitor.settings.delta))
         evicted = CounterMetricFamily("oodserve_drift_streams_evicted", "Streams dropped as least recently used beyond the limit.",
                                       labels=["model"])
-        for model, count in sorted(self.monitor.evicted.items()):
+        for model, count in sorted(snapshot.evicted.items()):
             evicted.add_metric([model], count)
         yield evicted
-        restarts = CounterMetricFamily("oodserve_drift_restarts", "Stream restarts by reason: bound, reload or admin.",
+        restarts = CounterMetricFamily("oodserve_drift_restarts",
+                                       "Stream restarts by reason: bound, reload, admin or gap (inputs lost while the store was away).",
                                        labels=["model", "reason"])
-        for (model, reason), count in sorted(self.monitor.restarts.items()):
+        for (model, reason), count in sorted(snapshot.restarts.items()):
             restarts.add_metric([model, reason], count)
         yield restarts
+        store = snapshot.store
+        yield _store_up(store)
+        yield GaugeMetricFamily("oodserve_drift_store_pending_inputs", "Inputs this replica holds for the drift store (sent in order "
+                                "once it answers).", value=float(store.get("pending_inputs", 0)))
+        yield CounterMetricFamily("oodserve_drift_store_dropped_inputs", "Inputs dropped because the drift store stayed away longer "
+                                  "than the buffer lasts (their streams restart, reason gap).", value=float(store.get("dropped_inputs", 0)))
+        yield CounterMetricFamily("oodserve_drift_store_errors", "Drift store calls that failed or timed out.",
+                                  value=float(store.get("errors", 0)))
+
+
+def _store_up(store: dict[str, object]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily("oodserve_drift_store_up", "1 while the drift store answers and this replica's updates reach it, "
+                               "else 0 (drift reports `unavailable`; scoring goes on).", labels=["kind"])
+    family.add_metric([str(store.get("kind", "memory"))], 1.0 if store.get("status") == "ok" else 0.0)
+    return family
 
 
 class SchedulerCollector(Collector):
@@ -329,7 +348,7 @@ class ServiceMetrics:
         for provider in available_providers:
             self.provider_available.labels(provider=provider).set(1)
 
-    def track_drift(self, monitor: DriftMonitor) -> None:
+    def track_drift(self, monitor: DriftStore) -> None:
         """Export every stream's drift tests (read at each scrape)."""
         self.registry.register(DriftCollector(monitor))
 

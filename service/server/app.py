@@ -3,6 +3,7 @@ loads + verifies bundles and warms them up before readiness."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from oodserve import __version__
 from oodserve.config import Settings
-from oodserve.drift.monitor import DriftMonitor
+from oodserve.drift.store import create_drift_store
 from oodserve.engine import EngineRegistry, load_registry
 from oodserve.observability.metrics import ServiceMetrics
 from oodserve.runtime.batching import BatchScheduler
@@ -69,6 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.ready = False
         state.metrics.ready.set(0)
         await state.batching.close()
+        if state.drift is not None:  # a shared store gets what is still queued (briefly), then its connections close
+            await asyncio.to_thread(state.drift.close)
 
 
 def create_app(settings: Settings | None = None, registry: EngineRegistry | None = None) -> FastAPI:
@@ -92,7 +95,7 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
         metrics=metrics,
         batching=BatchScheduler(settings.batching_options(), on_queue_wait=metrics.observe_queue_wait),
         registry=registry,
-        drift=DriftMonitor(settings.drift_settings()) if settings.drift else None,
+        drift=create_drift_store(settings.drift_settings(), settings.drift_store_options()) if settings.drift else None,
     )
     setattr(app.state, STATE_KEY, state)
     metrics.track_scheduler(state.batching)

@@ -9,7 +9,7 @@ from starlette.requests import HTTPConnection
 
 from oodserve.config import Settings
 from oodserve.dataplane import DataPlane
-from oodserve.drift.monitor import DriftMonitor
+from oodserve.drift.store import DriftStore
 from oodserve.engine import EngineRegistry, NotReadyError
 from oodserve.observability.metrics import ServiceMetrics
 from oodserve.runtime.batching import BatchScheduler
@@ -26,8 +26,8 @@ class AppState:
     metrics: ServiceMetrics
     batching: BatchScheduler
     registry: EngineRegistry | None = None
-    drift: DriftMonitor | None = None
-    """The streams' online tests; None when OODSERVE_DRIFT=false."""
+    drift: DriftStore | None = None
+    """The streams' online tests (in memory or in a shared store); None when OODSERVE_DRIFT=false."""
     ready: bool = False
     grpc_port: int | None = None
     """The port the KServe v2 gRPC server listens on once started (OODSERVE_GRPC_PORT; 0 binds a free one)."""
