@@ -23,10 +23,11 @@ install-serve: $(BIN)/python
 install-test: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e '.[cpu,train,dev]'
 
-# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool) and headless Chromium with its driver.
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver
+# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool), headless Chromium with its driver and
+# redis-server (the shared drift store).
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver redis-server
 system-deps:
-	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null || ! command -v chromedriver >/dev/null || ! command -v redis-server >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi; \
 	fi
