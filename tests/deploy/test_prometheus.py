@@ -26,7 +26,7 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     assert config.returncode == 0, config.stdout + config.stderr
     rules = run_promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 12 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 13 rules found" in rules.stdout + rules.stderr
 
 
 def test_the_issue_alerts_are_present() -> None:
@@ -37,6 +37,7 @@ def test_the_issue_alerts_are_present() -> None:
         "OodserveFusedPValuesNotUniform",
         "OodserveDriftMartingaleAlarm",
         "OodserveDriftChangeDetected",
+        "OodserveDriftStoreUnavailable",
         "OodserveHighErrorRate",
         "OodserveHighP99Latency",
         "OodserveRunningOnCpuWhereGpuExpected",
