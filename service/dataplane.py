@@ -8,7 +8,9 @@ into their wire format. Everything between lives here, once:
 - the model lookup (`model`), with the version a v2 path or `?version=` names;
 - parameter validation (`checked_alpha`, the bundle's smallest alpha, the stream name);
 - the score sequence (`score`): arrival in the batcher, decode, alpha check, merged scoring, metrics and the
-  stream's drift tests, in that order.
+  stream's drift tests, in that order;
+- the typed answers: `ScoreResponse` (built by `score_response`) and `ModelDescription` (`describe_model`), the very
+  models FastAPI documents, so the OpenAPI schema and what is sent cannot drift apart.
 
 The data plane raises domain exceptions only (`Unauthenticated`, `PermissionDenied`, `InvalidStreamError`, and
 the engine's, batcher's and inputs' own); the edge maps them to HTTP statuses or gRPC codes in one table
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
-from pydantic import SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from oodserve.config import Settings
 from oodserve.drift.monitor import DEFAULT_STREAM
@@ -35,7 +37,10 @@ from oodserve.drift.store import DriftStore
 from oodserve.engine import Engine, EngineRegistry
 from oodserve.observability.metrics import ServiceMetrics
 from oodserve.runtime.batching import BatchScheduler
-from oodserve.scoring.pipeline import BatchScores
+from oodserve.scoring.batch_typicality import BatchTypicalityResult
+from oodserve.scoring.inputs import accepted_instance_shapes
+from oodserve.scoring.pipeline import BatchScores, InstanceResult
+from oodserve.scoring.signals import SIGNAL_KINDS
 
 KeyScope = Literal["api", "admin", "metrics"]
 SCOPE_LABELS: dict[KeyScope, str] = {"api": "API", "admin": "admin", "metrics": "API or admin"}
@@ -189,3 +194,140 @@ class DataPlane:
         """Feed a scored batch's fused statistics into its stream's tests (no-op when drift is off)."""
         if self.state.drift is not None:
             self.state.drift.observe(engine.name, stream, engine.bundle.calibration.fused, scores.fused_score)
+
+
+# ---- the typed answers ----
+
+
+class BatchTest(BaseModel):
+    """Batch typicality test (Nalisnick et al. 2019b), present for M >= 2 instances when the bundle has one."""
+
+    test: str = Field(description="Always 'typicality'.")
+    size: int = Field(description="M, the number of instances in the batch.")
+    statistic: float | None = Field(description="|mean bits/dim of the batch - training entropy| (null when not finite).")
+    p_value: float = Field(description="Conformal p-value against K disjoint batches of M held-out in-distribution inputs.")
+    minimum_alpha: float = Field(description="1 / (K + 1): the smallest p-value a batch of this size can get.")
+    reference_batches: int = Field(description="K, the disjoint reference batches of M.")
+    threshold: float | None = Field(description="The (1 - alpha) conformal quantile of the reference statistics, for plots.")
+    alpha: float
+    is_ood: bool | None = Field(description="p_value < alpha: the batch as a whole is atypical; null when alpha <= minimum_alpha.")
+    note: str | None = Field(None, description="Why the batch was not tested, when is_ood is null (omitted otherwise).")
+
+    @classmethod
+    def of(cls, outcome: BatchTypicalityResult) -> BatchTest:
+        note = None
+        if outcome.is_ood is None:
+            note = (
+                f"not tested: alpha {outcome.alpha:g} is not above this batch size's resolution {outcome.minimum_alpha:.4g} "
+                f"({outcome.reference_batches} disjoint reference batches of {outcome.size}); send smaller batches or a larger alpha"
+            )
+        return cls.model_construct(
+            test="typicality", size=outcome.size, statistic=outcome.statistic if math.isfinite(outcome.statistic) else None,
+            p_value=outcome.p_value, minimum_alpha=outcome.minimum_alpha, reference_batches=outcome.reference_batches,
+            threshold=outcome.threshold, alpha=outcome.alpha, is_ood=outcome.is_ood, note=note,
+        )
+
+
+class ScoreResponse(BaseModel):
+    """The answer to a scoring request: one result per instance, in request order, and the batch test when declared."""
+
+    model: str
+    model_version: str
+    alpha: float
+    results: list[InstanceResult]
+    batch: BatchTest | None = Field(None, description="Omitted when the bundle declares no batch test or the batch has one instance.")
+
+    def to_python(self) -> dict[str, Any]:
+        """The JSON body as plain Python (orjson serialises it): `prediction`, `batch` and `note` only when present."""
+        body = self.model_dump(exclude={"results", "batch"})
+        body["results"] = [result.model_dump(exclude_none=True) for result in self.results]
+        if self.batch is not None:
+            body["batch"] = self.batch.model_dump(exclude={"note"} if self.batch.note is None else None)
+        return body
+
+
+def score_response(engine: Engine, scores: BatchScores) -> ScoreResponse:
+    """The typed answer to a scored batch (labels from the manifest, the batch test when the bundle has one)."""
+    outcome = engine.batch_test(scores)
+    return ScoreResponse.model_construct(
+        model=engine.name, model_version=engine.version, alpha=scores.alpha,
+        results=scores.to_instance_results(engine.manifest.labels), batch=None if outcome is None else BatchTest.of(outcome),
+    )
+
+
+class SignalDescription(BaseModel):
+    name: str
+    kind: str
+    description: str
+    model: str
+    output: str
+    params: dict[str, Any]
+    calibration_size: int
+
+
+class ServedModelFile(BaseModel):
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+    provider: str = Field(description="The execution provider onnxruntime actually runs this model on.")
+    sha256: str
+
+
+class ModelDescription(BaseModel):
+    """A served model: manifest facts, signals with their calibration sizes, labels and the active providers."""
+
+    name: str
+    version: str
+    description: str
+    input: dict[str, Any]
+    accepted_instance_shapes: list[list[int]]
+    labels: list[str] | None
+    default_alpha: float
+    minimum_alpha: float
+    signals: list[SignalDescription]
+    fusion: dict[str, Any]
+    classifier: dict[str, Any] | None
+    models: dict[str, ServedModelFile]
+    provider: str
+    sampler: bool
+    provenance: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelDescription]
+
+
+def describe_model(engine: Engine) -> ModelDescription:
+    """What /v1/models and `oodserve info` show of one engine."""
+    manifest = engine.manifest
+    providers = engine.runner.active_providers
+    calibration = engine.bundle.calibration
+    return ModelDescription.model_construct(
+        name=manifest.name,
+        version=manifest.version,
+        description=manifest.description,
+        input=manifest.input.model_dump(mode="json", exclude_none=True),
+        accepted_instance_shapes=accepted_instance_shapes(manifest.input.shape),
+        labels=manifest.labels,
+        default_alpha=manifest.default_alpha,
+        minimum_alpha=engine.minimum_alpha,
+        signals=[
+            SignalDescription.model_construct(
+                name=signal.name, kind=signal.kind, description=SIGNAL_KINDS[signal.kind].description, model=signal.model,
+                output=signal.output, params=signal.params, calibration_size=int(calibration.per_signal[signal.name].size),
+            )
+            for signal in manifest.signals
+        ],
+        fusion={**manifest.fusion.model_dump(mode="json"), "calibration_size": int(calibration.fused.size)},
+        classifier=manifest.classifier.model_dump(mode="json") if manifest.classifier is not None else None,
+        models={
+            name: ServedModelFile.model_construct(
+                file=spec.file, inputs=spec.inputs, outputs=spec.outputs, provider=providers[name], sha256=manifest.files[spec.file]
+            )
+            for name, spec in manifest.models.items()
+        },
+        provider=engine.provider_summary,
+        sampler=engine.sampler is not None,
+        provenance=manifest.provenance.model_dump(mode="json"),
+    )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -14,8 +12,8 @@ from oodserve.bundle.loader import BundleError, VerifiedBundle, load_bundle
 from oodserve.bundle.manifest import Manifest
 from oodserve.runtime.sampler import Sampler
 from oodserve.runtime.sessions import ModelRunner, RuntimeOptions
-from oodserve.scoring.batch_typicality import BatchTypicalityTest
-from oodserve.scoring.inputs import InputError, accepted_instance_shapes
+from oodserve.scoring.batch_typicality import BatchTypicalityResult, BatchTypicalityTest
+from oodserve.scoring.inputs import InputError
 from oodserve.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
 from oodserve.scoring.signals import SIGNAL_KINDS, SignalSource
 
@@ -157,29 +155,12 @@ class Engine:
         """One InstanceResult per image, in input order; alpha defaults to the manifest's default_alpha."""
         return self.score(images, alpha).to_instance_results(self.manifest.labels)
 
-    def batch_test(self, scores: BatchScores) -> dict[str, Any] | None:
+    def batch_test(self, scores: BatchScores) -> BatchTypicalityResult | None:
         """The batch typicality test (Nalisnick et al. 2019b) on a scored batch of M >= 2, else None."""
         test = self.manifest.batch_typicality
         if self.batch_typicality is None or test is None or scores.is_ood.size < 2:
             return None
-        outcome = self.batch_typicality.test(scores.signals[test.signal], scores.alpha)
-        body: dict[str, Any] = {
-            "test": "typicality",
-            "size": outcome.size,
-            "statistic": outcome.statistic if math.isfinite(outcome.statistic) else None,
-            "p_value": outcome.p_value,
-            "minimum_alpha": outcome.minimum_alpha,
-            "reference_batches": outcome.reference_batches,
-            "threshold": outcome.threshold,
-            "alpha": outcome.alpha,
-            "is_ood": outcome.is_ood,
-        }
-        if outcome.is_ood is None:
-            body["note"] = (
-                f"not tested: alpha {outcome.alpha:g} is not above this batch size's resolution {outcome.minimum_alpha:.4g} "
-                f"({outcome.reference_batches} disjoint reference batches of {outcome.size}); send smaller batches or a larger alpha"
-            )
-        return body
+        return self.batch_typicality.test(scores.signals[test.signal], scores.alpha)
 
     def warm_up(self, batch_size: int = 8) -> None:
         """Run the full scoring path once on a mid-grey batch so the first request pays no set-up cost."""
@@ -188,48 +169,6 @@ class Engine:
         images = np.full((batch_size, *spec.shape), middle, dtype=np.float32)
         self.score_batch(images)
         logger.info("bundle %s warmed up with a batch of %d", self.name, batch_size)
-
-    def describe(self) -> dict[str, Any]:
-        """Summary for /v1/models: manifest facts, signals, labels and the active provider per model."""
-        manifest = self.manifest
-        providers = self.runner.active_providers
-        return {
-            "name": manifest.name,
-            "version": manifest.version,
-            "description": manifest.description,
-            "input": manifest.input.model_dump(mode="json", exclude_none=True),
-            "accepted_instance_shapes": accepted_instance_shapes(manifest.input.shape),
-            "labels": manifest.labels,
-            "default_alpha": manifest.default_alpha,
-            "minimum_alpha": self.minimum_alpha,
-            "signals": [
-                {
-                    "name": signal.name,
-                    "kind": signal.kind,
-                    "description": SIGNAL_KINDS[signal.kind].description,
-                    "model": signal.model,
-                    "output": signal.output,
-                    "params": signal.params,
-                    "calibration_size": int(self.bundle.calibration.per_signal[signal.name].size),
-                }
-                for signal in manifest.signals
-            ],
-            "fusion": {**manifest.fusion.model_dump(mode="json"), "calibration_size": int(self.bundle.calibration.fused.size)},
-            "classifier": manifest.classifier.model_dump(mode="json") if manifest.classifier is not None else None,
-            "models": {
-                name: {
-                    "file": spec.file,
-                    "inputs": spec.inputs,
-                    "outputs": spec.outputs,
-                    "provider": providers[name],
-                    "sha256": manifest.files[spec.file],
-                }
-                for name, spec in manifest.models.items()
-            },
-            "provider": self.provider_summary,
-            "sampler": self.sampler is not None,
-            "provenance": manifest.provenance.model_dump(mode="json"),
-        }
 
     @property
     def provider_summary(self) -> str:

@@ -67,6 +67,7 @@ def info(
 ) -> None:
     """Verify a bundle, create its sessions and print its summary and the execution providers."""
     from oodserve.bundle.loader import BundleError
+    from oodserve.dataplane import describe_model
     from oodserve.engine import Engine
     from oodserve.runtime.providers import GpuRequiredError, available_providers
 
@@ -76,7 +77,7 @@ def info(
     except (BundleError, GpuRequiredError) as error:
         typer.echo(f"oodserve: {error}", err=True)
         raise typer.Exit(code=2) from error
-    summary = engine.describe()
+    summary = describe_model(engine).model_dump()
     if as_json:
         typer.echo(json.dumps({"oodserve_version": __version__, "available_providers": available_providers(), **summary}, indent=2))
         return

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from oodserve.scoring.conformal import StackedCalibration, conformal_p_values
 from oodserve.scoring.fusion import fused_statistic
@@ -58,25 +59,27 @@ class Calibration:
         return {name: rows[name] for name in signals}
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(BaseModel):
     """The classifier's answer for one instance."""
+
+    model_config = ConfigDict(frozen=True)
 
     class_index: int
     label: str
     confidence: float
 
 
-@dataclass(frozen=True)
-class InstanceResult:
-    """The verdict for one instance; `score` is the fused statistic (higher = more OOD)."""
+class InstanceResult(BaseModel):
+    """The verdict for one instance: the one typed result, which the v1 response and its OpenAPI schema both use."""
 
-    is_ood: bool
-    score: float
-    p_value: float
+    model_config = ConfigDict(frozen=True)
+
+    is_ood: bool = Field(description="p_value < alpha")
+    score: float = Field(description="Fused statistic, higher = more OOD.")
+    p_value: float = Field(description="Conformal p-value of the fused statistic.")
     signals: dict[str, float]
     p_values: dict[str, float]
-    prediction: Prediction | None
+    prediction: Prediction | None = Field(None, description="Present when the bundle has a classifier (omitted otherwise).")
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,9 @@ class BatchScores:
             if classes is not None and confidences is not None:
                 class_index = int(classes[index])
                 label = labels[class_index] if labels is not None and class_index < len(labels) else str(class_index)
-                prediction = Prediction(class_index=class_index, label=label, confidence=float(confidences[index]))
+                prediction = Prediction.model_construct(class_index=class_index, label=label, confidence=float(confidences[index]))
             results.append(
-                InstanceResult(
+                InstanceResult.model_construct(
                     is_ood=bool(verdicts[index]),
                     score=float(fused_scores[index]),
                     p_value=float(fused_p_values[index]),
