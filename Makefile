@@ -47,6 +47,7 @@ import-tree:
 test: install-test import-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict -f docs/mkdocs.yml
 	$(BIN)/python -m pytest -q
 
 bundle: install-test
