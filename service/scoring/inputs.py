@@ -19,6 +19,14 @@ class InputError(ValueError):
         self.message = message
 
 
+class MalformedInputError(InputError):
+    """A payload that is not what it claims to be (not a .npy, PNG or JPEG; a header that lies): HTTP 400."""
+
+
+class UnsupportedInputError(InputError):
+    """A payload kind this bundle's input cannot take (image files for a vector input): HTTP 415."""
+
+
 def has_channel_axis(input_shape: Sequence[int]) -> bool:
     """True for image inputs (C, H, W) with a few colour channels (C > 1, fewer than either side)."""
     shape = list(input_shape)

@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Match
 from oodserve.dataplane import InvalidStreamError, PermissionDenied, Unauthenticated
 from oodserve.engine import NotReadyError, UnknownModelError
 from oodserve.runtime.batching import DeadlineExceededError, QueueFullError
-from oodserve.scoring.inputs import InputError
+from oodserve.scoring.inputs import InputError, MalformedInputError, UnsupportedInputError
 from oodserve.server.reload import BundleRefusedError, ReloadFailedError, ReloadInProgressError
 
 logger = logging.getLogger("oodserve.server")
@@ -127,6 +127,8 @@ def _permission_denied(error: PermissionDenied) -> ApiError:
 
 
 DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
+    MalformedInputError: lambda error: ApiError(400, error.code, error.message),
+    UnsupportedInputError: lambda error: ApiError(415, error.code, error.message),
     InputError: _input_error,
     QueueFullError: _queue_full,
     DeadlineExceededError: _fixed(504, "deadline_exceeded"),

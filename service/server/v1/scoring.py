@@ -12,19 +12,10 @@ from oodserve.config import Settings
 from oodserve.dataplane import DecodedInput, checked_alpha
 from oodserve.engine import Engine
 from oodserve.scoring.inputs import instances_to_array
+from oodserve.scoring.payloads import JPEG_ONLY, PNG_ONLY, npy_to_images, pngs_to_images
 from oodserve.server.body import is_json_media_type, json_type_name, read_body_limited, read_json_request
 from oodserve.server.errors import ApiError
-from oodserve.server.v1.binary import (
-    JPEG_MEDIA_TYPE,
-    JPEG_ONLY,
-    MULTIPART_MEDIA_TYPE,
-    NPY_MEDIA_TYPE,
-    PNG_MEDIA_TYPE,
-    PNG_ONLY,
-    multipart_to_images,
-    npy_to_images,
-    pngs_to_images,
-)
+from oodserve.server.v1.binary import JPEG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE, NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, multipart_to_images
 
 SCORE_MEDIA_TYPES = ("application/json", NPY_MEDIA_TYPE, PNG_MEDIA_TYPE, JPEG_MEDIA_TYPE, MULTIPART_MEDIA_TYPE)
 INLINE_JSON_INSTANCES = 4

@@ -174,7 +174,7 @@ def test_json_bodies_take_alpha_from_the_query_when_the_body_has_none(client: Te
     ],
 )
 def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None:
-    from oodserve.server.v1.binary import fast_npy_header, read_npy
+    from oodserve.scoring.payloads import fast_npy_header, read_npy
 
     body = npy_bytes(array)
     parsed = fast_npy_header(body)
@@ -187,15 +187,16 @@ def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None
 
 
 def test_a_huge_declared_shape_is_refused_before_allocation() -> None:
-    from oodserve.server.errors import ApiError
-    from oodserve.server.v1.binary import read_npy
+    from oodserve.scoring.inputs import MalformedInputError
+    from oodserve.scoring.payloads import read_npy
+    from oodserve.server.errors import as_api_error
 
     header = "{'descr': '<f8', 'fortran_order': False, 'shape': (4000000000, 28, 28), }"
     padded = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
     body = b"\x93NUMPY\x01\x00" + len(padded).to_bytes(2, "little") + padded.encode() + b"\0" * 64
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(MalformedInputError) as refused:
         read_npy(body)
-    assert refused.value.status_code == 400 and "4000000000" in refused.value.message
+    assert as_api_error(refused.value).status_code == 400 and "4000000000" in refused.value.message
 
 
 @pytest.mark.parametrize(
