@@ -1,22 +1,21 @@
-"""Service settings: one pydantic-settings `Settings`, read from OODSERVE_* environment variables, and the
-runtime options (onnxruntime sessions, dynamic batching) derived from them."""
+"""Service settings: one pydantic-settings `Settings`, read from OODSERVE_* environment variables.
+
+The bottom layer: it imports nothing of oodserve. The options each part runs with are derived where they are used
+(`RuntimeOptions.from_settings`, `BatchingOptions.from_settings`, `DriftSettings.from_settings`,
+`StoreOptions.from_settings`)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from oodserve.drift.monitor import DriftSettings
-from oodserve.drift.store import MEMORY_STORE, StoreOptions
-from oodserve.runtime.batching import BatchingOptions
-from oodserve.runtime.sessions import RuntimeOptions
-
 DEFAULT_BUNDLE = Path("models/bundles/fashion-mnist")
+MEMORY_STORE = "memory"
+"""OODSERVE_DRIFT_STORE of the embedded, per-process drift store (the default)."""
 
 
 def _split_list(value: Any) -> Any:
@@ -182,48 +181,3 @@ class Settings(BaseSettings):
         if self.protect_metrics and not (self.api_keys or self.admin_keys):
             raise ValueError("OODSERVE_PROTECT_METRICS=true needs OODSERVE_API_KEYS or OODSERVE_ADMIN_KEYS")
         return self
-
-    def runtime_options(self) -> RuntimeOptions:
-        """onnxruntime options from the settings."""
-        return RuntimeOptions(
-            providers=tuple(self.providers) if self.providers else None,
-            require_gpu=self.require_gpu,
-            intra_op_threads=self.intra_op_threads,
-            inter_op_threads=self.inter_op_threads,
-            allow_spinning=self.onnxruntime_spinning,
-            cuda_provider_options=tuple(sorted((str(k), str(v)) for k, v in self.cuda_provider_options.items())),
-            allow_codec_mismatch=self.allow_codec_mismatch,
-        )
-
-    def drift_settings(self) -> DriftSettings:
-        """Drift monitor options from the settings."""
-        return DriftSettings(
-            delta=self.drift_delta,
-            change_threshold=self.drift_change_threshold,
-            max_streams=self.drift_max_streams,
-            max_stream_inputs=self.drift_max_stream_inputs,
-        )
-
-    def drift_store_options(self) -> StoreOptions:
-        """Where the drift streams live (OODSERVE_DRIFT_STORE and its options)."""
-        password = self.drift_store_password.get_secret_value() if self.drift_store_password is not None else None
-        return StoreOptions(
-            url=self.drift_store,
-            password=password,
-            timeout_ms=self.drift_store_timeout_ms,
-            buffer_inputs=self.drift_store_buffer_inputs,
-            prefix=self.drift_store_prefix,
-        )
-
-    def batching_options(self) -> BatchingOptions:
-        """Dynamic batching options from the settings."""
-        return BatchingOptions(
-            enabled=self.batching,
-            max_batch_size=self.batch_max_size,
-            max_queue_delay_ms=self.batch_max_delay_ms,
-            queue_capacity=self.batch_queue_capacity,
-            deadline_ms=self.batch_deadline_seconds * 1000.0,
-            inference_threads=self.inference_threads or os.cpu_count() or 1,
-            side_by_side_max_batch=self.batch_side_by_side_max,
-            min_batch_beside_run=self.batch_min_beside_run,
-        )

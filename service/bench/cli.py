@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from oodserve.bench.load import LoadOptions, format_load_report, run_load
+from oodserve.bench.throughput import BenchOptions, format_table, rows_as_json, run_benchmark
 from oodserve.config import Settings
 
 
@@ -74,7 +76,6 @@ def bench(
             server_log=server_log,
         )
         return
-    from oodserve.bench.throughput import BenchOptions, format_table, rows_as_json, run_benchmark
 
     chosen_bodies = tuple(part.strip() for part in bodies.split(",") if part.strip())
     if not chosen_bodies or any(body not in ("json", "npy") for body in chosen_bodies):
@@ -102,7 +103,6 @@ def bench(
 
 def _bench_load(**options: Any) -> None:
     """`bench --load`: run oodserve.bench.load, print its report; exit 1 when any request failed (503 aside)."""
-    from oodserve.bench.load import LoadOptions, format_load_report, run_load
 
     if options["body"] not in ("json", "npy"):
         raise typer.BadParameter(f"--load-body must be json or npy, got {options['body']!r}")

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from oodserve.bench.http_driver import ServerProcess
+from oodserve.bench.load import LoadOptions, run_load
 from oodserve.datasets import load_images
 from oodserve.engine import Engine
 from oodserve.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
@@ -111,8 +113,6 @@ def service_rows(bundle: Path, images: np.ndarray, env: dict[str, str], seconds:
     """Start `oodserve serve` (GPU required unless --allow-cpu), check its providers, measure it over HTTP."""
     import httpx
 
-    from oodserve.bench.http_driver import ServerProcess
-    from oodserve.bench.load import LoadOptions, run_load
 
     rows: dict[str, Any] = {}
     with ServerProcess(bundle, env, Path(os.environ.get("GPU_CHECK_LOG", "/tmp/oodserve-gpu-check-serve.log"))) as server:

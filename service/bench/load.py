@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from oodserve.bench.http_driver import Outcomes, ServerProcess, request_bodies, run_client, send_requests
+from oodserve.bench.throughput import load_bench_images
 
 BACKPRESSURE_STATUS = 503
 RSS_SAMPLE_SECONDS = 0.5
@@ -157,7 +158,6 @@ def input_shape_of(url: str, api_key: str | None) -> list[int]:
 
 def run_load(options: LoadOptions) -> LoadReport:
     """Start a server from options.bundle (or use options.url), run the load, stop the server."""
-    from oodserve.bench.throughput import load_bench_images
 
     if options.url is None and options.bundle is None:
         raise ValueError("give a bundle to serve or the url of a running loopback server")

@@ -24,6 +24,7 @@ import orjson
 
 from oodserve.bench.http_driver import ServerProcess, run_client, send_requests
 from oodserve.bench.peers.drivers import v2_json_bodies
+from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR, load_images
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO / "models" / "bundles" / "fashion-mnist"
@@ -75,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(py_spy).exists():
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
-    from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR, load_images
 
     manifest = orjson.loads((args.bundle / "manifest.json").read_bytes())
     images = load_images(DEFAULT_FASHION_MNIST_DIR if args.images is None else args.images, "test").images[:512]

@@ -30,7 +30,10 @@ import numpy as np
 import orjson
 
 from oodserve.bench.http_driver import ServerProcess, request_bodies, run_client, send_requests
+from oodserve.config import Settings
 from oodserve.datasets import read_idx
+from oodserve.engine import Engine
+from oodserve.runtime.sessions import RuntimeOptions
 
 LATENCY_PERCENTILES = (50, 99)
 
@@ -325,12 +328,10 @@ def run_benchmark(options: BenchOptions) -> tuple[dict[str, Any], list[BenchRow]
     """Everything in one run: (context facts, table rows)."""
     import onnxruntime
 
-    from oodserve.config import Settings
-    from oodserve.engine import Engine
 
     overrides: dict[str, Any] = {key.removeprefix("OODSERVE_").lower(): value for key, value in options.server_env}
     settings = Settings(bundle=options.bundle, **overrides)
-    engine = Engine.load(options.bundle, settings.runtime_options())  # the session options the server will use
+    engine = Engine.load(options.bundle, RuntimeOptions.from_settings(settings))  # the session options the server will use
     raw_threads = settings.inference_threads or os.cpu_count() or 1
     options = replace(options, raw_threads=raw_threads, side_by_side=raw_threads >= 2 and settings.batch_side_by_side_max >= 1)
     images = load_bench_images(options.images, engine.manifest.input.shape, 512, options.seed)

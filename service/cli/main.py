@@ -12,7 +12,16 @@ from typing import Annotated, Any
 import typer
 
 from oodserve import __version__
+from oodserve.bundle.loader import BundleError
 from oodserve.cli.optional import register_optional_commands
+from oodserve.config import Settings
+from oodserve.dataplane import describe_model
+from oodserve.engine import Engine
+from oodserve.export.triton import TritonExportError, export_triton_repository
+from oodserve.runtime.providers import GpuRequiredError, available_providers
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.server.app import create_app, load_registry_from_settings
+from oodserve.server.runner import run_server
 
 app = typer.Typer(
     help="oodserve: out-of-distribution detection service for ONNX model bundles.",
@@ -23,7 +32,6 @@ app = typer.Typer(
 
 def _settings(**overrides: Any) -> Any:
     """Settings from OODSERVE_* variables, with the command-line options that were given taking priority."""
-    from oodserve.config import Settings
 
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
@@ -43,19 +51,15 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option(help="Also serve KServe v2 gRPC on this port [env OODSERVE_GRPC_PORT; off].")] = None,
 ) -> None:
     """Verify the bundle(s), then serve the HTTP API (and gRPC with --grpc-port; ready after warm-up)."""
-    from oodserve.bundle.loader import BundleError
-    from oodserve.runtime.providers import GpuRequiredError
 
     settings = _settings(bundle=bundle, host=host, port=port, log_level=log_level, grpc_port=grpc_port)
     _configure_logging(settings.log_level)
-    from oodserve.server.app import create_app, load_registry_from_settings
 
     try:
         registry = load_registry_from_settings(settings)
     except (BundleError, GpuRequiredError) as error:
         typer.echo(f"oodserve: refusing to start: {error}", err=True)
         raise typer.Exit(code=2) from error
-    from oodserve.server.runner import run_server
 
     run_server(create_app(settings, registry), settings)  # SIGTERM: finish in-flight requests, exit 0; SIGHUP: reload
 
@@ -66,14 +70,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full model summary as JSON.")] = False,
 ) -> None:
     """Verify a bundle, create its sessions and print its summary and the execution providers."""
-    from oodserve.bundle.loader import BundleError
-    from oodserve.dataplane import describe_model
-    from oodserve.engine import Engine
-    from oodserve.runtime.providers import GpuRequiredError, available_providers
 
     settings = _settings(bundle=bundle)
     try:
-        engine = Engine.load(settings.bundle, settings.runtime_options())
+        engine = Engine.load(settings.bundle, RuntimeOptions.from_settings(settings))
     except (BundleError, GpuRequiredError) as error:
         typer.echo(f"oodserve: {error}", err=True)
         raise typer.Exit(code=2) from error
@@ -109,8 +109,6 @@ def export_triton(
     name_prefix: Annotated[str | None, typer.Option(help="Prefix of the Triton model names [default: '<bundle name>-'].")] = None,
 ) -> None:
     """Write a Triton model repository (config.pbtxt with dynamic batching per ONNX model) plus a bundle copy for scoring."""
-    from oodserve.bundle.loader import BundleError
-    from oodserve.export.triton import TritonExportError, export_triton_repository
 
     try:
         export = export_triton_repository(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from oodserve.config import Settings
 from oodserve.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
 
 DEFAULT_STREAM = "default"
@@ -36,6 +37,15 @@ class DriftSettings:
     max_stream_inputs: int = 100_000
     seed: int | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DriftSettings:
+        """Drift monitor options from the settings."""
+        return cls(
+            delta=settings.drift_delta,
+            change_threshold=settings.drift_change_threshold,
+            max_streams=settings.drift_max_streams,
+            max_stream_inputs=settings.drift_max_stream_inputs,
+        )
 
 @dataclass
 class StreamState:

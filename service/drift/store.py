@@ -11,9 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from oodserve.config import MEMORY_STORE, Settings
 from oodserve.drift.monitor import DriftMonitor, DriftSettings, DriftSnapshot
-
-MEMORY_STORE = "memory"
 
 
 class DriftStore(Protocol):
@@ -54,6 +53,17 @@ class StoreOptions:
     buffer_inputs: int = 50_000
     prefix: str = "oodserve:drift"
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreOptions:
+        """Where the drift streams live (OODSERVE_DRIFT_STORE and its options)."""
+        password = settings.drift_store_password.get_secret_value() if settings.drift_store_password is not None else None
+        return cls(
+            url=settings.drift_store,
+            password=password,
+            timeout_ms=settings.drift_store_timeout_ms,
+            buffer_inputs=settings.drift_store_buffer_inputs,
+            prefix=settings.drift_store_prefix,
+        )
 
 def create_drift_store(settings: DriftSettings, options: StoreOptions) -> DriftStore:
     """The in-memory monitor for `memory`, else a shared Redis/Valkey store at `options.url`."""

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from oodserve.drift.store import DriftStore
 from oodserve.observability.batched_histogram import BatchedHistogram
 from oodserve.runtime.batching import REFUSAL_REASONS, BatchScheduler
+from oodserve.runtime.providers import available_providers as onnxruntime_providers
 from oodserve.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
@@ -321,7 +322,6 @@ class ServiceMetrics:
         batch is timed per ONNX model. `available_providers` defaults to onnxruntime's list.
         """
         if available_providers is None:
-            from oodserve.runtime.providers import available_providers as onnxruntime_providers
 
             available_providers = onnxruntime_providers()
         engines = list(engines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from oodserve.config import Settings
 from oodserve.scoring.pipeline import BatchScores
 
 if TYPE_CHECKING:
@@ -65,6 +67,19 @@ class BatchingOptions:
     bundle's models side by side (one helper thread): the lone request of a quiet service uses two
     cores instead of one. 0 = never; needs inference_threads >= 2."""
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingOptions:
+        """Dynamic batching options from the settings."""
+        return cls(
+            enabled=settings.batching,
+            max_batch_size=settings.batch_max_size,
+            max_queue_delay_ms=settings.batch_max_delay_ms,
+            queue_capacity=settings.batch_queue_capacity,
+            deadline_ms=settings.batch_deadline_seconds * 1000.0,
+            inference_threads=settings.inference_threads or os.cpu_count() or 1,
+            side_by_side_max_batch=settings.batch_side_by_side_max,
+            min_batch_beside_run=settings.batch_min_beside_run,
+        )
 
 class QueueFullError(RuntimeError):
     """The engine's queue cannot take the request's instances now; retry after `retry_after_s` seconds."""

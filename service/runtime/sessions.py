@@ -13,6 +13,7 @@ import numpy as np
 
 from oodserve.bundle.loader import BundleError, VerifiedBundle
 from oodserve.bundle.manifest import ModelSpec
+from oodserve.config import Settings
 from oodserve.runtime.providers import CUDA_PROVIDER, GpuRequiredError, available_providers, resolve_providers
 
 logger = logging.getLogger("oodserve.runtime")
@@ -36,6 +37,18 @@ class RuntimeOptions:
     """Load a bundle whose signals this machine computes differently (for example another zlib behind the PNG
     length of input_complexity) with a warning instead of refusing it."""
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """onnxruntime options from the settings."""
+        return cls(
+            providers=tuple(settings.providers) if settings.providers else None,
+            require_gpu=settings.require_gpu,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=settings.onnxruntime_spinning,
+            cuda_provider_options=tuple(sorted((str(k), str(v)) for k, v in settings.cuda_provider_options.items())),
+            allow_codec_mismatch=settings.allow_codec_mismatch,
+        )
 
 @dataclass(frozen=True)
 class ModelSession:

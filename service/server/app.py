@@ -14,10 +14,12 @@ from starlette.concurrency import run_in_threadpool
 
 from oodserve import __version__
 from oodserve.config import Settings
-from oodserve.drift.store import create_drift_store
+from oodserve.drift.monitor import DriftSettings
+from oodserve.drift.store import StoreOptions, create_drift_store
 from oodserve.engine import EngineRegistry, load_registry
 from oodserve.observability.metrics import ServiceMetrics
-from oodserve.runtime.batching import BatchScheduler
+from oodserve.runtime.batching import BatchingOptions, BatchScheduler
+from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server import admin, console, drift, health, metrics_endpoint
 from oodserve.server.errors import install_error_handlers
 from oodserve.server.hot_path import Handler, HotPathMiddleware, hot_routes
@@ -31,13 +33,14 @@ from oodserve.server.state import STATE_KEY, AppState, app_state
 from oodserve.server.v1 import evidence, generation
 from oodserve.server.v1 import routes as v1
 from oodserve.server.v2 import routes as v2
+from oodserve.server.v2_grpc.service import start_grpc_server
 
 logger = logging.getLogger("oodserve.app")
 
 
 def load_registry_from_settings(settings: Settings) -> EngineRegistry:
     """Verify and load settings.bundle (the default model) and settings.extra_bundles."""
-    return load_registry([settings.bundle, *settings.extra_bundles], settings.runtime_options())
+    return load_registry([settings.bundle, *settings.extra_bundles], RuntimeOptions.from_settings(settings))
 
 
 @asynccontextmanager
@@ -53,7 +56,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.track_registry(registry)
     grpc_server = None
     if settings.grpc_port is not None:  # bound before readiness: a port that cannot be bound fails the start-up
-        from oodserve.server.v2_grpc.service import start_grpc_server
 
         grpc_server, state.grpc_port = await start_grpc_server(state, settings.host, settings.grpc_port)
     state.ready = True
@@ -93,9 +95,9 @@ def create_app(settings: Settings | None = None, registry: EngineRegistry | None
     state = AppState(
         settings=settings,
         metrics=metrics,
-        batching=BatchScheduler(settings.batching_options(), on_queue_wait=metrics.observe_queue_wait),
+        batching=BatchScheduler(BatchingOptions.from_settings(settings), on_queue_wait=metrics.observe_queue_wait),
         registry=registry,
-        drift=create_drift_store(settings.drift_settings(), settings.drift_store_options()) if settings.drift else None,
+        drift=create_drift_store(DriftSettings.from_settings(settings), StoreOptions.from_settings(settings)) if settings.drift else None,
     )
     setattr(app.state, STATE_KEY, state)
     metrics.track_scheduler(state.batching)

@@ -137,7 +137,7 @@ class BundleReloader:
             logger.info("reload (%s) of %s started", trigger, [str(directory) for directory in directories])
             try:
                 new = await run_in_threadpool(
-                    load_and_warm_up, directories, settings.runtime_options(), settings.warmup_batch_size
+                    load_and_warm_up, directories, RuntimeOptions.from_settings(settings), settings.warmup_batch_size
                 )
             except (BundleError, GpuRequiredError, OSError) as error:
                 metrics.record_reload("failure")

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from oodserve.config import Settings
+from oodserve.drift.store import StoreOptions
 from tests.helpers.deploy_support import DEPLOY, REPO
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -82,3 +83,28 @@ def test_grafana_gets_the_provisioning_and_the_dashboard() -> None:
     datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090" and "9090:9090" in document["services"]["prometheus"]["ports"]
     assert "prometheus" in grafana["depends_on"]
+
+
+def test_the_drift_store_override_persists_and_the_replicas_use_it_with_a_secret_password() -> None:
+    """deploy/compose.drift-store.yaml: Valkey with its append-only file on a volume, no published port, the password
+    from a compose secret (never in the file); both oodserve services point at it and wait for it to be healthy."""
+    override = yaml.safe_load((DEPLOY / "compose.drift-store.yaml").read_text())
+    base = compose()
+    store = override["services"]["drift-store"]
+    command = " ".join(store["command"])
+    assert "--appendonly yes" in command and "--dir /data" in command and "--maxmemory-policy noeviction" in command
+    assert '--requirepass "$$(cat /run/secrets/drift_store_password)"' in command
+    assert store["secrets"] == ["drift_store_password"] and override["secrets"]["drift_store_password"] == {
+        "environment": "OODSERVE_DRIFT_STORE_PASSWORD"
+    }
+    assert mounts(store)["/data"] in override["volumes"] and "ports" not in store
+    assert store["read_only"] is True and store["cap_drop"] == ["ALL"]
+    for name in ("oodserve", "oodserve-gpu"):
+        assert name in base["services"]
+        service = override["services"][name]
+        assert service["environment"]["OODSERVE_DRIFT_STORE"] == "redis://drift-store:6379/0"
+        assert service["environment"]["OODSERVE_DRIFT_STORE_PASSWORD"].startswith("${OODSERVE_DRIFT_STORE_PASSWORD:?")
+        assert service["depends_on"]["drift-store"]["condition"] == "service_healthy"
+        for variable in service["environment"]:
+            assert variable[len("OODSERVE_") :].lower() in Settings.model_fields
+        assert StoreOptions.from_settings(Settings(drift_store=service["environment"]["OODSERVE_DRIFT_STORE"])).url.startswith("redis://")

@@ -47,6 +47,11 @@ from oodserve.bench.load import require_loopback
 from oodserve.bench.peers.drivers import grpc_infer_requests, process_tree_cpu_seconds, send_grpc, send_prepared, v2_json_bodies
 from oodserve.bench.peers.mlserver.launch import DEFAULT_VENV, MLServerProcess, mlserver_versions
 from oodserve.bench.throughput import parallel_runs_per_second, percentile_ms
+from oodserve.config import Settings
+from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR
+from oodserve.datasets import load_images as read_set
+from oodserve.engine import Engine
+from oodserve.runtime.sessions import RuntimeOptions
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_BUNDLE = REPO / "models" / "bundles" / "fashion-mnist"
@@ -137,8 +142,6 @@ def worker_meaning(workers: int) -> str:
 
 def load_images(options: CompareOptions, shape: Sequence[int], count: int) -> np.ndarray:
     """The first `count` Fashion-MNIST test images (or of options.images) as (count, *shape) uint8."""
-    from oodserve.datasets import DEFAULT_FASHION_MNIST_DIR
-    from oodserve.datasets import load_images as read_set
 
     images = read_set(options.images or DEFAULT_FASHION_MNIST_DIR, "test").images
     chosen = np.resize(images, (count, *images.shape[1:])) if len(images) < count else images[:count]
@@ -292,10 +295,8 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
 
     import onnxruntime
 
-    from oodserve.config import Settings
-    from oodserve.engine import Engine
 
-    engine = Engine.load(options.bundle, Settings(bundle=options.bundle).runtime_options())
+    engine = Engine.load(options.bundle, RuntimeOptions.from_settings(Settings(bundle=options.bundle)))
     shape = list(engine.manifest.input.shape)
     images = load_images(options, shape, options.distinct_bodies * max(per_request for per_request, _ in V2_ROWS))
     say(f"raw onnxruntime, batch {RAW_BATCH}, {options.raw_threads} threads ...")

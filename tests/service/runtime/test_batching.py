@@ -611,7 +611,7 @@ def test_http_full_queue_is_503_with_retry_after_and_deadline_is_504(
 
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnxruntime_spinning_follows_the_setting(bundle_dir: Path, settings_for, spinning: bool) -> None:
-    options = settings_for(bundle_dir, onnxruntime_spinning=spinning).runtime_options()
+    options = RuntimeOptions.from_settings(settings_for(bundle_dir, onnxruntime_spinning=spinning))
     engine = Engine.load(bundle_dir, options)
     for model in engine.runner.sessions.values():
         session_options = model.session.get_session_options()  # type: ignore[attr-defined]

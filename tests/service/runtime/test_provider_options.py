@@ -6,7 +6,7 @@ import pytest
 
 from oodserve.config import Settings
 from oodserve.runtime.providers import CPU_PROVIDER, CUDA_PROVIDER
-from oodserve.runtime.sessions import provider_entries
+from oodserve.runtime.sessions import RuntimeOptions, provider_entries
 
 
 def test_cuda_options_attach_to_the_cuda_provider_only() -> None:
@@ -21,7 +21,7 @@ def test_cuda_options_attach_to_the_cuda_provider_only() -> None:
 
 def test_settings_read_the_options_as_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OODSERVE_CUDA_PROVIDER_OPTIONS", '{"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}')
-    assert Settings().runtime_options().cuda_provider_options == (("cudnn_conv_algo_search", "HEURISTIC"), ("use_tf32", "0"))
+    assert RuntimeOptions.from_settings(Settings()).cuda_provider_options == (("cudnn_conv_algo_search", "HEURISTIC"), ("use_tf32", "0"))
     monkeypatch.setenv("OODSERVE_CUDA_PROVIDER_OPTIONS", "[1, 2]")
     with pytest.raises(ValueError):
         Settings()
