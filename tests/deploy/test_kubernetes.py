@@ -1,6 +1,8 @@
 """deploy/k8s: every manifest passes kubernetes-validate (strict, offline schemas), and the pieces fit together:
 probes on /healthz and /readyz, non-root read-only pods with an emptyDir /tmp, a GPU variant, the Service, HPA, PDB
-and ServiceMonitor select the right pods, and every OODSERVE_* variable is a real setting."""
+and ServiceMonitor select the right pods, every OODSERVE_* variable is a real setting, and the drift store (a Valkey
+StatefulSet with a PVC and AOF, its Service, a NetworkPolicy admitting only oodserve pods, a password from a Secret)
+is what the oodserve Deployments point at."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tests.helpers.deploy_support import DEPLOY
 
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.30.0"
-CORE_MANIFESTS = ("deployment.yaml", "deployment-gpu.yaml", "service.yaml", "hpa.yaml", "pdb.yaml")
+CORE_MANIFESTS = ("deployment.yaml", "deployment-gpu.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "drift-store.yaml")
 
 
 def documents(name: str) -> list[dict[str, Any]]:
@@ -91,7 +93,7 @@ def test_gpu_variant_requests_a_gpu_and_runs_the_gpu_image() -> None:
 def test_service_hpa_pdb_and_service_monitor_select_the_pods() -> None:
     deployments = by_kind("Deployment")
     pod_labels = {name: deployment["spec"]["template"]["metadata"]["labels"] for name, deployment in deployments.items()}
-    (service,) = by_kind("Service").values()
+    service = by_kind("Service")["oodserve"]
     assert all(selects(service["spec"]["selector"], labels) for labels in pod_labels.values())
     assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
     for deployment in deployments.values():  # every named target port exists on the pods, gRPC switched on at its port
@@ -119,3 +121,34 @@ def test_kustomization_lists_every_core_manifest() -> None:
     assert sorted(kustomization["resources"]) == sorted(CORE_MANIFESTS)
     assert all((K8S / name).exists() for name in kustomization["resources"])
     assert {path.name for path in K8S.glob("*.yaml")} == {*CORE_MANIFESTS, "servicemonitor.yaml", "kustomization.yaml"}
+
+
+def test_the_drift_store_persists_admits_only_oodserve_pods_and_the_deployments_use_it() -> None:
+    (store,) = by_kind("StatefulSet").values()
+    pod = store["spec"]["template"]
+    assert selects(store["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]) and store["spec"]["replicas"] == 1
+    (container,) = pod["spec"]["containers"]
+    arguments = container["args"]
+    assert arguments[arguments.index("--appendonly") + 1] == "yes" and arguments[arguments.index("--dir") + 1] == "/data"
+    assert arguments[arguments.index("--maxmemory-policy") + 1] == "noeviction"  # oodserve evicts whole streams itself
+    (claim,) = store["spec"]["volumeClaimTemplates"]
+    assert {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]} == {"/data": claim["metadata"]["name"]}
+    secret_of = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"] if "valueFrom" in item}
+    assert arguments[arguments.index("--requirepass") + 1] == "$(VALKEY_PASSWORD)" and "VALKEY_PASSWORD" in secret_of
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    service = by_kind("Service")[store["spec"]["serviceName"]]
+    assert selects(service["spec"]["selector"], pod["metadata"]["labels"])
+    (port,) = service["spec"]["ports"]
+    (policy,) = by_kind("NetworkPolicy").values()
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"]) and policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"} and [item["port"] for item in rule["ports"]] == [port["targetPort"]]
+    for name, deployment in by_kind("Deployment").items():
+        assert selects(source["podSelector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"]), name
+        (scorer,) = deployment["spec"]["template"]["spec"]["containers"]
+        environment = {item["name"]: item for item in scorer["env"]}
+        url = environment["OODSERVE_DRIFT_STORE"]["value"]
+        assert url == f"redis://{service['metadata']['name']}:{port['port']}/0", name
+        assert environment["OODSERVE_DRIFT_STORE_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret_of["VALKEY_PASSWORD"], name
+        assert Settings(drift_store=url).drift_store == url
