@@ -9,7 +9,8 @@ Keys (prefix P, member = model + "\\n" + stream):
 - `P:ref:<member>`: sorted set of the stream's scores since its restart (n,) (member = the input's index).
   The conformal p-value's counts come from ZCOUNT on both sets: O(log(M + n)) per input.
 - `P:state:<member>`: hash of the segment: inputs, the K log components of the power martingale and of the
-  Shiryaev-Roberts statistics, their current logs, the martingale's maximum, the alarm latches and totals.
+  Shiryaev-Roberts statistics, their current logs, the martingale's maximum, the alarm latches and totals, and
+  the input (1-based, since the restart) at which each alarm latched (`alarm_at`, `change_alarm_at`; 0 = none).
 - `P:streams`: sorted set of members by last use (a logical clock): least recently used streams are evicted
   across all replicas beyond `max_streams`. `P:counters`: the clock, evictions and restarts by reason.
 - `P:applied:<replica>`: the last call of that replica applied, so a retried call (a timeout whose script did
@@ -90,10 +91,10 @@ if exists then
   local flat = redis.call('HGETALL', state)
   for i = 1, #flat, 2 do st[flat[i]] = flat[i + 1] end
 end
-local n, alarm, change_alarm, alarms_m, alarms_c, mmax, since
+local n, alarm, change_alarm, alarms_m, alarms_c, mmax, since, alarm_at, change_alarm_at
 local m, s = {}, {}
 local function fresh()
-  n, alarm, change_alarm, mmax, since = 0, 0, 0, 0, now
+  n, alarm, change_alarm, mmax, since, alarm_at, change_alarm_at = 0, 0, 0, 0, now, 0, 0
   for k = 1, K do m[k] = 0; s[k] = -math.huge end
   redis.call('DEL', ref)
 end
@@ -104,6 +105,7 @@ end
 if exists then
   n, alarm, change_alarm = tonumber(st.n), tonumber(st.alarm), tonumber(st.change_alarm)
   alarms_m, alarms_c, mmax, since = tonumber(st.alarms_m), tonumber(st.alarms_c), tonumber(st.mmax), st.since
+  alarm_at, change_alarm_at = tonumber(st.alarm_at), tonumber(st.change_alarm_at)
   for k = 1, K do m[k] = tonumber(st['m' .. k]); s[k] = tonumber(st['s' .. k]) end
   if reason == 'admin' then
     fp = st.fp
@@ -138,12 +140,13 @@ for i = 0, inputs - 1 do
   end
   lm, ls = lse(m) - logK, lse(s) - logK
   if lm > mmax then mmax = lm end
-  if alarm == 0 and lm >= thr_m then alarm = 1; alarms_m = alarms_m + 1 end
-  if change_alarm == 0 and ls >= thr_c then change_alarm = 1; alarms_c = alarms_c + 1 end
+  if alarm == 0 and lm >= thr_m then alarm = 1; alarms_m = alarms_m + 1; alarm_at = n end
+  if change_alarm == 0 and ls >= thr_c then change_alarm = 1; alarms_c = alarms_c + 1; change_alarm_at = n end
 end
 
 local fields = {'fp', fp, 'n', n, 'since', since, 'alarm', alarm, 'change_alarm', change_alarm, 'alarms_m', alarms_m,
-                'alarms_c', alarms_c, 'mmax', fmt(mmax), 'logm', fmt(lm), 'logs', fmt(ls)}
+                'alarms_c', alarms_c, 'mmax', fmt(mmax), 'logm', fmt(lm), 'logs', fmt(ls), 'alarm_at', alarm_at,
+                'change_alarm_at', change_alarm_at}
 for k = 1, K do
   fields[#fields + 1] = 'm' .. k; fields[#fields + 1] = fmt(m[k])
   fields[#fields + 1] = 's' .. k; fields[#fields + 1] = fmt(s[k])
