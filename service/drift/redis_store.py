@@ -209,13 +209,14 @@ class RedisDriftStore:
         timeout = options.timeout_ms / 1000.0
         self._client = redis.Redis.from_url(
             options.url,
-            password=options.password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
             decode_responses=True,
         )
+        if options.password is not None:  # from a Secret: wins over a password in the URL (which from_url would prefer)
+            self._client.connection_pool.connection_kwargs["password"] = options.password
         self._feed = self._client.register_script(FEED_SCRIPT)
         entropy = np.random.SeedSequence(entropy=None if settings.seed is None else settings.seed,
                                          spawn_key=(int.from_bytes(hashlib.blake2b(self.replica_id.encode(), digest_size=8).digest()),))
@@ -317,7 +318,9 @@ class RedisDriftStore:
                 call = self._in_flight[0]
             try:
                 self._send(call)
-            except redis.RedisError as error:
+            except Exception as error:  # noqa: BLE001 - the worker must outlive any failure; each is reported
+                if not isinstance(error, redis.RedisError):
+                    logger.exception("drift store call failed unexpectedly")
                 failures += 1
                 self._mark_unavailable(error)
                 with self._lock:
@@ -425,6 +428,9 @@ class RedisDriftStore:
         except redis.RedisError as error:
             self._mark_unavailable(error)
             return DriftSnapshot([], {}, {}, self.store_status())
+        with self._lock:  # the store answers; with nothing waiting to be sent this replica is in step with it
+            if not self._pending and not self._in_flight and not self.available:
+                self.available, self.last_error = True, None
         reports = [_report(member, state) for member, state in zip(members, states, strict=True) if state]
         evicted: dict[str, int] = {}
         restarts: dict[tuple[str, str], int] = {}

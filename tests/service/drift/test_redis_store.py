@@ -188,3 +188,20 @@ def test_a_store_restart_keeps_the_streams_only_when_it_persists(tmp_path: Path,
     finally:
         store.close()
         server.kill()
+
+
+def test_the_password_from_the_settings_opens_a_protected_store_and_a_wrong_one_reports_unavailable(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "store", appendonly=False, password="s3cret") as server:
+        good = replica(server, DriftSettings(), password="s3cret")
+        bad = RedisDriftStore(DriftSettings(), StoreOptions(url=f"redis://:wrong@127.0.0.1:{server.port}/0"))
+        try:
+            good.observe("m", "s", np.arange(10.0), np.arange(3.0))
+            bad.observe("m", "s", np.arange(10.0), np.arange(3.0))
+            assert good.flush(10)
+            wait_until(lambda: not bad.available)
+            assert good.snapshot().reports[0].inputs_since_reset == 3
+            snapshot = bad.snapshot()
+            assert snapshot.store["status"] == "unavailable" and snapshot.reports == [] and "Authentication" in str(snapshot.store["error"])
+        finally:
+            good.close()
+            bad.close()

@@ -1,7 +1,8 @@
 """Three `oodserve serve` processes sharing their drift streams through a real redis-server: a 10% MNIST mix spread
 over the replicas is detected by the one shared stream; kill -9 of a replica loses none of the evidence; the store
-restarting (with its append-only file, then without it) and 5 s of store outage under load fail no scoring
-request, drift says `unavailable` meanwhile, and the streams continue (or restart afresh when the store lost them).
+restarting (with its append-only file, then without it) and a store outage under load (5 s; 30 s with
+OODSERVE_TEST_STORE_OUTAGE_SECONDS=30) fail no scoring request, drift says `unavailable` meanwhile, and the streams
+continue (or restart afresh when the store lost them).
 
 The null false-alarm rate over many replays is tested at the store level (test_redis_store.py) and measured at
 scale by benchmarks/drift_store.py."""
@@ -9,6 +10,7 @@ scale by benchmarks/drift_store.py."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,8 @@ from tests.helpers.redis_server import RedisServer, server_binary
 BUNDLE = REPOSITORY_ROOT / "models" / "bundles" / "fashion-mnist"
 MNIST = REPOSITORY_ROOT.parent / "shared" / "data" / "mnist"
 MODEL = "fashion-mnist"
+OUTAGE_SECONDS = float(os.environ.get("OODSERVE_TEST_STORE_OUTAGE_SECONDS", "5"))
+"""How long the store stays down under load (5 s in CI; the issue's 30 s: OODSERVE_TEST_STORE_OUTAGE_SECONDS=30)."""
 
 pytestmark = [
     pytest.mark.skipif(server_binary() is None, reason="no redis-server installed (make test installs it)"),
@@ -194,15 +198,18 @@ def test_store_restart_and_outage_under_load_fail_no_request(deployment: Deploym
         deployment.store.stop()  # a restart with the append-only file: every acknowledged write comes back
         deployment.store.start()
         wait_for(lambda: load.sent >= 60, "load after the store restart")
-        deployment.store.kill()  # 5 s of outage (the benchmark holds it for 30 s)
+        deployment.store.kill()  # OUTAGE_SECONDS of outage
         wait_for(lambda: deployment.drift()["store"]["status"] == "unavailable", "drift reporting the store unavailable")
         assert deployment.drift()["streams"] == [] and store_up_metric(deployment) == 0.0
         sent_at_outage = load.sent
-        time.sleep(5)
-        assert load.sent > sent_at_outage  # scoring went on meanwhile
+        time.sleep(OUTAGE_SECONDS)
+        sent_during_outage = load.sent - sent_at_outage
+        assert sent_during_outage > 0  # scoring went on meanwhile
         deployment.store.start()
         wait_for(lambda: all(deployment.drift(index)["store"]["status"] == "ok" for index in deployment.live()), "store back")
     assert load.failed == 0 and load.sent > 60
+    print(f"store restart and {OUTAGE_SECONDS:g} s outage under load: {load.sent} requests of 8 images, {sent_during_outage} during "
+          f"the outage, {load.failed} failed")
     wait_for(lambda: (deployment.stream("load") or {}).get("inputs_since_reset") == 8 * load.sent, "every held input applied")
     assert deployment.stream("survivor") == survivor and store_up_metric(deployment) == 1.0
 
