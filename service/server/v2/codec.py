@@ -99,6 +99,64 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
 
+# ---- shared by the REST and gRPC forms of the protocol ----
+
+
+def alpha_parameter(value: Any, text_allowed: bool = False) -> float | None:
+    """The request parameter `alpha`: None when absent, else a number in (0, 1) (numeric text too where the
+    transport only has string parameters, as some gRPC clients send)."""
+    if value is None:
+        return None
+    if text_allowed and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    level = checked_alpha(value)
+    if level is None:
+        raise _bad(f"parameter `alpha` must be a number in (0, 1), got {value!r}")
+    return level
+
+
+def input_dtype(name: Any, datatype: Any) -> np.dtype[Any]:
+    """The input tensor's dtype, once its name and datatype are the model's."""
+    if name != INPUT_NAME:
+        raise _bad(f"unknown input {name!r}; this model takes one input named {INPUT_NAME!r}")
+    if datatype not in INPUT_DATATYPES:
+        raise _bad(f"input datatype must be one of {list(INPUT_DATATYPES)}, got {datatype!r}")
+    return INPUT_DATATYPES[datatype]
+
+
+def input_count(shape: Sequence[int], spec: InputSpec, max_instances: int) -> int:
+    """The number of values of a declared input shape that fits the model (checked before any array is built)."""
+    if any(dim < 0 for dim in shape):
+        raise _bad(f"input shape must hold non-negative sizes, got {list(shape)}")
+    check_batch_shape(list(shape), spec.shape, max_instances)
+    return math.prod(shape)
+
+
+def raw_tensor(raw: bytes, dtype: np.dtype[Any], count: int, what: str) -> np.ndarray:
+    """`count` little-endian values of `dtype` from raw tensor bytes, which must be exactly that long."""
+    if len(raw) != count * dtype.itemsize:
+        raise _bad(f"{what} is {len(raw)} bytes; {count} values of {dtype.str} need {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype, count=count)
+
+
+def typed_tensor(values: np.ndarray, datatype: str) -> np.ndarray:
+    """Numbers sent as JSON or typed protobuf contents -> the datatype's array; UINT8 must hold integers in [0, 255]."""
+    if datatype == "UINT8" and values.size and (
+        values.dtype.kind == "f" and not np.all(values == np.floor(values)) or values.min() < 0 or values.max() > 255
+    ):
+        raise _bad("UINT8 input data must be integers in [0, 255]")
+    return values.astype(INPUT_DATATYPES[datatype])
+
+
+def check_output_name(name: str, available: Sequence[str]) -> str:
+    if name not in available:
+        raise _bad(f"unknown output {name!r}; outputs are {list(available)}")
+    return name
+
+
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -137,12 +195,7 @@ def _json_tensor_data(data: Any, datatype: str, count: int) -> np.ndarray:
         )
     if values.size != count:
         raise _bad(f"input `shape` holds {count} values but `data` has {values.size}")
-    values = values.reshape(-1)
-    if datatype == "UINT8" and (
-        values.dtype.kind == "f" and not np.all(values == np.floor(values)) or values.min() < 0 or values.max() > 255
-    ):
-        raise _bad("UINT8 input data must be integers in [0, 255]")
-    return values.astype(INPUT_DATATYPES[datatype])
+    return typed_tensor(values.reshape(-1), datatype)
 
 
 def parse_infer_request(
@@ -175,10 +228,7 @@ def parse_infer_request(
     if request_id is not None and not isinstance(request_id, str):
         raise _bad(f"`id` must be a string, got {json_type_name(request_id)}")
     parameters = _parameters(payload.get("parameters"), "request")
-    alpha = parameters.get("alpha")
-    level = None if alpha is None else checked_alpha(alpha)
-    if alpha is not None and level is None:
-        raise _bad(f"parameter `alpha` must be a number in (0, 1), got {alpha!r}")
+    level = alpha_parameter(parameters.get("alpha"))
     binary_outputs = _flag(parameters, "binary_data_output", "request")
 
     inputs = payload.get("inputs")
@@ -190,25 +240,19 @@ def parse_infer_request(
     unknown = sorted(key for key in tensor if key not in TENSOR_KEYS)
     if unknown:
         raise _bad(f"unknown input fields {unknown}; allowed: {list(TENSOR_KEYS)}")
-    if tensor.get("name") != INPUT_NAME:
-        raise _bad(f"unknown input {tensor.get('name')!r}; this model takes one input named {INPUT_NAME!r}")
-    datatype = tensor.get("datatype")
-    if datatype not in INPUT_DATATYPES:
-        raise _bad(f"input datatype must be one of {list(INPUT_DATATYPES)}, got {datatype!r}")
+    dtype = input_dtype(tensor.get("name"), tensor.get("datatype"))
+    datatype = str(tensor["datatype"])
     shape = _tensor_shape(tensor.get("shape"))
-    check_batch_shape(shape, spec.shape, max_instances)  # before any array is built from the declared shape
-    count = math.prod(shape)
+    count = input_count(shape, spec, max_instances)
     tensor_parameters = _parameters(tensor.get("parameters"), "input")
     binary_size = tensor_parameters.get("binary_data_size")
     if binary_size is not None:
         if "data" in tensor:
             raise _bad("an input has both `data` and parameter `binary_data_size`; send one")
-        itemsize = INPUT_DATATYPES[datatype].itemsize
-        if isinstance(binary_size, bool) or not isinstance(binary_size, int) or binary_size != count * itemsize:
-            raise _bad(f"input of shape {shape} and datatype {datatype} needs binary_data_size {count * itemsize}, got {binary_size!r}")
-        if len(binary) != binary_size:
-            raise _bad(f"binary tensor data is {len(binary)} bytes after the JSON header; binary_data_size says {binary_size}")
-        values = np.frombuffer(binary, dtype=INPUT_DATATYPES[datatype], count=count)
+        if isinstance(binary_size, bool) or not isinstance(binary_size, int) or binary_size != count * dtype.itemsize:
+            expected = count * dtype.itemsize
+            raise _bad(f"input of shape {shape} and datatype {datatype} needs binary_data_size {expected}, got {binary_size!r}")
+        values = raw_tensor(binary, dtype, count, "binary tensor data after the JSON header")
     else:
         if binary:
             raise _bad(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
@@ -226,8 +270,7 @@ def parse_infer_request(
         for item in requested:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _bad(f"each requested output must be an object with a string `name`, got {item!r}")
-            if item["name"] not in available_outputs:
-                raise _bad(f"unknown output {item['name']!r}; outputs are {list(available_outputs)}")
+            check_output_name(item["name"], available_outputs)
             output_parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
             binary_flag = output_parameters.get("binary_data", binary_outputs)
             if not isinstance(binary_flag, bool):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,12 +24,24 @@ import grpc
 import numpy as np
 
 from oodserve import __version__
-from oodserve.dataplane import checked_alpha
 from oodserve.engine import Engine, NotReadyError, UnknownModelError
-from oodserve.scoring.arrays import check_batch_shape, check_image_array
+from oodserve.scoring.arrays import check_image_array
 from oodserve.server.errors import ApiError, as_api_error
 from oodserve.server.state import AppState
-from oodserve.server.v2.codec import INPUT_DATATYPES, INPUT_NAME, InferRequest, RequestedOutput, model_metadata, output_arrays, output_specs
+from oodserve.server.v2.codec import (
+    INPUT_NAME,
+    InferRequest,
+    RequestedOutput,
+    alpha_parameter,
+    check_output_name,
+    input_count,
+    input_dtype,
+    model_metadata,
+    output_arrays,
+    output_specs,
+    raw_tensor,
+    typed_tensor,
+)
 from oodserve.server.v2_grpc import messages
 
 logger = logging.getLogger("oodserve.grpc")
@@ -70,55 +81,27 @@ def parse_model_infer(request: Any, engine: Engine, max_instances: int) -> Infer
     unknown = sorted(key for key in request.parameters if key != "alpha")
     if unknown:
         raise _bad(f"unknown request parameters {unknown}; the one parameter is `alpha`")
-    alpha = None
-    if "alpha" in request.parameters:
-        value = parameter_value(request.parameters["alpha"])
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        alpha = checked_alpha(value) if isinstance(value, float | int) and not isinstance(value, bool) else None
-        if alpha is None:
-            raise _bad(f"parameter `alpha` must be a number in (0, 1), got {value!r}")
+    alpha = alpha_parameter(parameter_value(request.parameters["alpha"]), text_allowed=True) if "alpha" in request.parameters else None
     if len(request.inputs) != 1:
         raise _bad(f"`inputs` must hold exactly one tensor named {INPUT_NAME!r}, got {len(request.inputs)}")
     tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise _bad(f"unknown input {tensor.name!r}; this model takes one input named {INPUT_NAME!r}")
-    if tensor.datatype not in INPUT_DATATYPES:
-        raise _bad(f"input datatype must be one of {list(INPUT_DATATYPES)}, got {tensor.datatype!r}")
+    dtype = input_dtype(tensor.name, tensor.datatype)
     shape = list(tensor.shape)
-    if any(dim < 0 for dim in shape):
-        raise _bad(f"input shape must hold non-negative sizes, got {shape}")
-    check_batch_shape(shape, spec.shape, max_instances)  # before any array is built from the declared shape
-    count = math.prod(shape)
-    dtype = INPUT_DATATYPES[tensor.datatype]
-    typed = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
+    count = input_count(shape, spec, max_instances)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise _bad(f"raw_input_contents must hold one entry per input (1), got {len(request.raw_input_contents)}")
         if tensor.HasField("contents"):
             raise _bad("the input has both `contents` and raw_input_contents; send one")
-        raw = request.raw_input_contents[0]
-        if len(raw) != count * dtype.itemsize:
-            raise _bad(f"input of shape {shape} and datatype {tensor.datatype} needs {count * dtype.itemsize} raw bytes, got {len(raw)}")
-        values = np.frombuffer(raw, dtype=dtype, count=count)
+        values = raw_tensor(request.raw_input_contents[0], dtype, count, f"input of shape {shape} and datatype {tensor.datatype}")
     else:
+        typed = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
         if len(typed) != count:
             raise _bad(f"input shape {shape} holds {count} values but contents.{TYPED_CONTENTS[tensor.datatype]} has {len(typed)}")
-        values = np.asarray(typed, dtype=np.float64 if tensor.datatype == "FP32" else np.int64)
-        if tensor.datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
-            raise _bad("UINT8 input contents must be integers in [0, 255]")
-        values = values.astype(dtype)
+        values = typed_tensor(np.asarray(typed, dtype=np.float64 if tensor.datatype == "FP32" else np.int64), tensor.datatype)
     images = check_image_array(values.reshape(shape), spec.shape, spec.dtype, spec.min, spec.max, max_instances)
     available = [name for name, _ in output_specs(engine)]
-    outputs = None
-    if request.outputs:
-        for output in request.outputs:
-            if output.name not in available:
-                raise _bad(f"unknown output {output.name!r}; outputs are {available}")
-        outputs = tuple(RequestedOutput(output.name, True) for output in request.outputs)
+    outputs = tuple(RequestedOutput(check_output_name(output.name, available), True) for output in request.outputs) or None
     return InferRequest(request.id or None, images, alpha, outputs, True)
 
 
