@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
+from oodserve.datasets import load_images
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -129,7 +131,6 @@ def prometheus_query(base_url: str, expr: str) -> dict[str, Any]:
 def scoring_images() -> np.ndarray:
     """6 Fashion-MNIST test images (in-distribution for the demo bundle) and 4 noise images (OOD), uint8 (10, 1, 28, 28)."""
     if (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        from oodserve.models.data import load_images
 
         in_distribution = load_images(FASHION_MNIST, "t10k").images[:6]
     else:

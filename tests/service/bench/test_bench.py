@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from oodserve.bench.throughput import load_bench_images, percentile_ms
+from oodserve.bench.throughput import load_bench_images, percentile_ms, request_bodies
 from oodserve.cli import app
 from oodserve.models.data import read_idx
 
@@ -59,7 +59,6 @@ def test_request_bodies_group_images_per_request() -> None:
     import numpy as np
     import orjson
 
-    from oodserve.bench.throughput import request_bodies
 
     images = load_bench_images(None, [1, 28, 28], 7, 2)
     npy, npy_type = request_bodies(images, "npy", 3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from oodserve.engine import Engine
 from oodserve.server.app import create_app
 
 SHIPPED = sorted(path.parent for path in (Path(__file__).resolve().parents[3] / "models" / "bundles").glob("*/manifest.json"))
@@ -42,7 +43,6 @@ def test_a_negative_bin_centre_bits_per_dim_still_reads_as_ood() -> None:
     (a discretised likelihood needs Monte-Carlo passes over dequantisation noise, several flow runs per input)
     because no verdict reads raw bits/dim as evidence of typicality: bits_per_dim is never fused, typicality
     measures |bpd - H| (a negative bpd is far from H) and the fused rule flags every constant image."""
-    from oodserve.engine import Engine
 
     engine = Engine.load(FASHION)
     constant = np.stack([np.full((1, 28, 28), value, np.float32) for value in (0, 1, 128, 255)])

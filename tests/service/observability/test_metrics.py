@@ -13,7 +13,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from oodserve.engine import Engine
-from oodserve.observability.metrics import ServiceMetrics, VerdictWindow
+from oodserve.observability.batched_histogram import BatchedHistogram
+from oodserve.observability.metrics import P_VALUE_BUCKETS, ServiceMetrics, VerdictWindow
 from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server.app import create_app
 
@@ -130,8 +131,6 @@ def test_batched_histogram_exposes_what_one_observe_per_value_would() -> None:
     bits: summation order), including values on a bucket bound, above the largest finite one, and empty rows."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from oodserve.observability.batched_histogram import BatchedHistogram
-    from oodserve.observability.metrics import P_VALUE_BUCKETS
 
     batched_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
     batched = BatchedHistogram("p", "p-values", ["model", "signal"], P_VALUE_BUCKETS)

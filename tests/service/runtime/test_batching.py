@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from oodserve.engine import Engine
+from oodserve.engine import Engine, EngineRegistry
 from oodserve.runtime.batching import (
     BatchingOptions,
     BatchScheduler,
@@ -549,7 +549,6 @@ def test_a_side_by_side_run_with_prepared_signal_parts_scores_exactly_like_one_t
 @pytest.fixture()
 def gated_app(bundle_dir: Path, settings_for, real_engine: Engine) -> Iterator[tuple[Any, threading.Event, threading.Event]]:
     """An app over the real engine whose onnxruntime runs wait at a gate; ready without a lifespan."""
-    from oodserve.engine import EngineRegistry
 
     gate = threading.Event()
     entered = threading.Event()

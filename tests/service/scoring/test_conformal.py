@@ -70,7 +70,6 @@ def test_p_values_are_valid_on_exchangeable_data() -> None:
 
 
 def test_every_non_finite_score_counts_as_the_most_ood() -> None:
-    from oodserve.scoring.conformal import conformal_p_values, sort_calibration_scores
 
     calibration = sort_calibration_scores(np.arange(9.0))
     p_values = conformal_p_values(calibration, np.array([np.nan, np.inf, -np.inf, -1e300]))

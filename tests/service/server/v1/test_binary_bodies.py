@@ -12,6 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from oodserve.scoring.inputs import MalformedInputError
+from oodserve.scoring.payloads import fast_npy_header, read_npy
+from oodserve.server.errors import as_api_error
+
 NPY = {"content-type": "application/x-npy"}
 
 PNG = {"content-type": "image/png"}
@@ -174,7 +178,6 @@ def test_json_bodies_take_alpha_from_the_query_when_the_body_has_none(client: Te
     ],
 )
 def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None:
-    from oodserve.scoring.payloads import fast_npy_header, read_npy
 
     body = npy_bytes(array)
     parsed = fast_npy_header(body)
@@ -187,9 +190,6 @@ def test_the_fast_npy_header_reader_agrees_with_numpy(array: np.ndarray) -> None
 
 
 def test_a_huge_declared_shape_is_refused_before_allocation() -> None:
-    from oodserve.scoring.inputs import MalformedInputError
-    from oodserve.scoring.payloads import read_npy
-    from oodserve.server.errors import as_api_error
 
     header = "{'descr': '<f8', 'fortran_order': False, 'shape': (4000000000, 28, 28), }"
     padded = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
