@@ -9,8 +9,9 @@ Keys (prefix P, member = model + "\\n" + stream):
 - `P:ref:<member>`: sorted set of the stream's scores since its restart (n,) (member = the input's index).
   The conformal p-value's counts come from ZCOUNT on both sets: O(log(M + n)) per input.
 - `P:state:<member>`: hash of the segment: inputs, the K log components of the power martingale and of the
-  Shiryaev-Roberts statistics, their current logs, the martingale's maximum, the alarm latches and totals, and
-  the input (1-based, since the restart) at which each alarm latched (`alarm_at`, `change_alarm_at`; 0 = none).
+  Shiryaev-Roberts statistics (field `c`, 2K packed doubles, read by the script only), their current logs, the
+  martingale's maximum, the alarm latches and totals, and the input (1-based, since the restart) at which each
+  alarm latched (`alarm_at`, `change_alarm_at`; 0 = none).
 - `P:streams`: sorted set of members by last use (a logical clock): least recently used streams are evicted
   across all replicas beyond `max_streams`. `P:counters`: the clock, evictions and restarts by reason.
 - `P:applied:<replica>`: the last call of that replica applied, so a retried call (a timeout whose script did
@@ -39,6 +40,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -58,15 +60,16 @@ FEED_SCRIPT = r"""
 -- KEYS: 1 state hash, 2 stream scores, 3 calibration scores, 4 streams by last use, 5 counters, 6 applied marker
 -- ARGV: 1 call id, 2 calibration fingerprint, 3 max inputs per segment, 4 max streams, 5 restart reason ('' = none,
 --       'gap', or 'admin': restart an existing stream, feed nothing), 6 now (unix s), 7 log martingale threshold,
---       8 log change threshold, 9 stream member (model \n stream), 10 key prefix, 11 K, 12..11+K epsilons,
+--       8 log change threshold, 9 stream member (model \n stream), 10 key prefix,
 --       then (score, tau) pairs
 local state, ref, cal, lru, counters, applied = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local call_id = tonumber(ARGV[1])
 if call_id <= tonumber(redis.call('GET', applied) or '0') then return {'duplicate', 0} end
 local fp, max_inputs, max_streams, reason = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local now, thr_m, thr_c, member, prefix = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10]
-local K = tonumber(ARGV[11])
-local first = 12 + K
+local eps = {EPSILONS}  -- the betting grid, written in when the script is built
+local K = #eps
+local first = 11
 local inputs = (#ARGV - first + 1) / 2
 local model = string.match(member, '^(.-)\n')
 local exists = redis.call('EXISTS', state) == 1
@@ -74,9 +77,10 @@ if reason == 'admin' and not exists then return {'absent', 0} end
 if inputs > 0 and redis.call('EXISTS', cal) == 0 then return {'calibration_missing', 0} end
 
 local function fmt(x) return string.format('%.17g', x) end
-local eps, leps = {}, {}
-for k = 1, K do eps[k] = tonumber(ARGV[11 + k]); leps[k] = math.log(eps[k]) end
+local leps = {}
+for k = 1, K do leps[k] = math.log(eps[k]) end
 local logK = math.log(K)
+local components = '<' .. string.rep('d', 2 * K)  -- the 2K log components, packed as doubles in field c
 local function lse(values)
   local top = -math.huge
   for k = 1, K do if values[k] > top then top = values[k] end end
@@ -106,7 +110,8 @@ if exists then
   n, alarm, change_alarm = tonumber(st.n), tonumber(st.alarm), tonumber(st.change_alarm)
   alarms_m, alarms_c, mmax, since = tonumber(st.alarms_m), tonumber(st.alarms_c), tonumber(st.mmax), st.since
   alarm_at, change_alarm_at = tonumber(st.alarm_at), tonumber(st.change_alarm_at)
-  for k = 1, K do m[k] = tonumber(st['m' .. k]); s[k] = tonumber(st['s' .. k]) end
+  local packed = {struct.unpack(components, st.c)}
+  for k = 1, K do m[k] = packed[k]; s[k] = packed[K + k] end
   if reason == 'admin' then
     fp = st.fp
     restart('admin')
@@ -147,10 +152,9 @@ end
 local fields = {'fp', fp, 'n', n, 'since', since, 'alarm', alarm, 'change_alarm', change_alarm, 'alarms_m', alarms_m,
                 'alarms_c', alarms_c, 'mmax', fmt(mmax), 'logm', fmt(lm), 'logs', fmt(ls), 'alarm_at', alarm_at,
                 'change_alarm_at', change_alarm_at}
-for k = 1, K do
-  fields[#fields + 1] = 'm' .. k; fields[#fields + 1] = fmt(m[k])
-  fields[#fields + 1] = 's' .. k; fields[#fields + 1] = fmt(s[k])
-end
+local all = {}
+for k = 1, K do all[k] = m[k]; all[K + k] = s[k] end
+fields[#fields + 1] = 'c'; fields[#fields + 1] = struct.pack(components, unpack(all))
 redis.call('HSET', state, unpack(fields))
 if reason ~= 'admin' then
   redis.call('ZADD', lru, redis.call('HINCRBY', counters, 'clock', 1), member)
@@ -163,6 +167,11 @@ end
 redis.call('SET', applied, call_id, 'EX', 86400)
 return {'ok', n}
 """
+
+def feed_script(epsilons: Sequence[float]) -> str:
+    """FEED_SCRIPT with the betting grid written in (its text, and so its SHA, fixes the grid)."""
+    return FEED_SCRIPT.replace("{EPSILONS}", "{" + ", ".join(repr(float(e)) for e in epsilons) + "}")
+
 
 MAX_CALL_INPUTS = 256
 """Most inputs one script call carries: the store runs nothing else meanwhile, so a call stays a few milliseconds,
@@ -217,11 +226,10 @@ class RedisDriftStore:
         )
         if options.password is not None:  # from a Secret: wins over a password in the URL (which from_url would prefer)
             self._client.connection_pool.connection_kwargs["password"] = options.password
-        self._feed = self._client.register_script(FEED_SCRIPT)
+        self._feed = self._client.register_script(feed_script(DEFAULT_EPSILONS))
         entropy = np.random.SeedSequence(entropy=None if settings.seed is None else settings.seed,
                                          spawn_key=(int.from_bytes(hashlib.blake2b(self.replica_id.encode(), digest_size=8).digest()),))
         self._rng = np.random.default_rng(entropy)
-        self._epsilons = [repr(float(e)) for e in DEFAULT_EPSILONS]
         self._fingerprints: dict[int, tuple[np.ndarray, str]] = {}
         self._lock = threading.Condition()
         self._pending: deque[_Batch] = deque()
@@ -358,8 +366,7 @@ class RedisDriftStore:
     def _arguments(self, call_id: int, fingerprint: str, restart: str, member: str) -> list[Any]:
         settings = self.settings
         return [call_id, fingerprint, settings.max_stream_inputs, settings.max_streams, restart, repr(time.time()),
-                repr(-math.log(settings.delta)), repr(math.log(settings.change_threshold)), member, self.options.prefix,
-                len(self._epsilons), *self._epsilons]
+                repr(-math.log(settings.delta)), repr(math.log(settings.change_threshold)), member, self.options.prefix]
 
     def _send(self, call: _Call) -> None:
         keys = self._keys(call.model, call.stream, call.fingerprint)
@@ -422,16 +429,17 @@ class RedisDriftStore:
             members = [m for m in self._members() if model is None or m.split("\n", 1)[0] == model]
             pipeline = self._client.pipeline(transaction=False)
             for member in members:
-                pipeline.hgetall(f"{prefix}:state:{member}")
+                pipeline.hmget(f"{prefix}:state:{member}", REPORT_FIELDS)
             pipeline.hgetall(f"{prefix}:counters")
-            *states, counters = cast(list[dict[str, str]], pipeline.execute())
+            *states, counters = pipeline.execute()
         except redis.RedisError as error:
             self._mark_unavailable(error)
             return DriftSnapshot([], {}, {}, self.store_status())
         with self._lock:  # the store answers; with nothing waiting to be sent this replica is in step with it
             if not self._pending and not self._in_flight and not self.available:
                 self.available, self.last_error = True, None
-        reports = [_report(member, state) for member, state in zip(members, states, strict=True) if state]
+        reports = [_report(member, dict(zip(REPORT_FIELDS, state, strict=True))) for member, state in zip(members, states, strict=True)
+                   if state[0] is not None]
         evicted: dict[str, int] = {}
         restarts: dict[tuple[str, str], int] = {}
         for name, value in counters.items():
@@ -473,6 +481,10 @@ class RedisDriftStore:
             self._lock.notify_all()
         self._worker.join(timeout=CLOSE_FLUSH_SECONDS)
         self._client.close()
+
+
+REPORT_FIELDS = ("n", "since", "alarm", "change_alarm", "alarms_m", "alarms_c", "mmax", "logm", "logs")
+"""The state fields a report reads (never `c`, whose packed doubles are not text)."""
 
 
 def _report(member: str, state: dict[str, str]) -> StreamReport:
