@@ -14,7 +14,7 @@ from oodserve.runtime.sampler import Sampler
 from oodserve.runtime.sessions import ModelRunner, RuntimeOptions
 from oodserve.scoring.batch_typicality import BatchTypicalityResult, BatchTypicalityTest
 from oodserve.scoring.inputs import InputError
-from oodserve.scoring.pipeline import BatchScores, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
+from oodserve.scoring.pipeline import BatchScores, Calibration, FusionRule, InstanceResult, SignalDefinition, prepare_signals, score_outputs
 from oodserve.scoring.signals import SIGNAL_KINDS, SignalSource
 
 logger = logging.getLogger("oodserve.engine")
@@ -26,7 +26,7 @@ def check_signal_environment(bundle: VerifiedBundle, allow_mismatch: bool) -> No
         check = SIGNAL_KINDS[signal.kind].check_environment
         if check is None:
             continue
-        problem = check({**signal.params, "arrays": bundle.signal_arrays.get(signal.name, {})})
+        problem = check(signal.params, bundle.signal_arrays.get(signal.name, {}))
         if problem is None:
             continue
         message = f"bundle {bundle.manifest.name!r}, signal {signal.name!r}: {problem}"
@@ -54,10 +54,13 @@ class Engine:
                 name=signal.name,
                 kind=signal.kind,
                 source=SignalSource(signal.model, signal.output),
-                params={**signal.params, **({"arrays": bundle.signal_arrays[signal.name]} if signal.name in bundle.signal_arrays else {})},
+                params=signal.params,
+                arrays=bundle.signal_arrays.get(signal.name, {}),
             )
             for signal in self.manifest.signals
         )
+        self.calibration = Calibration.of(bundle.calibration)
+        """The bundle's calibration scores with their conformal p-values (all signals in one search)."""
         self.fusion = FusionRule(method=self.manifest.fusion.method, signals=tuple(self.manifest.fusion.signals))
         classifier = self.manifest.classifier
         self.classifier_logits = SignalSource(classifier.model, classifier.logits) if classifier is not None else None
@@ -136,7 +139,7 @@ class Engine:
         level = self.default_alpha if alpha is None else float(alpha)
         scores = score_outputs(
             self.signal_definitions,
-            self.bundle.calibration,
+            self.calibration,
             self.fusion,
             outputs,
             np.asarray(images, dtype=np.float64),

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, CalibrationScores, sort_calibration_scores
 from oodserve.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
 from oodserve.bundle.writer import bundle_file_names, sha256_bytes
-from oodserve.scoring.conformal import sort_calibration_scores
-from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, Calibration
 from oodserve.scoring.signals import PARAMETERS_FILE_KEY
 
 
@@ -29,7 +28,7 @@ class VerifiedBundle:
     directory: Path
     manifest: Manifest
     model_bytes: dict[str, bytes]
-    calibration: Calibration
+    calibration: CalibrationScores
     signal_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     sampler_bytes: bytes | None = None
     batch_reference_bpd: np.ndarray | None = None
@@ -90,7 +89,7 @@ def verify_files(directory: Path, manifest: Manifest) -> dict[str, bytes]:
     return verified
 
 
-def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> Calibration:
+def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> CalibrationScores:
     """Parse the calibration .npz (allow_pickle=False): one finite 1-D array per signal and `__fused__`."""
     expected = [signal.name for signal in manifest.signals] + [FUSED_CALIBRATION_KEY]
     try:
@@ -116,7 +115,7 @@ def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> Calibra
         except ValueError as error:
             raise BundleError(f"calibration file {file_name!r}: array {name!r}: {error}") from error
     fused = sorted_arrays.pop(FUSED_CALIBRATION_KEY)
-    return Calibration(per_signal=sorted_arrays, fused=fused)
+    return CalibrationScores(per_signal=sorted_arrays, fused=fused)
 
 
 def load_bundle(directory: Path | str) -> VerifiedBundle:

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY
+from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY
+from oodserve.bundle.preprocess import BackboneSpec
 from oodserve.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, SignalSource
 
 SCHEMA_VERSION = 1
@@ -146,6 +147,8 @@ class Manifest(StrictModel):
     provenance: Provenance
     sampler: SamplerSpec | None = None
     batch_typicality: BatchTypicalitySpec | None = None
+    backbone: BackboneSpec | None = None
+    """A backbone bundle: the user's classifier composed with the heads, and its declared preprocessing."""
 
     @field_validator("schema_version")
     @classmethod

@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def sort_calibration_scores(calibration_scores: np.ndarray) -> np.ndarray:
-    """Return the calibration scores as a sorted, contiguous 1-D float64 array.
-
-    Refuses empty, non 1-D or non-finite arrays: every conformal guarantee rests on them.
-    """
-    scores = np.asarray(calibration_scores, dtype=np.float64)
-    if scores.ndim != 1:
-        raise ValueError(f"calibration scores must be 1-D, got shape {list(scores.shape)}")
-    if scores.size == 0:
-        raise ValueError("calibration scores are empty")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("calibration scores contain NaN or infinite values")
-    return np.ascontiguousarray(np.sort(scores))
+from oodserve.bundle.calibration import sort_calibration_scores  # noqa: F401  (re-exported: checked where loaded)
 
 
 def as_non_conformity(scores: np.ndarray) -> np.ndarray:

@@ -9,23 +9,22 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, CalibrationScores  # noqa: F401  (the key is re-exported)
 from oodserve.scoring.conformal import StackedCalibration, conformal_p_values
 from oodserve.scoring.fusion import fused_statistic
 from oodserve.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
-from oodserve.scoring.signals.base import PREPARED_KEY
-
-FUSED_CALIBRATION_KEY = "__fused__"
-"""Name of the calibration array holding fused statistics of the second calibration split."""
 
 
 @dataclass(frozen=True)
 class SignalDefinition:
-    """One declared signal: its name, registered kind, source output and parameters."""
+    """One declared signal: its name, registered kind, source output, the manifest's JSON parameters and the arrays of
+    its parameters file (name -> ndarray; empty without one)."""
 
     name: str
     kind: str
     source: SignalSource
     params: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,17 +36,19 @@ class FusionRule:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """Sorted in-distribution calibration scores: (n_k,) per signal and (m,) fused statistics."""
+class Calibration(CalibrationScores):
+    """A bundle's sorted calibration scores ((n_k,) per signal, (m,) fused) with their conformal p-values."""
 
-    per_signal: Mapping[str, np.ndarray]
-    fused: np.ndarray
     stacked: StackedCalibration | None = field(init=False, repr=False, compare=False)
     """Every signal's scores in one array (per_signal's order): all p-values of a batch in one search."""
 
     def __post_init__(self) -> None:
         stacked = StackedCalibration([np.asarray(self.per_signal[name]) for name in self.per_signal]) if self.per_signal else None
         object.__setattr__(self, "stacked", stacked)
+
+    @classmethod
+    def of(cls, scores: CalibrationScores) -> Calibration:
+        return cls(per_signal=scores.per_signal, fused=scores.fused)
 
     def signal_p_values(self, signals: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """name -> (N,) conformal p-values of every signal in `signals` (each (N,)), all in one search when
@@ -148,10 +149,10 @@ def compute_signals(
     values: dict[str, np.ndarray] = {}
     for definition in definitions:
         kind = SIGNAL_KINDS[definition.kind]
-        params = definition.params
-        if prepared is not None and definition.name in prepared:
-            params = {**params, PREPARED_KEY: prepared[definition.name]}
-        signal = np.asarray(kind.score(outputs, images, definition.source, params), dtype=np.float64)
+        ahead = prepared.get(definition.name) if prepared is not None else None
+        signal = np.asarray(
+            kind.score(outputs, images, definition.source, definition.params, arrays=definition.arrays, prepared=ahead), dtype=np.float64
+        )
         if signal.shape != (batch_size,):
             raise ValueError(f"signal {definition.name!r} returned shape {list(signal.shape)}, expected [{batch_size}]")
         values[definition.name] = signal
