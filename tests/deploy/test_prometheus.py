@@ -84,7 +84,7 @@ def test_alert_rules_evaluate_cleanly_on_live_data(live_stack: LiveStack) -> Non
         if rules and all(rule["health"] == "ok" for rule in rules) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(rules) == 12
+    assert len(rules) == 13
     assert {rule["name"]: (rule["health"], rule.get("lastError", "")) for rule in rules} == {
         rule["name"]: ("ok", "") for rule in rules
     }
