@@ -1,8 +1,10 @@
 # oodserve images. Two targets, neither contains torch:
 #   docker build --target cpu -t oodserve:cpu .   python:3.11-slim + onnxruntime
 #   docker build --target gpu -t oodserve:gpu .   CUDA 12 + cuDNN 9 runtime + onnxruntime-gpu (run with --gpus all)
-# Both run as uid 10001, write only under /tmp (docker run --read-only --tmpfs /tmp works) and serve the bundle
-# named by --build-arg BUNDLE (a directory of models/bundles/) on port 8000.
+# Both run as uid and gid 10001, write only under /tmp (docker run --read-only --tmpfs /tmp works) and serve the
+# bundle named by --build-arg BUNDLE (a directory of models/bundles/, the only one copied) on port 8000.
+# Every Python package is installed at the version deploy/docker/constraints.txt pins (the lock; the build prints
+# what it installed). No Docker daemon or registry? deploy/docker/build-local.sh builds and runs this with podman.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
@@ -12,11 +14,11 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# The oodserve package: service/ (the runtime) and models/ (`oodserve.models`, the torch side, inert without the
-# train extra: torch is never installed here). benchmarks/ and tests/ stay out of the image.
+# The oodserve package is service/ (the runtime) and models/ (`oodserve.models`, the training side, importable only
+# with the train extra, which no image installs). benchmarks/ and tests/ stay out of the image.
 COPY service ./service
 COPY models ./models
-COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
+COPY deploy/docker/install-runtime.sh deploy/docker/constraints.txt ./deploy/docker/
 # Bundles are copied into the runtime image on their own, not into site-packages.
 RUN sh deploy/docker/install-runtime.sh /opt/oodserve cpu /src
 
@@ -32,7 +34,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
-COPY deploy/docker/install-runtime.sh ./deploy/docker/install-runtime.sh
+COPY deploy/docker/install-runtime.sh deploy/docker/constraints.txt ./deploy/docker/
 RUN sh deploy/docker/install-runtime.sh /opt/oodserve gpu /src
 
 # ---------------------------------------------------------------- CPU runtime image
@@ -46,10 +48,11 @@ ENV PATH=/opt/oodserve/bin:$PATH \
     OODSERVE_HOST=0.0.0.0 \
     OODSERVE_PORT=8000 \
     OODSERVE_BUNDLE=/app/models/bundles/${BUNDLE}
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin oodserve
+RUN groupadd --gid 10001 oodserve \
+    && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin oodserve
 COPY --from=cpu-build /opt/oodserve /opt/oodserve
 WORKDIR /app
-COPY models/bundles ./models/bundles
+COPY models/bundles/${BUNDLE} ./models/bundles/${BUNDLE}
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
@@ -74,10 +77,11 @@ ENV PATH=/opt/oodserve/bin:$PATH \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin oodserve
+    && groupadd --gid 10001 oodserve \
+    && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin oodserve
 COPY --from=gpu-build /opt/oodserve /opt/oodserve
 WORKDIR /app
-COPY models/bundles ./models/bundles
+COPY models/bundles/${BUNDLE} ./models/bundles/${BUNDLE}
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -23,11 +23,13 @@ install-serve: $(BIN)/python
 install-test: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e '.[cpu,train,dev]'
 
-# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool), headless Chromium with its driver and
-# redis-server (the shared drift store).
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver redis-server
+# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool), headless Chromium with its driver,
+# redis-server (the shared drift store), and podman with runc and debootstrap (the real image build and container in
+# tests/deploy/test_docker_image.py, through deploy/docker/build-local.sh). Installed only when one is missing.
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver redis-server podman runc debootstrap
+SYSTEM_COMMANDS := promtool chromedriver redis-server podman runc /usr/sbin/debootstrap
 system-deps:
-	@if [ ! -d $(FMNIST_DIR) ] || ! command -v promtool >/dev/null || ! command -v chromedriver >/dev/null || ! command -v redis-server >/dev/null; then \
+	@if [ ! -d $(FMNIST_DIR) ] || ! (for tool in $(SYSTEM_COMMANDS); do command -v $$tool >/dev/null || exit 1; done); then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi; \
 	fi

@@ -1,6 +1,7 @@
-"""Dockerfile and .dockerignore: hadolint clean, two runtime targets without torch, non-root, health check; and (slow,
-no Docker engine here) the CPU target's install steps run in a fresh venv from the files the build context holds,
-then the service starts from that venv with the image's environment and the image's health check passes."""
+"""Dockerfile and .dockerignore: hadolint clean, two runtime targets without torch, non-root (uid and gid 10001), one
+bundle, health check, every package pinned by the lock; and (slow) the CPU target's install steps run in a fresh venv
+from the files the build context holds, then the service starts from that venv with the image's environment and the
+image's health check passes. The real image, built and run with podman, is tests/deploy/test_docker_image.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ from tests.helpers.deploy_support import REPO, http_get, http_post_json, stop, w
 
 DOCKERFILE = REPO / "Dockerfile"
 INSTALL_SCRIPT = "deploy/docker/install-runtime.sh"
+CONSTRAINTS = "deploy/docker/constraints.txt"
+
+
+def pinned_versions() -> dict[str, str]:
+    """The lock: {normalised distribution name: version} of every `name==version` line of the constraints file."""
+    pins = {}
+    for line in (REPO / CONSTRAINTS).read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, _, version = line.partition("==")
+            pins[normalised(name)] = version.strip()
+    return pins
+
+
+LIST_DISTRIBUTIONS = "import importlib.metadata as m\nfor d in m.distributions(): print(d.metadata['Name'], d.version)"
+
+
+def normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip().lower())
 
 
 @dataclass
@@ -138,9 +157,17 @@ def test_two_runtime_targets_without_torch_non_root_with_health_check() -> None:
         build, runtime = stages[f"{flavour}-build"], stages[flavour]
         (install,) = [run for run in build.arguments("RUN") if INSTALL_SCRIPT in run]
         assert install.endswith(f"{INSTALL_SCRIPT} /opt/oodserve {flavour} /src")
+        # The lock travels with the install script to the path the script reads it from by default.
+        assert f"{INSTALL_SCRIPT} {CONSTRAINTS} ./deploy/docker/" in build.arguments("COPY")
         assert f"--from={flavour}-build /opt/oodserve /opt/oodserve" in runtime.arguments("COPY")
-        assert "models/bundles ./models/bundles" in runtime.arguments("COPY")
+        # Only the bundle named by BUNDLE, not every directory of models/bundles/.
+        assert [copy for copy in runtime.arguments("COPY") if "models/bundles" in copy] == [
+            "models/bundles/${BUNDLE} ./models/bundles/${BUNDLE}"
+        ]
         assert runtime.arguments("USER") == ["10001:10001"]
+        # The user's group has gid 10001 too, so USER 10001:10001 names an existing user and group.
+        (account,) = [run for run in runtime.arguments("RUN") if "useradd" in run]
+        assert "groupadd --gid 10001 oodserve" in account and "--uid 10001 --gid 10001" in account and "--user-group" not in account
         (health,) = runtime.arguments("HEALTHCHECK")
         assert "http://127.0.0.1:8000/healthz" in health and "curl" not in health
         environment = runtime.environment()
@@ -151,11 +178,30 @@ def test_two_runtime_targets_without_torch_non_root_with_health_check() -> None:
     assert "torch" not in DOCKERFILE.read_text().replace("no torch", "").replace("contains torch", "")
     script = (REPO / INSTALL_SCRIPT).read_text()
     assert '"${source_dir}[${flavour}]"' in script and "import torch" in script
+    assert "PIP_CONSTRAINT" in script and "pip uninstall --yes --quiet setuptools pip" in script and '--quiet "${source_dir}' not in script
+
+
+def test_the_lock_pins_every_runtime_dependency_and_both_onnxruntime_flavours_at_one_version() -> None:
+    import tomllib
+
+    pins = pinned_versions()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    declared = project["project"]["dependencies"] + project["project"]["optional-dependencies"]["cpu"]
+    for requirement in declared:
+        name = normalised(re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0])
+        assert name in pins, f"{name} is not pinned in {CONSTRAINTS}: run deploy/docker/update-constraints.sh"
+    assert pins["onnxruntime"] == pins["onnxruntime-gpu"]
+    assert "torch" not in pins and "oodserve" not in pins
+    # The pinned setuptools is one the build-system range admits (pip's isolated build of oodserve uses the lock).
+    (setuptools,) = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    low, high = re.fullmatch(r"setuptools>=(\d+),<(\d+)", setuptools).groups()
+    assert int(low) <= int(pins["setuptools"].split(".")[0]) < int(high)
+    assert project["project"]["license"] == "Apache-2.0"  # the SPDX string (PEP 639), not the deprecated table
 
 
 def test_dockerignore_sends_only_what_the_images_copy() -> None:
     rules = dockerignore_rules()
-    for kept in ("pyproject.toml", "README.md", "service/server/app.py", "models/bundles/demo/manifest.json", INSTALL_SCRIPT):
+    for kept in ("pyproject.toml", "README.md", "service/server/app.py", "models/bundles/demo/manifest.json", INSTALL_SCRIPT, CONSTRAINTS):
         assert not dockerignore_excludes(kept, rules), kept
     for dropped in (
         ".venv/bin/python",
@@ -165,6 +211,7 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
         "models/flows/ckpt.pt",
         "service/__pycache__/a.pyc",
         "deploy/k8s/service.yaml",
+        "deploy/docker/build-local.sh",
     ):
         assert dockerignore_excludes(dropped, rules), dropped
 
@@ -182,7 +229,7 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     assert "service/server/app.py" in copied and not any(path.startswith(("tests/", ".venv/")) for path in copied)
     # cpu-build: the runtime package and the install script are copied, then the script builds the venv.
     source = tmp_path / "src"
-    for relative in ("pyproject.toml", "README.md", "service", "models", INSTALL_SCRIPT):
+    for relative in ("pyproject.toml", "README.md", "service", "models", INSTALL_SCRIPT, CONSTRAINTS):
         origin, target = context / relative, source / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, target)
@@ -195,13 +242,25 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert "oodserve runtime ok" in install.stdout and "CPUExecutionProvider" in install.stdout
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
-    installed = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
-    ).stdout.lower()
-    assert "onnxruntime==" in installed and "onnxruntime-gpu" not in installed and "torch" not in installed
-    # cpu runtime: /app holds the bundles; the image's ENV with /opt/oodserve, /app and /tmp mapped into tmp_path.
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", LIST_DISTRIBUTIONS],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installed = {normalised(name): version for name, version in (line.split() for line in listed.splitlines())}
+    assert "onnxruntime" in installed and "onnxruntime-gpu" not in installed and "torch" not in installed
+    # pip and setuptools are gone from the runtime venv; everything else is at the version the lock pins.
+    assert "pip" not in installed and "setuptools" not in installed
+    pins = pinned_versions()
+    off_the_lock = {
+        name: (version, pins.get(name)) for name, version in installed.items() if name != "oodserve" and pins.get(name) != version
+    }
+    assert not off_the_lock, f"installed vs pinned: {off_the_lock}"
+    # cpu runtime: /app holds the one bundle BUNDLE names; the image's ENV with /opt/oodserve, /app and /tmp mapped into tmp_path.
+    bundle = cpu.arguments("ARG")[0].split("=")[1]
     app = tmp_path / "app"
-    shutil.copytree(context / "models" / "bundles", app / "models" / "bundles")
+    shutil.copytree(context / "models" / "bundles" / bundle, app / "models" / "bundles" / bundle)
     home = tmp_path / "writable-tmp"
     home.mkdir()
     port = free_port()
@@ -214,7 +273,10 @@ def test_cpu_target_install_steps_in_a_fresh_venv_serve_without_torch(tmp_path: 
     image_environment["PATH"] = image_environment["PATH"].replace("$PATH", "/usr/bin:/bin")
     grpc_port = free_port()
     image_environment.update(
-        OODSERVE_HOST="127.0.0.1", OODSERVE_PORT=str(port), OODSERVE_INTRA_OP_THREADS="1", OODSERVE_INTER_OP_THREADS="1",
+        OODSERVE_HOST="127.0.0.1",
+        OODSERVE_PORT=str(port),
+        OODSERVE_INTRA_OP_THREADS="1",
+        OODSERVE_INTER_OP_THREADS="1",
         OODSERVE_GRPC_PORT=str(grpc_port),
     )
     before = files_with_stamps(venv, app)
