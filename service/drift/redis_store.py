@@ -5,7 +5,8 @@ P(any false alarm on a clean segment) <= delta (Ville), however many replicas fe
 Shafer 2005, ch. 7; Vovk 2021 "Testing randomness online"; Vovk et al. 2021 on conformal Shiryaev-Roberts).
 
 Keys (prefix P, member = model + "\\n" + stream):
-- `P:cal:<model>:<fingerprint>`: sorted set of the model's fused calibration scores (M,), loaded once per bundle.
+- `P:cal:<model>:<fingerprint>`: sorted set of the model's fused calibration scores (M,), loaded by the first
+  replica that needs it and expiring after a day (then loaded again while the bundle is still served).
 - `P:ref:<member>`: sorted set of the stream's scores since its restart (n,) (member = the input's index).
   The conformal p-value's counts come from ZCOUNT on both sets: O(log(M + n)) per input.
 - `P:state:<member>`: hash of the segment: inputs, the K log components of the power martingale and of the
@@ -177,6 +178,7 @@ MAX_CALL_INPUTS = 256
 """Most inputs one script call carries: the store runs nothing else meanwhile, so a call stays a few milliseconds,
 well inside the timeout."""
 CALIBRATION_CHUNK = 5000
+CALIBRATION_TTL_SECONDS = 86_400
 BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)
 CLOSE_FLUSH_SECONDS = 2.0
 
@@ -389,6 +391,8 @@ class RedisDriftStore:
         for start in range(0, len(values), CALIBRATION_CHUNK):
             self._client.zadd(temporary, {f"c{start + i}": value for i, value in enumerate(values[start : start + CALIBRATION_CHUNK])})
         self._client.rename(temporary, key)
+        # a bundle no longer served leaves no set behind; one still served is simply loaded again (same fingerprint)
+        self._client.expire(key, CALIBRATION_TTL_SECONDS)
 
     # Reads and admin.
 

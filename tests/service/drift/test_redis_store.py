@@ -76,10 +76,15 @@ def test_replicas_share_streams_eviction_and_reloads(server: RedisServer) -> Non
         snapshot = second.snapshot()
         assert {report.stream: report.inputs_since_reset for report in snapshot.reports} == {"b": 2, "c": 1}
         assert snapshot.evicted == {"m": 1} and snapshot.available
+        (calibration_key,) = server.client().keys("oodserve:drift:cal:m:*")
+        assert 0 < server.client().ttl(calibration_key) <= 86_400  # a bundle no longer served leaves nothing behind
+        server.client().delete(calibration_key)  # expired: the next call loads it again
+        first.observe("m", "b", calibration, np.full(1, 50.0))
+        assert first.flush(10) and first.snapshot().available
         second.observe("m", "c", calibration + 1.0, np.array([1.0]))  # another bundle's calibration: a restart
         assert second.flush(10)
         snapshot = first.snapshot("m")
-        assert {report.stream: report.inputs_since_reset for report in snapshot.reports}["c"] == 1
+        assert {report.stream: report.inputs_since_reset for report in snapshot.reports} == {"b": 3, "c": 1}
         assert snapshot.restarts == {("m", "reload"): 1}
         assert first.reset("m", "b") == 1 and first.snapshot().restarts[("m", "admin")] == 1
         first.observe("m", "c", calibration + 1.0, np.full(150, 5.0))
