@@ -21,7 +21,7 @@ install-serve: $(BIN)/python
 	$(BIN)/pip install -q -e '.[cpu]'
 
 install-test: $(BIN)/python system-deps
-	$(BIN)/pip install -q -e '.[cpu,train,dev]'
+	$(BIN)/pip install -q -e '.[cpu,train,dev,batch]'
 
 # Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool), headless Chromium with its driver,
 # redis-server (the shared drift store), and podman with runc and debootstrap (the real image build and container in

@@ -1,7 +1,8 @@
 """Commands whose dependencies are optional extras, registered only when those are installed:
 
 - the torch-side training, export, bundle and evaluation commands (`oodserve.models.cli`) with the `train` extra;
-- `oodserve bench` (`oodserve.bench.cli`, the serving load and peer tools) with the `dev` extra (aiohttp).
+- `oodserve bench` (`oodserve.bench.cli`, the serving load and peer tools) with the `dev` extra (aiohttp);
+- `oodserve score` (`oodserve.batch.cli`, offline scoring on Ray Data) with the `batch` extra (ray, pyarrow).
 
 This is the one documented place where the runtime reaches the optional packages: by module name, through
 importlib, so the layering contracts (import-linter: the runtime never imports `oodserve.models`) hold.
@@ -19,6 +20,7 @@ import typer
 OPTIONAL_COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("oodserve.models.cli", ("torch",)),
     ("oodserve.bench.cli", ("aiohttp",)),
+    ("oodserve.batch.cli", ("ray", "pyarrow")),
 )
 """(module with a `register(app)` function, the third-party packages its extra installs)."""
 
