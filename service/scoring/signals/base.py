@@ -3,9 +3,12 @@
 A signal kind turns model outputs (and the raw inputs) into one OOD score per instance, oriented so
 that higher means more out-of-distribution:
 
-- ``score(outputs, images, source, params) -> (N,) float64``: finite, or NaN where a model could not
-  score an instance (the conformal p-value treats NaN as maximally OOD); row ``i`` depends on row ``i``
-  of the inputs only, so the batcher may score merged batches and slice them;
+- ``score(outputs, images, source, params, *, arrays, prepared) -> (N,) float64``: finite, or NaN where a
+  model could not score an instance (the conformal p-value treats NaN as maximally OOD); row ``i`` depends
+  on row ``i`` of the inputs only, so the batcher may score merged batches and slice them. ``params`` are
+  the manifest entry's JSON parameters, ``arrays`` the arrays of its parameters file (name -> ndarray,
+  empty for kinds without one) and ``prepared`` the kind's ``prepare`` result (N,) when it was computed
+  ahead (else None: the kind computes it);
 - ``fit(outputs, images, source, options, labels) -> FittedSignal``: the kind's parameters learned from
   in-distribution reference data (a training split), given the options a bundle builder chose. Kinds
   with nothing to learn return the options unchanged.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,12 +33,12 @@ import numpy as np
 ModelOutputs = Mapping[str, Mapping[str, np.ndarray]]
 """outputs[model_name][output_name] -> array with a leading batch axis N."""
 
-PREPARED_KEY = "prepared"
-"""The key under which `score` finds its kind's `prepare` result (N,) in `params`, when it was computed ahead."""
-
 PARAMETERS_FILE_KEY = "parameters_file"
-"""A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it and passes its
-arrays to the kind's score function as `params["arrays"]` (name -> ndarray)."""
+"""A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it, and its arrays reach the kind's
+score function as `arrays` (name -> ndarray; `SignalDefinition.arrays`)."""
+
+NO_ARRAYS: Mapping[str, np.ndarray] = MappingProxyType({})
+"""The `arrays` of a signal without a parameters file."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,18 @@ class FittedSignal:
 
 
 class SignalScoreFunction(Protocol):
-    """score(outputs, images (N, *input_shape) float raw scale, source, params) -> (N,) float64."""
+    """score(outputs, images (N, *input_shape) float raw scale, source, params, *, arrays, prepared (N,) or None)
+    -> (N,) float64."""
 
     def __call__(
-        self, outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]
+        self,
+        outputs: ModelOutputs,
+        images: np.ndarray,
+        source: SignalSource,
+        params: Mapping[str, Any],
+        *,
+        arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+        prepared: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
 
@@ -94,9 +106,9 @@ class SignalKind:
     extra_sources: model outputs read besides the signal's own (for example a background model).
     validate: optional check of (params, per-instance input shape); raises ValueError with a message.
     check_environment: optional check, when the bundle loads, that this machine computes the signal as the
-    machine that fitted it did (params with `arrays`); returns what differs, or None.
+    machine that fitted it did, (params, arrays of the parameters file) -> what differs, or None.
     prepare: optional part of the score that needs the inputs only, (images, params) -> (N,); the batcher may
-    run it beside the models, and `score` then finds its result in params[PREPARED_KEY] (else computes it).
+    run it beside the models, and `score` then gets its result as `prepared` (else computes it).
     """
 
     name: str
@@ -106,7 +118,7 @@ class SignalKind:
     required_params: tuple[str, ...] = ()
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None
-    check_environment: Callable[[Mapping[str, Any]], str | None] | None = None
+    check_environment: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], str | None] | None = None
     prepare: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray] | None = None
 
 
@@ -121,7 +133,7 @@ def register_signal_kind(
     required_params: tuple[str, ...] = (),
     extra_sources: Callable[[Mapping[str, Any]], list[SignalSource]] = no_extra_sources,
     validate: Callable[[Mapping[str, Any], Sequence[int]], None] | None = None,
-    check_environment: Callable[[Mapping[str, Any]], str | None] | None = None,
+    check_environment: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], str | None] | None = None,
     prepare: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray] | None = None,
 ) -> Callable[[SignalScoreFunction], SignalScoreFunction]:
     """Decorator adding the decorated score function as a signal kind to `SIGNAL_KINDS` (refuses a duplicate name)."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from oodserve.scoring.signals.base import (
+    NO_ARRAYS,
     ModelOutputs,
     SignalSource,
     bits_per_dim_from_log_prob,
@@ -22,6 +23,14 @@ from oodserve.scoring.signals.base import (
 
 
 @register_signal_kind("bits_per_dim", description="bits/dim of the flow's discrete likelihood (higher = less likely)")
-def bits_per_dim_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def bits_per_dim_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """bpd(x) from the source log_prob (N,) in nats. Returns (N,) float64."""
     return bits_per_dim_from_log_prob(read_scalar_output(outputs, source), dimensions_of(images))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from oodserve.scoring.signals.base import (
+    NO_ARRAYS,
     PARAMETERS_FILE_KEY,
     FittedSignal,
     ModelOutputs,
@@ -44,7 +45,7 @@ class GaussianMixtureParameters:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray] | np.lib.npyio.NpzFile, prefix: str) -> GaussianMixtureParameters:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray] | np.lib.npyio.NpzFile, prefix: str) -> GaussianMixtureParameters:
         return cls(
             means=np.asarray(arrays[f"{prefix}means"], dtype=np.float64),
             precision_cholesky=np.asarray(arrays[f"{prefix}precision_cholesky"], dtype=np.float64),
@@ -138,7 +139,15 @@ def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
     required_params=(PARAMETERS_FILE_KEY,),
     validate=_validate,
 )
-def feature_density_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def feature_density_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """Negative log density of the (N, F) feature output under the fitted class-conditional Gaussians. (N,) float64."""
-    mixture = GaussianMixtureParameters.from_arrays(params["arrays"], prefix=str(params.get("prefix", "")))
+    mixture = GaussianMixtureParameters.from_arrays(arrays, prefix=str(params.get("prefix", "")))
     return negative_log_feature_density(_features(outputs, source), mixture)

@@ -14,8 +14,8 @@ import PIL
 from PIL import Image
 
 from oodserve.scoring.signals.base import (
+    NO_ARRAYS,
     PARAMETERS_FILE_KEY,
-    PREPARED_KEY,
     FittedSignal,
     ModelOutputs,
     SignalSource,
@@ -75,9 +75,9 @@ def fit_input_complexity(
     )
 
 
-def check_codec(params: Mapping[str, Any]) -> str | None:
-    """None when this machine's PNG encoder gives the bundle's reference images the recorded lengths, else what differs."""
-    arrays = params.get("arrays")
+def check_codec(params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str | None:
+    """None when this machine's PNG encoder gives the bundle's reference images (`arrays` of the parameters file) the
+    recorded lengths, else what differs."""
     if not arrays or "reference_images" not in arrays or "reference_png_bits" not in arrays:
         return None  # bundles fitted before the reference images were recorded
     here = png_length_bits(arrays["reference_images"])
@@ -98,9 +98,16 @@ def check_codec(params: Mapping[str, Any]) -> str | None:
     check_environment=check_codec,
     prepare=lambda images, params: png_length_bits(images),
 )
-def input_complexity_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
-    """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W); L(x) from params[PREPARED_KEY] when the
+def input_complexity_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
+    """bpd(x) * D - L(x) in bits, images (N, C, H, W) or (N, H, W); L(x) from `prepared` when the
     batcher computed it beside the models. Returns (N,) float64."""
     bits = bits_per_dim_signal(outputs, images, source, params) * dimensions_of(images)
-    lengths = params.get(PREPARED_KEY)
-    return bits - (png_length_bits(images) if lengths is None else lengths)
+    return bits - (png_length_bits(images) if prepared is None else prepared)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from oodserve.scoring.signals.base import ModelOutputs, SignalSource, read_scalar_output, register_signal_kind
+from oodserve.scoring.signals.base import NO_ARRAYS, ModelOutputs, SignalSource, read_scalar_output, register_signal_kind
 
 
 def background_sources(params: Mapping[str, Any]) -> list[SignalSource]:
@@ -29,7 +29,15 @@ def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
     extra_sources=background_sources,
     validate=_validate,
 )
-def likelihood_ratio_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def likelihood_ratio_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """-(log p(x) - log p_bg(x)), both log-densities (N,) in nats. Returns (N,) float64."""
     foreground = read_scalar_output(outputs, source)
     background = read_scalar_output(outputs, background_sources(params)[0])

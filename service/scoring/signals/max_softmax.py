@@ -8,11 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from oodserve.scoring.signals.base import ModelOutputs, SignalSource, read_output, register_signal_kind, softmax
+from oodserve.scoring.signals.base import NO_ARRAYS, ModelOutputs, SignalSource, read_output, register_signal_kind, softmax
 
 
 @register_signal_kind("max_softmax", description="1 - max softmax probability of the classifier logits")
-def max_softmax_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def max_softmax_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """1 - max_c softmax(logits)_c; the source is the (N, C) logits output. (N,) float64."""
     logits = np.asarray(read_output(outputs, source), dtype=np.float64)
     if logits.ndim != 2:

@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from oodserve.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, read_scalar_output, register_signal_kind, require_number
+from oodserve.scoring.signals.base import (
+    NO_ARRAYS,
+    FittedSignal,
+    ModelOutputs,
+    SignalSource,
+    read_scalar_output,
+    register_signal_kind,
+    require_number,
+)
 
 
 def _validate(params: Mapping[str, Any], input_shape: Sequence[int]) -> None:
@@ -39,7 +47,15 @@ def fit_model_output(
     fit=fit_model_output,
     validate=_validate,
 )
-def model_output_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def model_output_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """Scalar output y (N,). params: sign=1, center=0, two_sided=false, scale=1. Returns (N,) float64."""
     values = read_scalar_output(outputs, source)
     center = float(params.get("center", 0.0))

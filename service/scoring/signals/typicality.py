@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from oodserve.scoring.signals.base import FittedSignal, ModelOutputs, SignalSource, register_signal_kind, require_number
+from oodserve.scoring.signals.base import NO_ARRAYS, FittedSignal, ModelOutputs, SignalSource, register_signal_kind, require_number
 from oodserve.scoring.signals.bits_per_dim import bits_per_dim_signal
 
 
@@ -31,6 +31,14 @@ def fit_typicality(
     required_params=("entropy_bpd",),
     validate=_validate,
 )
-def typicality_signal(outputs: ModelOutputs, images: np.ndarray, source: SignalSource, params: Mapping[str, Any]) -> np.ndarray:
+def typicality_signal(
+    outputs: ModelOutputs,
+    images: np.ndarray,
+    source: SignalSource,
+    params: Mapping[str, Any],
+    *,
+    arrays: Mapping[str, np.ndarray] = NO_ARRAYS,
+    prepared: np.ndarray | None = None,
+) -> np.ndarray:
     """|bpd(x) - params.entropy_bpd|, the training entropy in bits/dim. (N,) float64."""
     return np.abs(bits_per_dim_signal(outputs, images, source, params) - float(params["entropy_bpd"]))

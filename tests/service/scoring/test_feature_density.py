@@ -65,7 +65,7 @@ def test_arrays_round_trip_and_signal_kind(clustered_features):
     kind = SIGNAL_KINDS["feature_density"]
     outputs = {"clf": {"features": features[:5].astype(np.float32)}}
     values = kind.score(outputs, np.zeros((5, 1, 2, 2)), SignalSource("clf", "features"),
-                          {"parameters_file": "f.npz", "prefix": "ddu_", "arrays": arrays})
+                          {"parameters_file": "f.npz", "prefix": "ddu_"}, arrays=arrays)
     np.testing.assert_allclose(values, negative_log_feature_density(features[:5].astype(np.float32), restored))
 
 

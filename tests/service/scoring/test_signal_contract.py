@@ -52,8 +52,8 @@ def sliced(outputs: Mapping[str, Mapping[str, np.ndarray]], start: int, stop: in
     return {model: {name: values[start:stop] for name, values in arrays.items()} for model, arrays in outputs.items()}
 
 
-def fitted_params(kind: str, labels: bool) -> dict[str, Any]:
-    """The kind's fit on a reference batch of 200, checked like a manifest entry; arrays attached as the loader does."""
+def fitted_params(kind: str, labels: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The kind's fit on a reference batch of 200, checked like a manifest entry, and its parameters file's arrays."""
     source, options = EXAMPLES[kind]
     outputs, images, reference_labels = random_batch(200, seed=0)
     fitted = SIGNAL_KINDS[kind].fit(outputs, images, source, options, reference_labels if labels else None)
@@ -62,7 +62,7 @@ def fitted_params(kind: str, labels: bool) -> dict[str, Any]:
     assert set(registered.required_params) <= set(fitted.params)
     if registered.validate is not None:
         registered.validate(fitted.params, IMAGE_SHAPE)
-    return {**fitted.params, "arrays": fitted.arrays} if fitted.arrays else fitted.params
+    return fitted.params, fitted.arrays
 
 
 def test_every_registered_kind_has_an_example() -> None:
@@ -77,20 +77,20 @@ def test_score_is_a_float64_row_per_instance_and_slices_like_the_batch(
     kind: str, labels: bool, count: int, seed: int, cut: tuple[float, float]
 ) -> None:
     source = EXAMPLES[kind][0]
-    params = fitted_params(kind, labels)
+    params, arrays = fitted_params(kind, labels)
     outputs, images, _ = random_batch(count, seed)
-    scores = SIGNAL_KINDS[kind].score(outputs, images, source, params)
+    scores = SIGNAL_KINDS[kind].score(outputs, images, source, params, arrays=arrays)
     assert isinstance(scores, np.ndarray) and scores.shape == (count,) and scores.dtype == np.float64
     assert np.all(np.isfinite(scores) | np.isnan(scores))
     start = min(int(cut[0] * count), count - 1)
     stop = start + 1 + min(int(cut[1] * (count - start)), count - start - 1)  # a non-empty slice
-    part = SIGNAL_KINDS[kind].score(sliced(outputs, start, stop), images[start:stop], source, params)
+    part = SIGNAL_KINDS[kind].score(sliced(outputs, start, stop), images[start:stop], source, params, arrays=arrays)
     np.testing.assert_allclose(part, scores[start:stop], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["typicality", "model_output"])
 def test_fit_learns_from_the_reference_outputs(kind: str) -> None:
-    params = fitted_params(kind, labels=False)
+    params, _ = fitted_params(kind, labels=False)
     outputs, images, _ = random_batch(200, seed=0)
     if kind == "typicality":
         bits = SIGNAL_KINDS["bits_per_dim"].score(outputs, images, EXAMPLES[kind][0], {})
