@@ -80,6 +80,19 @@ def fit_command(
     seed: int = typer.Option(0, help="random seed of the splits and the models"),
     work: Path | None = typer.Option(None, help="resumable work directory [default: OUT.work]; finished stages are reused"),
     resize: str | None = typer.Option(None, help="images: resize every image to HxW pixels (sides 8 to 64), e.g. 32x32"),
+    backbone: Path | None = typer.Option(None, help="your classifier as ONNX: detect OOD in its features and logits (DATA = the "
+                                         "images it trained on)"),
+    calibration: Path | None = typer.Option(None, help="with --backbone: held-out images the backbone never trained on (your "
+                                            "validation split, at least 300) for the conformal calibration"),
+    features: str | None = typer.Option(None, help="with --backbone: the feature tensor [default: input of the last Gemm/MatMul]"),
+    logits: str | None = typer.Option(None, help="with --backbone: the logits output [default: the 2-D output]"),
+    pooling: str | None = typer.Option(None, help="with --backbone: mean or flatten, for a feature tensor that is not 2-D"),
+    preprocess: list[str] = typer.Option([], help="with --backbone: KEY=VALUE (mean=0.485,0.456,0.406 std=... scale=1/255 "
+                                         "layout=NCHW dtype=float32 size=224x224 resize=center_crop) or a JSON file; repeatable"),
+    calibrate_on_training_data: bool = typer.Option(False, help="with --backbone and no --calibration: calibrate on held-back "
+                                                    "training images; the FPR guarantee then does NOT hold"),
+    min_accuracy: float | None = typer.Option(None, help="with --backbone: the accuracy below which the fit stops [default: "
+                                              "chance + 25% of the way to 1]"),
 ) -> None:
     """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
     from oodserve.models.data import DataError
@@ -87,6 +100,20 @@ def fit_command(
 
     if labels not in ("auto", "none"):
         raise typer.BadParameter(f"--labels must be auto or none, got {labels!r}")
+    if backbone is not None:
+        from oodserve.models.fit.backbone import BackboneOptions, fit_backbone, parse_preprocess
+        from oodserve.models.fit.run import bundle_name
+
+        try:
+            options = BackboneOptions(backbone=backbone, calibration=calibration, features=features, logits=logits, pooling=pooling,
+                                      preprocess=parse_preprocess(preprocess), calibrate_on_training_data=calibrate_on_training_data,
+                                      min_accuracy=min_accuracy, work=work or out.with_name(out.name + ".work"))
+            result = fit_backbone(data, out, options, name=bundle_name(FitSettings(data=data, out=out, name=name)), seed=seed)
+        except DataError as error:
+            typer.echo(f"oodserve fit: {error}", err=True)
+            raise typer.Exit(code=2) from error
+        typer.echo(format_summary(result))
+        return
     try:
         result = fit(FitSettings(data=data, out=out, name=name, minutes=minutes, labels=labels, label_column=label_column,
                                  seed=seed, work=work, resize=resize))
