@@ -80,6 +80,8 @@ def test_a_project_with_its_own_models_package_imports_both(wheel: Path, tmp_pat
         "import models, oodserve, oodserve.server.app, oodserve.models.data, oodserve.datasets\n"
         "assert models.OWNER == 'the user', models.__file__\n"
         f"assert oodserve.__file__.startswith({site!r}), oodserve.__file__\n"
+        "from oodserve.bundle.signals import signal_kinds\n"
+        "assert {'bits_per_dim', 'typicality', 'max_softmax'} <= set(signal_kinds())  # the kinds' entry point\n"
         "import importlib.util\n"
         "assert importlib.util.find_spec('service') is None and importlib.util.find_spec('benchmarks') is None\n"
         "print('ok')\n"

@@ -12,6 +12,7 @@ from oodserve.engine import Engine
 from oodserve.models.data import load_images
 from oodserve.models.evaluation.report import ScoredSet, write_report
 from oodserve.models.perturbations import make_perturbed_sets
+from oodserve.runtime.sampler import png_grid
 from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.scoring.pipeline import score_outputs
 from oodserve.scoring.signals import softmax
@@ -39,7 +40,7 @@ def score_images(engine: Engine, name: str, images: np.ndarray, labels: np.ndarr
     for start in tqdm(range(0, len(images), batch_size), desc=f"scoring {name}", unit="batch", leave=False):
         batch = images[start : start + batch_size].astype(np.float32).reshape(-1, *engine.manifest.input.shape)
         outputs = engine.runner.run(batch)
-        chunks.append(score_outputs(engine.signal_definitions, engine.bundle.calibration, engine.fusion, outputs,
+        chunks.append(score_outputs(engine.signal_definitions, engine.calibration, engine.fusion, outputs,
                                     batch.astype(np.float64), engine.default_alpha, classifier))
         if classifier is not None:
             probabilities.append(softmax(outputs[classifier.model][classifier.output]))
@@ -74,8 +75,6 @@ def evaluate(settings: EvalSettings) -> Path:
     fusion = engine.manifest.fusion
     samples = []
     if engine.sampler is not None:
-        from oodserve.runtime.sampler import png_grid
-
         Path(settings.out).mkdir(parents=True, exist_ok=True)
         (Path(settings.out) / "samples_t0.7.png").write_bytes(png_grid(engine.sampler.sample(64, 0.7, seed=0)))
         samples = ["", "Samples from the flow at temperature 0.7 (the sampling graph the server uses):", "",

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, CalibrationScores, sort_calibration_scores
 from oodserve.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
+from oodserve.bundle.signals import PARAMETERS_FILE_KEY
 from oodserve.bundle.writer import bundle_file_names, sha256_bytes
-from oodserve.scoring.signals import PARAMETERS_FILE_KEY
 
 
 class BundleError(Exception):

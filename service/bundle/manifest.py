@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY
 from oodserve.bundle.preprocess import BackboneSpec
-from oodserve.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, SignalSource
+from oodserve.bundle.signals import PARAMETERS_FILE_KEY, SignalSource, signal_kinds
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE_NAME = "manifest.json"
@@ -79,8 +79,9 @@ class SignalSpec(StrictModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind not in SIGNAL_KINDS:
-            raise ValueError(f"unknown signal kind {kind!r}; known kinds: {sorted(SIGNAL_KINDS)}")
+        known = signal_kinds()
+        if kind not in known:
+            raise ValueError(f"unknown signal kind {kind!r}; known kinds: {sorted(known)}")
         return kind
 
 
@@ -198,7 +199,7 @@ class Manifest(StrictModel):
         for signal in self.signals:
             where = f"signal {signal.name!r}"
             require_output(signal.model, signal.output, where)
-            kind = SIGNAL_KINDS[signal.kind]
+            kind = signal_kinds()[signal.kind]
             missing = [key for key in kind.required_params if key not in signal.params]
             if missing:
                 raise ValueError(f"{where} of kind {signal.kind!r} needs params {missing}")
@@ -233,7 +234,7 @@ class Manifest(StrictModel):
         """For each ONNX model the outputs that signals or the classifier read (all declared models appear)."""
         needed: dict[str, list[SignalSource]] = {name: [] for name in self.models}
         for signal in self.signals:
-            for source in [SignalSource(signal.model, signal.output), *SIGNAL_KINDS[signal.kind].extra_sources(signal.params)]:
+            for source in [SignalSource(signal.model, signal.output), *signal_kinds()[signal.kind].extra_sources(signal.params)]:
                 if source not in needed[source.model]:
                     needed[source.model].append(source)
         if self.classifier is not None:

@@ -30,23 +30,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from oodserve.bundle.signals import PARAMETERS_FILE_KEY, SignalSource  # noqa: F401  (re-exported with the kinds)
+
 ModelOutputs = Mapping[str, Mapping[str, np.ndarray]]
 """outputs[model_name][output_name] -> array with a leading batch axis N."""
 
-PARAMETERS_FILE_KEY = "parameters_file"
-"""A signal param naming a bundle `.npz` of fitted arrays; the loader verifies it, and its arrays reach the kind's
-score function as `arrays` (name -> ndarray; `SignalDefinition.arrays`)."""
-
 NO_ARRAYS: Mapping[str, np.ndarray] = MappingProxyType({})
 """The `arrays` of a signal without a parameters file."""
-
-
-@dataclass(frozen=True)
-class SignalSource:
-    """Which ONNX model output a signal reads (the manifest's `model` and `output`)."""
-
-    model: str
-    output: str
 
 
 @dataclass(frozen=True)
