@@ -1,13 +1,16 @@
 # oodserve images. Two targets, neither contains torch:
 #   docker build --target cpu -t oodserve:cpu .   python:3.11-slim + onnxruntime
-#   docker build --target gpu -t oodserve:gpu .   CUDA 12 + cuDNN 9 runtime + onnxruntime-gpu (run with --gpus all)
+#   docker build --target gpu -t oodserve:gpu .   CUDA 13 + cuDNN 9 runtime + onnxruntime-gpu (run with --gpus all;
+#                                                 CUDA 13 needs an NVIDIA driver of the R580 series or newer)
 # Both run as uid and gid 10001, write only under /tmp (docker run --read-only --tmpfs /tmp works) and serve the
 # bundle named by --build-arg BUNDLE (a directory of models/bundles/, the only one copied) on port 8000.
 # Every Python package is installed at the version deploy/docker/constraints.txt pins (the lock; the build prints
 # what it installed). No Docker daemon or registry? deploy/docker/build-local.sh builds and runs this with podman.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# onnxruntime-gpu from the package index is built for CUDA 13 and cuDNN 9 (install-runtime.sh checks it against the
+# base's CUDA_VERSION); the base's CUDA major follows the pinned onnxruntime-gpu.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------- CPU: build the virtual environment
 FROM ${PYTHON_IMAGE} AS cpu-build

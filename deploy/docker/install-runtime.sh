@@ -44,4 +44,28 @@ if [ -n "$unpinned" ]; then
   exit 1
 fi
 "$venv/bin/python" -c "import onnxruntime, oodserve.server.app; print('oodserve runtime ok: onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+if [ "$flavour" = gpu ]; then
+  # The CUDA major onnxruntime-gpu's CUDA provider links against must be the base's (nvidia/cuda sets CUDA_VERSION):
+  # a mismatch builds and starts, then falls back to the CPU at the first session.
+  "$venv/bin/python" -c '
+import mmap, os, pathlib, re, struct, sys, onnxruntime
+def needed(path):
+    """DT_NEEDED names of an ELF64 little-endian shared library: its .dynamic section, names in the linked string table."""
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as elf:
+        (section_offset,), (entry_size, count) = struct.unpack_from("<Q", elf, 0x28), struct.unpack_from("<HH", elf, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", elf, section_offset + index * entry_size) for index in range(count)]
+        for _, kind, _, _, offset, size, link, _, _, _ in sections:
+            if kind == 6:  # SHT_DYNAMIC, entries (tag, value); its link is the string table
+                strings = sections[link][4]
+                tags = [struct.unpack_from("<qQ", elf, offset + position) for position in range(0, size, 16)]
+                return [elf[strings + value : elf.find(b"\0", strings + value)].decode() for tag, value in tags if tag == 1]
+    return []
+library = pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+majors = sorted({int(match.group(1)) for name in needed(library) if (match := re.fullmatch(r"libcudart\.so\.(\d+)", name))})
+base = os.environ.get("CUDA_VERSION", "")
+print("install-runtime.sh: onnxruntime-gpu", onnxruntime.__version__, "links CUDA", majors, "; the base has CUDA", base or "none")
+if base and int(base.split(".")[0]) not in majors:
+    sys.exit(f"install-runtime.sh: onnxruntime-gpu {onnxruntime.__version__} is built for CUDA {majors}, the base image has CUDA {base}")
+'
+fi
 "$venv/bin/python" -m pip uninstall --yes --quiet setuptools pip

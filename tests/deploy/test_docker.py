@@ -150,7 +150,7 @@ def test_two_runtime_targets_without_torch_non_root_with_health_check() -> None:
     global_args, stages = parse_dockerfile(DOCKERFILE.read_text())
     assert set(stages) == {"cpu-build", "gpu-build", "cpu", "gpu"}
     assert re.fullmatch(r"python:3\.1[1-9]-slim.*", global_args["PYTHON_IMAGE"])
-    assert re.fullmatch(r"nvidia/cuda:12\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", global_args["CUDA_IMAGE"])
+    assert re.fullmatch(r"nvidia/cuda:1[2-9]\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", global_args["CUDA_IMAGE"])
     assert stages["cpu"].base == stages["cpu-build"].base == "${PYTHON_IMAGE}"
     assert stages["gpu"].base == stages["gpu-build"].base == "${CUDA_IMAGE}"
     for flavour in ("cpu", "gpu"):
@@ -214,6 +214,39 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
         "deploy/docker/build-local.sh",
     ):
         assert dockerignore_excludes(dropped, rules), dropped
+
+
+def ubuntu_noble_python() -> str:
+    """A Python 3.12 (Ubuntu 24.04's, the nvidia/cuda base's) that runs and can make a venv; else this interpreter."""
+    candidates = [shutil.which("python3.12"), *sorted(str(path) for path in Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", "import ensurepip, venv"], capture_output=True).returncode == 0:
+            return candidate
+    return sys.executable
+
+
+@pytest.mark.slow
+def test_gpu_target_install_steps_pin_onnxruntime_gpu_for_the_cuda_of_its_base(tmp_path: Path) -> None:
+    """gpu-build's install step as the nvidia/cuda base runs it: Ubuntu 24.04's Python 3.12 (where one is found here)
+    and the base's CUDA_VERSION (the tag's), so an onnxruntime-gpu pin built for another CUDA major fails the build."""
+    global_args, _ = parse_dockerfile(DOCKERFILE.read_text())
+    cuda_version = re.fullmatch(r"nvidia/cuda:([0-9.]+)-cudnn-runtime-ubuntu24\.04", global_args["CUDA_IMAGE"]).group(1)
+    python = ubuntu_noble_python()
+    source = tmp_path / "src"  # the build context, as COPY puts it into /src (pip builds there, not in the work tree)
+    build_context(source)
+    venv = tmp_path / "opt-oodserve"
+    environment = {**os.environ, "PYTHON": python, "CUDA_VERSION": cuda_version, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    environment.pop("VIRTUAL_ENV", None)
+    install = subprocess.run(
+        ["sh", str(source / INSTALL_SCRIPT), str(venv), "gpu", str(source)], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    (links,) = re.findall(r"onnxruntime-gpu (\S+) links CUDA \[([0-9, ]+)\] ; the base has CUDA (\S+)", install.stdout)
+    assert (
+        links[0] == pinned_versions()["onnxruntime-gpu"] and cuda_version.split(".")[0] in links[1].split(", ") and links[2] == cuda_version
+    )
+    assert "CUDAExecutionProvider" in install.stdout
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
 
 
 def files_with_stamps(*roots: Path) -> dict[str, tuple[int, int]]:
