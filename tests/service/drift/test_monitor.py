@@ -66,6 +66,7 @@ def test_drift_api_per_stream_header_reset_and_metrics(
         streams = {stream["stream"]: stream for stream in drift["streams"]}
         assert streams["default"]["inputs_since_reset"] == 4 and streams["client-7"]["inputs_since_reset"] == 2
         assert streams["default"]["alarm"] is False and drift["martingale_threshold"] == 100.0
+        assert drift["store"] == {"kind": "memory", "status": "ok"}
         series = 'oodserve_drift_log10_martingale{model="' + name + '",stream="client-7"}'
         assert series in client.get("/metrics").text
 

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from oodserve.config import Settings
 from oodserve.drift.monitor import DriftMonitor, DriftSettings
 from oodserve.drift.redis_store import RedisDriftStore
 from oodserve.drift.store import StoreOptions, create_drift_store
+from oodserve.server.app import create_app
 from oodserve.stats import clopper_pearson
 from tests.helpers.redis_server import RedisServer, server_binary
 
@@ -210,3 +214,40 @@ def test_the_password_from_the_settings_opens_a_protected_store_and_a_wrong_one_
         finally:
             good.close()
             bad.close()
+
+
+def test_the_store_setting_names_what_is_wrong() -> None:
+    with pytest.raises(ValidationError, match="OODSERVE_DRIFT_STORE must be `memory` or a redis://"):
+        Settings(drift_store="http://cache:6379")
+
+
+def test_the_app_on_a_shared_store_scores_while_it_is_down_and_says_so(
+    tmp_path: Path, bundle_dir: Path, settings_for: Callable[..., Settings], make_images: Callable[[int, int], np.ndarray]
+) -> None:
+    server = RedisServer(tmp_path / "store", appendonly=True).start()
+    images = make_images(4, 3)
+    settings = settings_for(bundle_dir, admin_keys=["admin-key"], drift_store=server.url)
+    admin = {"authorization": "Bearer admin-key"}
+    try:
+        with TestClient(create_app(settings)) as client:
+            name = client.get("/v1/models").json()["default"]
+            assert client.post("/v1/score", json={"instances": images.tolist()}).status_code == 200
+            assert isinstance(client.app.state.oodserve.drift, RedisDriftStore)  # type: ignore[attr-defined]
+            assert client.app.state.oodserve.drift.flush(10)  # type: ignore[attr-defined]
+            drift = client.get(f"/v1/models/{name}/drift").json()
+            assert drift["store"]["kind"] == "redis" and drift["store"]["status"] == "ok"
+            assert [stream["inputs_since_reset"] for stream in drift["streams"]] == [4]
+            assert 'oodserve_drift_store_up{kind="redis"} 1.0' in client.get("/metrics").text
+            server.kill()
+            assert client.post("/v1/score", json={"instances": images.tolist()}).status_code == 200  # scoring goes on
+            drift = client.get(f"/v1/models/{name}/drift")
+            assert drift.status_code == 200 and drift.json()["store"]["status"] == "unavailable" and drift.json()["streams"] == []
+            assert 'oodserve_drift_store_up{kind="redis"} 0.0' in client.get("/metrics").text
+            reset = client.post("/v1/admin/drift/reset", headers=admin)
+            assert reset.status_code == 503 and reset.json()["error"]["code"] == "drift_store_unavailable"
+            server.start()
+            assert client.app.state.oodserve.drift.flush(20)  # type: ignore[attr-defined]
+            streams = client.get(f"/v1/models/{name}/drift").json()["streams"]
+            assert [stream["inputs_since_reset"] for stream in streams] == [8]  # held while it was down, then sent
+    finally:
+        server.kill()
