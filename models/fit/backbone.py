@@ -491,7 +491,8 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
         "version": "1.0.0",
         "description": f"oodserve fit --backbone {graph.path.name}: OOD detection in its {graph.feature_dimension}-d features "
                        f"({graph.features}) and {graph.classes} logits",
-        "input": {"shape": [spec.channels, *spec.size], "dtype": "uint8", "min": 0.0, "max": 255.0, "layout": "NCHW"},
+        "input": {"shape": [spec.channels, *spec.size], "dtype": "uint8", "min": 0.0, "max": 255.0, "layout": "NCHW",
+                  "resize": spec.resize, "crop_fraction": spec.crop_fraction},
         "labels": list(train.class_names) if train.class_names is not None else [str(c) for c in range(graph.classes)],
         "models": {MODEL_NAME: {"file": MODEL_FILE, "inputs": ["x"], "outputs": output_names}},
         "classifier": {"model": MODEL_NAME, "logits": "logits"},

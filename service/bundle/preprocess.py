@@ -106,21 +106,27 @@ def fit_to_size(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """One image (C, H, W) uint8 of any size -> (C, *spec.size) by the declared resize (Pillow, bilinear).
 
     ValueError when the size differs and no resize is declared."""
+    return resize_image(image, spec.size, spec.resize, spec.crop_fraction)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], mode: str, crop_fraction: float = 0.875) -> np.ndarray:
+    """One image (C, H, W) uint8 -> (C, *size): `resize` scales to the size; `center_crop` scales the shorter side to
+    max(size) / crop_fraction and cuts the centre; `none` accepts the size only. Pillow, bilinear."""
     from PIL import Image
 
-    height, width = spec.size
+    height, width = size
     if tuple(image.shape[1:]) == (height, width):
         return image
-    if spec.resize == "none":
+    if mode == "none":
         raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} pixels, the model takes {height}x{width} and the bundle "
                          "declares no resize")
     channels = image.shape[0]
     picture = Image.fromarray(np.ascontiguousarray(image[0] if channels == 1 else np.moveaxis(image, 0, -1)).astype(np.uint8))
-    if spec.resize == "resize":
+    if mode == "resize":
         picture = picture.resize((width, height), Image.Resampling.BILINEAR)
     else:
         shorter = min(picture.size)
-        target = max(height, width) / spec.crop_fraction
+        target = max(height, width) / crop_fraction
         factor = target / shorter
         scaled = (max(width, round(picture.size[0] * factor)), max(height, round(picture.size[1] * factor)))
         picture = picture.resize(scaled, Image.Resampling.BILINEAR)

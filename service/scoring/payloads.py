@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from oodserve.bundle.manifest import InputSpec
+from oodserve.bundle.preprocess import resize_image
 from oodserve.scoring.arrays import check_image_array
 from oodserve.scoring.inputs import InputError, MalformedInputError, UnsupportedInputError
 
@@ -114,13 +115,21 @@ def image_size(spec: InputSpec) -> tuple[int, int, int]:
     return shape[1], shape[2], shape[0]
 
 
-def png_to_pixels(data: bytes, height: int, width: int, what: str, channels: int = 1, formats: Sequence[str] = PNG_ONLY) -> np.ndarray:
+def png_to_pixels(data: bytes, height: int, width: int, what: str, channels: int = 1, formats: Sequence[str] = PNG_ONLY,
+                  resize: tuple[str, float] | None = None) -> np.ndarray:
     """One image file of `formats` (PNG, JPEG) -> uint8 pixels: (height, width) for greyscale inputs (8-bit
     colour converted with ITU-R 601-2 luma, alpha dropped, 16-bit scaled to 8 bits), (height, width, 3) for
-    RGB inputs. Wrong size: InputError (checked before decoding); not one of `formats`: MalformedInputError."""
+    RGB inputs. Wrong size: InputError (checked before decoding), unless `resize` (mode, crop fraction) of the input
+    spec brings any size to (height, width) (`oodserve.bundle.preprocess.resize_image`); not one of `formats`:
+    MalformedInputError."""
     kind = " or ".join(formats)
     try:
         with Image.open(io.BytesIO(data), formats=list(formats)) as image:
+            if image.size != (width, height) and resize is not None:
+                pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+                planar = pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
+                fitted = resize_image(planar, (height, width), resize[0], resize[1])
+                return fitted[0] if channels == 1 else np.moveaxis(fitted, 0, -1)
             if image.size != (width, height):
                 raise InputError(
                     "invalid_shape", f"{what} is {image.size[0]}x{image.size[1]} pixels; this model takes {width}x{height} images"
@@ -146,7 +155,8 @@ def pngs_to_images(
     if len(files) > max_instances:
         raise InputError("too_many_instances", f"got {len(files)} images; at most {max_instances} per request")
     height, width, channels = image_size(spec)
-    pixels = np.stack([png_to_pixels(data, height, width, what, channels, formats) for what, data in files])
+    resize = (spec.resize, spec.crop_fraction) if spec.resize != "none" else None
+    pixels = np.stack([png_to_pixels(data, height, width, what, channels, formats, resize) for what, data in files])
     if channels == 1:
         pixels = pixels.reshape((len(files), *spec.shape))
     return checked_images(pixels, spec, max_instances)  # RGB arrives channels-last (N, H, W, 3)

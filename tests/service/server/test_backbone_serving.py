@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from oodserve.bundle.preprocess import PreprocessSpec, apply_preprocess
+from oodserve.bundle.preprocess import PreprocessSpec, apply_preprocess, resize_image
 from oodserve.server.app import create_app
 from oodserve.server.state import app_state
 from tests.helpers.backbone_bundles import tiny_backbone_bundle
@@ -27,7 +27,7 @@ MODEL = "tiny-backbone"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_backbone_bundle(tmp_path_factory.mktemp("served"))
+    return tiny_backbone_bundle(tmp_path_factory.mktemp("served"), preprocess={"resize": "resize"})
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,14 @@ def test_v2_rest_and_grpc_answer_with_the_class_index(bundle: Path) -> None:
 def test_wrong_image_size_is_a_4xx_naming_the_shape(client: TestClient) -> None:
     response = client.post("/v1/score", json={"instances": np.zeros((1, 3, 20, 20), int).tolist()})
     assert 400 <= response.status_code < 500 and "[3, 16, 16]" in response.text
+
+
+def test_image_files_of_any_size_are_resized_as_declared(client: TestClient) -> None:
+    images, _ = coloured_images(1, seed=13, size=40)
+    png = io.BytesIO()
+    Image.fromarray(images[0].transpose(1, 2, 0)).save(png, format="PNG")
+    large = client.post("/v1/score", content=png.getvalue(), headers={"content-type": "image/png"})
+    assert large.status_code == 200, large.text
+    resized = resize_image(images[0], (16, 16), "resize")
+    small = client.post("/v1/score", json={"instances": [resized.astype(int).tolist()]}).json()
+    assert large.json()["results"][0]["p_value"] == small["results"][0]["p_value"]
