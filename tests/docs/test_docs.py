@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from markdown.extensions.toc import slugify
 
 from oodserve.config import Settings
 
@@ -43,6 +44,17 @@ def relative_link_targets(text: str) -> list[str]:
             continue
         targets.append(target.split("#", 1)[0].split("?", 1)[0])
     return targets
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors MkDocs gives a page's headings (Python-Markdown's toc slugify; code fences skipped)."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6}\s+(.*?)\s*#*$", line)):
+            anchors.add(slugify(re.sub(r"[`*]", "", heading.group(1)), "-"))
+    return anchors
 
 
 def repository_paths(text: str) -> set[str]:
@@ -83,6 +95,13 @@ def test_readme_links_point_at_existing_files() -> None:
     assert targets, "README.md links nothing: the parser found no link"
     missing = [target for target in targets if not (REPO / target).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_readme_anchors_into_the_docs_exist() -> None:
+    """MkDocs checks the pages' own anchors; the README's links into them are checked here."""
+    linked = [target for target in LINK.findall(README.read_text()) if "#" in target and target.startswith("docs/pages/")]
+    broken = [target for target in linked if target.split("#", 1)[1] not in heading_anchors((REPO / target.split("#", 1)[0]).read_text())]
+    assert not broken, f"README.md links to anchors the docs pages do not have: {broken}"
 
 
 @pytest.mark.parametrize("document", documents(), ids=document_id)
@@ -136,3 +155,5 @@ def test_parsers_find_what_they_should() -> None:
     assert module_file("oodserve.models.data") == REPO / "models" / "data.py"
     assert module_file("oodserve.cli") == REPO / "service" / "cli" / "__main__.py"
     assert module_file("oodserve.nothing_here") is None
+    page = "# Title\n\n## Your own model: `oodserve fit --backbone`\n\n```sh\n# not a heading\n```\n### Load and soak (2026-11-29)\n"
+    assert heading_anchors(page) == {"title", "your-own-model-oodserve-fit-backbone", "load-and-soak-2026-11-29"}
