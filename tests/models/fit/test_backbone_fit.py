@@ -91,3 +91,26 @@ def test_training_data_only_fits_with_the_guarantee_marked_off(tmp_path: Path) -
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["provenance"]["calibration_guarantee"] is False
     assert "TRAINING" in manifest["provenance"]["data"]
+
+
+def test_fast_auroc_equals_sklearn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from oodserve.models.fit.backbone import auroc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        inside, outside = np.round(rng.normal(0, 1, 300), 1), np.round(rng.normal(0.4, 1.2, 170), 1)
+        expected = roc_auc_score(np.r_[np.zeros(300), np.ones(170)], np.r_[inside, outside])
+        assert auroc(inside, outside) == pytest.approx(expected, abs=1e-12)
+
+
+def test_calibration_splits_are_disjoint_and_stratified() -> None:
+    from oodserve.models.fit.backbone import split_calibration
+
+    labels = np.repeat(np.arange(10), 500)
+    signal, fusion, validation = split_calibration(len(labels), labels, seed=3)
+    assert (len(signal), len(fusion), len(validation)) == (2000, 2000, 1000)
+    assert len(np.unique(np.concatenate([signal, fusion, validation]))) == 5000
+    for part, size in ((signal, 200), (fusion, 200), (validation, 100)):
+        assert np.all(np.abs(np.bincount(labels[part], minlength=10) - size) <= 1)
