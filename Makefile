@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# The trained default bundle; until it exists `make run` serves the closed-form demo bundle (models/bundles/demo_builder.py).
+# The trained default bundle; until it exists `make run` serves the closed-form demo bundle (models/build/demo.py).
 TRAINED_BUNDLE := models/bundles/fashion-mnist
 DEMO_BUNDLE := models/bundles/demo
 BUNDLE ?= $(if $(wildcard $(TRAINED_BUNDLE)/manifest.json),$(TRAINED_BUNDLE),$(DEMO_BUNDLE))
@@ -45,10 +45,12 @@ import-tree:
 	cp -rs $(CURDIR)/service $(IMPORT_TREE)/oodserve
 	cp -rs $(CURDIR)/models $(IMPORT_TREE)/oodserve/models
 
-# Lint (ruff: pyflakes, pycodestyle, import order, pyupgrade, bugbear), type check (mypy on oodserve), then the tests.
+# Lint (ruff: pyflakes, pycodestyle, import order, pyupgrade, bugbear), type check (mypy on oodserve), the layering
+# contracts (import-linter, pyproject's [tool.importlinter]), the docs site (strict), then the tests.
 test: install-test import-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 	$(BIN)/mkdocs build --strict -f docs/mkdocs.yml
 	$(BIN)/python -m pytest -q
 
@@ -58,7 +60,7 @@ bundle: install-test
 # Rebuild the demo bundle (numpy fits on the Fashion-MNIST training split, seconds).
 demo-bundle: install-test
 	rm -rf $(DEMO_BUNDLE)
-	$(BIN)/python -m oodserve.models.bundles.demo_builder --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
+	$(BIN)/python -m oodserve.models.build.demo --data $(FMNIST_DIR) --out $(DEMO_BUNDLE) $(if $(wildcard $(MNIST_DIR)),--ood-data $(MNIST_DIR),)
 
 # Runtime images (Dockerfile targets; no torch inside). BUNDLE_NAME picks the directory of models/bundles/ to serve.
 BUNDLE_NAME ?= $(notdir $(BUNDLE))

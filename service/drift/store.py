@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from oodserve.config import MEMORY_STORE, Settings
-from oodserve.drift.monitor import DriftMonitor, DriftSettings, DriftSnapshot
+from oodserve.drift.monitor import DriftSettings, DriftSnapshot
 
 
 class DriftStore(Protocol):
@@ -64,11 +64,3 @@ class StoreOptions:
             buffer_inputs=settings.drift_store_buffer_inputs,
             prefix=settings.drift_store_prefix,
         )
-
-def create_drift_store(settings: DriftSettings, options: StoreOptions) -> DriftStore:
-    """The in-memory monitor for `memory`, else a shared Redis/Valkey store at `options.url`."""
-    if options.url == MEMORY_STORE:
-        return DriftMonitor(settings)
-    from oodserve.drift.redis_store import RedisDriftStore
-
-    return RedisDriftStore(settings, options)

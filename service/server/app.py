@@ -14,8 +14,9 @@ from starlette.concurrency import run_in_threadpool
 
 from oodserve import __version__
 from oodserve.config import Settings
+from oodserve.drift.factory import create_drift_store
 from oodserve.drift.monitor import DriftSettings
-from oodserve.drift.store import StoreOptions, create_drift_store
+from oodserve.drift.store import StoreOptions
 from oodserve.engine import EngineRegistry, load_registry
 from oodserve.observability.metrics import ServiceMetrics
 from oodserve.runtime.batching import BatchingOptions, BatchScheduler

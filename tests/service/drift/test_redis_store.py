@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from oodserve.config import Settings
+from oodserve.drift.factory import create_drift_store
 from oodserve.drift.monitor import DriftMonitor, DriftSettings
 from oodserve.drift.redis_store import RedisDriftStore
-from oodserve.drift.store import StoreOptions, create_drift_store
+from oodserve.drift.store import StoreOptions
 from oodserve.server.app import create_app
 from oodserve.stats import clopper_pearson
 from tests.helpers.redis_server import RedisServer, server_binary
