@@ -54,11 +54,12 @@ debian_mirror() {
     echo "$DEBIAN_MIRROR"
     return
   fi
-  # deb822 sources (URIs: ...) first, then one-line sources (deb URI bookworm ...); the plain Debian archive only.
-  mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}')
+  # deb822 sources (URIs: ...) first, then one-line sources (deb URI bookworm ...); the Debian archive itself only
+  # (a URI ending in /debian), not its security archive nor third-party repositories.
+  mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '$1 == "URIs:" && $2 ~ /\/debian\/?$/ {print $2; exit}')
   if [ -z "$mirror" ]; then
     mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-      | awk '$1 == "deb" && $3 ~ /^bookworm$/ {print $2; exit}')
+      | awk '$1 == "deb" && $2 ~ /\/debian\/?$/ && $3 == "bookworm" {print $2; exit}')
   fi
   echo "${mirror:-http://deb.debian.org/debian}"
 }
@@ -122,7 +123,7 @@ run() {
 
 remove() {
   podman_ rmi --force "$IMAGE" >/dev/null 2>&1 || true
-  if [ -n "$(podman_ image inspect --format "{{index .Labels \"$STAND_IN_LABEL\"}}" "$BASE" 2>/dev/null | grep -v '<no value>')" ]; then
+  if podman_ image inspect --format "{{index .Labels \"$STAND_IN_LABEL\"}}" "$BASE" 2>/dev/null | grep -qv '<no value>'; then
     podman_ rmi --force "$BASE" >/dev/null 2>&1 || true
   fi
 }

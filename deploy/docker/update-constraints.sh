@@ -24,7 +24,7 @@ versions() {
 versions onnxruntime >"$work/cpu-versions"
 onnxruntime_version=$(versions onnxruntime-gpu | grep -Fx -f "$work/cpu-versions" | head -n 1)
 [ -n "$onnxruntime_version" ] || { echo "update-constraints.sh: no onnxruntime version that onnxruntime-gpu also has" >&2; exit 1; }
-"$work/venv/bin/python" -m pip install --quiet "$repo[cpu]" "onnxruntime==$onnxruntime_version"
+"$work/venv/bin/python" -m pip install --quiet "${repo}[cpu]" "onnxruntime==$onnxruntime_version"
 # Dependencies that only some patch releases of this Python minor version need (redis wants async-timeout below 3.11.3:
 # Debian's 3.11.2 of the stand-in base) are pinned too, so the lock holds on any 3.11.x: install them here and repeat.
 while :; do
@@ -53,7 +53,7 @@ import sys, tomllib
 (spec,) = [r for r in tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"] if r.startswith("setuptools")]
 print(spec)' "$repo/pyproject.toml")
 "$work/venv/bin/python" -m pip download --quiet --no-deps --dest "$work/setuptools" "$setuptools_spec"
-setuptools_version=$(ls "$work/setuptools" | sed -n 's/^setuptools-\([^-]*\)-.*/\1/p')
+setuptools_version=$(find "$work/setuptools" -name 'setuptools-*.whl' -exec basename {} \; | sed -n 's/^setuptools-\([^-]*\)-.*/\1/p')
 {
   echo "# The lock of the runtime images (pip constraints), written by deploy/docker/update-constraints.sh from a clean"
   echo "# install of oodserve[cpu] on Python $python_version; do not edit by hand. install-runtime.sh installs with it."
