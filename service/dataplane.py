@@ -291,6 +291,8 @@ class ModelDescription(BaseModel):
     provider: str
     sampler: bool
     provenance: dict[str, Any]
+    backbone: dict[str, Any] | None = None
+    """A backbone bundle's user model (its sha256, feature and logits tensors) and declared preprocessing."""
 
 
 class ModelList(BaseModel):
@@ -321,6 +323,7 @@ def describe_model(engine: Engine) -> ModelDescription:
         ],
         fusion={**manifest.fusion.model_dump(mode="json"), "calibration_size": int(calibration.fused.size)},
         classifier=manifest.classifier.model_dump(mode="json") if manifest.classifier is not None else None,
+        backbone=manifest.backbone.model_dump(mode="json") if manifest.backbone is not None else None,
         models={
             name: ServedModelFile.model_construct(
                 file=spec.file, inputs=spec.inputs, outputs=spec.outputs, provider=providers[name], sha256=manifest.files[spec.file]

@@ -35,10 +35,10 @@ class InputSpec(StrictModel):
     max: float
     layout: str = "NCHW"
     features: list[str] | None = None
-    resize: Literal["none", "resize", "center_crop"] = "none"
+    resize: Literal["none", "resize", "center_crop"] | None = None
     """Image files (PNG/JPEG) of another size are brought to `shape` on decoding (backbone bundles declare this:
-    `oodserve.bundle.preprocess`); "none" refuses them."""
-    crop_fraction: float = Field(0.875, gt=0.0, le=1.0)
+    `oodserve.bundle.preprocess`); None or "none" refuses them."""
+    crop_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("shape")
     @classmethod

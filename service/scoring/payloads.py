@@ -155,7 +155,7 @@ def pngs_to_images(
     if len(files) > max_instances:
         raise InputError("too_many_instances", f"got {len(files)} images; at most {max_instances} per request")
     height, width, channels = image_size(spec)
-    resize = (spec.resize, spec.crop_fraction) if spec.resize != "none" else None
+    resize = (spec.resize, spec.crop_fraction or 0.875) if spec.resize not in (None, "none") else None
     pixels = np.stack([png_to_pixels(data, height, width, what, channels, formats, resize) for what, data in files])
     if channels == 1:
         pixels = pixels.reshape((len(files), *spec.shape))

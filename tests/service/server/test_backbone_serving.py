@@ -95,3 +95,12 @@ def test_image_files_of_any_size_are_resized_as_declared(client: TestClient) -> 
     resized = resize_image(images[0], (16, 16), "resize")
     small = client.post("/v1/score", json={"instances": [resized.astype(int).tolist()]}).json()
     assert large.json()["results"][0]["p_value"] == small["results"][0]["p_value"]
+
+
+def test_model_description_shows_the_backbone_and_its_preprocessing(client: TestClient, bundle: Path) -> None:
+    from oodserve.bundle.writer import sha256_file
+
+    described = next(model for model in client.get("/v1/models").json()["models"] if model["name"] == MODEL)
+    assert described["backbone"]["source_sha256"] == sha256_file(bundle.parent / "model.onnx")
+    assert described["backbone"]["preprocess"]["layout"] == "NHWC" and described["input"]["resize"] == "resize"
+    assert described["classifier"] == {"model": "backbone", "logits": "logits"}
