@@ -85,6 +85,15 @@ class BackboneOptions:
 
 def parse_preprocess(items: Sequence[str]) -> dict[str, Any]:
     """`--preprocess` values: KEY=VALUE pairs (mean=0.485,0.456,0.406 size=224x224 layout=NHWC ...) or a JSON file."""
+    try:
+        return _parse_preprocess(items)
+    except ValueError as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"--preprocess: {error}") from error
+
+
+def _parse_preprocess(items: Sequence[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -145,7 +154,7 @@ def load_images_for(path: Path, spec: PreprocessSpec, what: str) -> ImageDataset
     except DataError as error:
         if "pixels" not in str(error) and "different sizes" not in str(error):
             raise
-        data = _load_any_size(path)
+        data = _load_any_size(path, spec)
     images = data.images
     if images.shape[1] != spec.channels:
         raise DataError(f"{what} {path}: images have {images.shape[1]} channel(s), the model's input "
@@ -158,9 +167,36 @@ def load_images_for(path: Path, spec: PreprocessSpec, what: str) -> ImageDataset
     return ImageDataset(images, data.labels, data.class_names, data.source)
 
 
-def _load_any_size(path: Path) -> ImageDataset:
-    """A folder of class folders of images of any size (kept as a list resized later): read with Pillow."""
-    raise DataError(f"{path}: images larger than 64 pixels or of mixed sizes: give them at the model's size")
+def _load_any_size(path: Path, spec: PreprocessSpec) -> ImageDataset:
+    """A folder of class folders (or a flat folder) of PNG/JPEG images of any sizes, each brought to the model's size
+    by the declared resize as it is read (the server applies the same code to image bodies)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise DataError(f"{path}: images of this size are read from folders of PNG/JPEG files; give arrays at the model's size")
+    if spec.resize == "none":
+        raise DataError(f"{path}: images are not {spec.size[0]}x{spec.size[1]} pixels (the model's size); declare --preprocess "
+                        "resize=resize (or center_crop)")
+
+    def files(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+    folders = sorted(child for child in path.iterdir() if child.is_dir() and files(child))
+    groups = [files(folder) for folder in folders] if folders else [files(path)]
+    images = np.empty((sum(len(group) for group in groups), spec.channels, *spec.size), np.uint8)
+    index = 0
+    for group in groups:
+        for file in group:
+            try:
+                with Image.open(file) as picture:
+                    pixels = np.asarray(picture.convert("RGB" if spec.channels == 3 else "L"), dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataError(f"{file}: not a readable PNG or JPEG image: {error}") from error
+            planar = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+            images[index] = fit_to_size(planar, spec)
+            index += 1
+    labels = np.repeat(np.arange(len(groups)), [len(group) for group in groups]) if folders else None
+    return ImageDataset(images, labels, [folder.name for folder in folders] if folders else None, str(path))
 
 
 class BaseGraph:

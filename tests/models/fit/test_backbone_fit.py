@@ -18,6 +18,8 @@ from oodserve.models.fit.backbone import BackboneOptions, fit_backbone, parse_pr
 from tests.helpers.backbone_bundles import tiny_backbone_bundle
 from tests.helpers.backbones import MEAN, STD, coloured_images, tiny_backbone, write_class_folders
 
+pytestmark = pytest.mark.slow  # fits tiny backbone bundles (several seconds each)
+
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -114,3 +116,35 @@ def test_calibration_splits_are_disjoint_and_stratified() -> None:
     assert len(np.unique(np.concatenate([signal, fusion, validation]))) == 5000
     for part, size in ((signal, 200), (fusion, 200), (validation, 100)):
         assert np.all(np.abs(np.bincount(labels[part], minlength=10) - size) <= 1)
+
+
+def test_preprocess_flags_parse_and_bad_values_name_the_flag(tmp_path: Path) -> None:
+    assert parse_preprocess(["mean=0.5,0.4,0.3", "scale=1/255", "size=224x200", "layout=NHWC"]) == {
+        "mean": [0.5, 0.4, 0.3], "scale": pytest.approx(1 / 255), "size": [224, 200], "layout": "NHWC"}
+    with pytest.raises(DataError, match="--preprocess"):
+        parse_preprocess(["mean=red"])
+    (tmp_path / "pre.json").write_text('{"std": [0.2, 0.2, 0.2]}')
+    assert parse_preprocess([str(tmp_path / "pre.json")]) == {"std": [0.2, 0.2, 0.2]}
+
+
+def test_large_images_of_mixed_sizes_are_read_at_the_model_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from oodserve.bundle.preprocess import PreprocessSpec, resize_image
+    from oodserve.models.fit.backbone import load_images_for
+
+    images, labels = coloured_images(6, seed=4, size=80)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "photos" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(image.transpose(1, 2, 0))
+        (picture if index % 2 else picture.resize((100, 70))).save(folder / f"{index}.png")
+    spec = PreprocessSpec(input_name="image", size=(16, 16), resize="resize")
+    loaded = load_images_for(tmp_path / "photos", spec, "training data")
+    assert loaded.images.shape == (6, 3, 16, 16) and loaded.class_names is not None
+    first = sorted((tmp_path / "photos" / loaded.class_names[0]).iterdir())[0]
+    with Image.open(first) as picture:
+        expected = resize_image(np.moveaxis(np.asarray(picture.convert("RGB")), -1, 0), (16, 16), "resize")
+    np.testing.assert_array_equal(loaded.images[0], expected)
+    with pytest.raises(DataError, match="declare --preprocess resize"):
+        load_images_for(tmp_path / "photos", PreprocessSpec(input_name="image", size=(16, 16)), "training data")

@@ -23,6 +23,7 @@ from tests.helpers.bundles import make_settings
 from tests.helpers.live_server import uvicorn_in_thread
 
 MODEL = "tiny-backbone"
+pytestmark = pytest.mark.slow  # fits a tiny backbone bundle (about 10 s on two idle cores)
 
 
 @pytest.fixture(scope="module")
