@@ -557,6 +557,7 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
         },
     }
     manifest = write_bundle(staging, manifest_fields)
+    features_bundle = _write_features_bundle(out, heads, heads_graph, manifest_fields, graph, opset, ir_version)
     if out.exists():
         import shutil
 
@@ -572,8 +573,54 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
         ("fusion", f"{choice.method} over {list(choice.signals)}"),
         ("alpha", f"default {manifest.default_alpha:g}; minimum supported {minimum_alpha:.4f}"),
         ("seconds", ", ".join(f"{k} {v:.1f}" for k, v in {**timings, "total": total}.items())),
+        ("features", f"clients that already have the {graph.feature_dimension}-d features post them to {features_bundle}"
+         if features_bundle is not None else "no companion features bundle: the logits are not an affine map of the features"),
     ]
     return FitResult(out, summary, manifest.model_dump(mode="json"))
+
+
+FEATURES_SUFFIX = "-features"
+LOGIT_MAP_TOLERANCE = 1e-3
+
+
+def _write_features_bundle(out: Path, heads: Any, heads_graph: onnx.ModelProto, fields: Mapping[str, Any], graph: BackboneGraph,
+                           opset: int, ir_version: int) -> Path | None:
+    """The companion vector bundle `OUT-features`: the same heads, signals, calibration and fusion, fed with the features
+    (N, D) a client already has; the logits are recomputed from them by the fitted affine map, so it is written only when
+    that map is exact (features that feed the logits' Gemm/MatMul directly). Returns its path, or None."""
+    import shutil
+
+    from oodserve.models.fit.backbone_heads import features_front
+
+    scale = max(1.0, float(np.abs(heads.logit_bias).max()))
+    if heads.figures.get("logit_map_residual", np.inf) > LOGIT_MAP_TOLERANCE * scale:
+        return None
+    target = out.with_name(out.name + FEATURES_SUFFIX)
+    staging = target.with_name(target.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model = onnx.compose.merge_models(features_front(heads, opset, ir_version), heads_graph,
+                                      io_map=[("features_out", "features_in"), ("logits_out", "logits_in")])
+    onnx.save_model(model, str(staging / "heads.onnx"))
+    shutil.copyfile(out.with_name(out.name + ".staging") / "calibration.npz", staging / "calibration.npz")
+    dimension = graph.feature_dimension
+    vector_fields = {
+        **fields,
+        "name": f"{fields['name']}{FEATURES_SUFFIX}",
+        "description": f"{fields['description']}; this bundle takes the {dimension}-d features ({graph.features}) directly",
+        "input": {"shape": [dimension], "dtype": "float32", "min": -3.0e38, "max": 3.0e38, "layout": "features",
+                  "features": [f"f{index}" for index in range(dimension)]},
+        "models": {"heads": {"file": "heads.onnx", "inputs": ["x"], "outputs": [o.name for o in model.graph.output]}},
+        "classifier": {"model": "heads", "logits": "logits"},
+        "signals": [{**signal, "model": "heads"} for signal in fields["signals"]],
+        "backbone": None,
+    }
+    write_bundle(staging, vector_fields)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
 
 
 def _code_version() -> str:

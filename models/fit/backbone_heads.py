@@ -56,6 +56,9 @@ class HeadsFit:
     pca_mean: np.ndarray
     pca_projection: np.ndarray
     """(D, p) principal axes divided by the root eigenvalues: (f - mean) @ projection is whitened."""
+    logit_weight: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    """(K, D) and (K,): the least-squares affine map features -> logits (exact when the features feed the logits' Gemm)."""
+    logit_bias: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     figures: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,7 +144,7 @@ def fit_heads(features: np.ndarray, logits: np.ndarray, labels: np.ndarray, *, s
         vim_alpha=alpha, gp_mean=gp_mean.astype(f32), gp_scale=gp_scale.astype(f32), gp_weights=projection.astype(f32),
         gp_bias=phase.astype(f32), gp_covariance=covariance.astype(f32),
         pca_mean=background_mean.astype(f32),
-        pca_projection=pca_projection.astype(f32),
+        pca_projection=pca_projection.astype(f32), logit_weight=weight.astype(f32), logit_bias=bias.astype(f32),
         figures={"knn_bank_rows": float(len(bank)), "knn_k": float(knn_neighbours(len(bank))),
                  "vim_principal": float(principal),
                  "gp_features": float(gp_features), "gp_length_scale": length_scale, "pca_components": float(kept),
@@ -271,6 +274,23 @@ def heads_model(fit: HeadsFit, dimension: int, classes: int, opset: int, ir_vers
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version
     onnx.checker.check_model(model)
+    return model
+
+
+def features_front(fit: HeadsFit, opset: int, ir_version: int) -> onnx.ModelProto:
+    """x (N, D) features -> features_out, logits_out = x W^T + b: what lets a client that already has the features score
+    them through the same heads (the companion vector bundle)."""
+    classes, dimension = fit.logit_weight.shape
+    nodes = [helper.make_node("Identity", ["x"], ["features_out"]),
+             helper.make_node("Gemm", ["x", "front_weight", "front_bias"], ["logits_out"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "features_front", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dimension])],
+        [helper.make_tensor_value_info("features_out", TensorProto.FLOAT, ["N", dimension]),
+         helper.make_tensor_value_info("logits_out", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(fit.logit_weight, "front_weight"), numpy_helper.from_array(fit.logit_bias, "front_bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
     return model
 
 

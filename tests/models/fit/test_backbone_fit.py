@@ -148,3 +148,15 @@ def test_large_images_of_mixed_sizes_are_read_at_the_model_size(tmp_path: Path) 
     np.testing.assert_array_equal(loaded.images[0], expected)
     with pytest.raises(DataError, match="declare --preprocess resize"):
         load_images_for(tmp_path / "photos", PreprocessSpec(input_name="image", size=(16, 16)), "training data")
+
+
+def test_clients_with_features_get_the_same_verdict_from_the_features_bundle(fitted: Path) -> None:
+    images_engine = Engine.load(fitted)
+    features_engine = Engine.load(fitted.with_name(fitted.name + "-features"))
+    images, _ = coloured_images(50, seed=21)
+    outputs = images_engine.runner.run(images.astype(np.float32))
+    from_images = images_engine.score_model_outputs(images.astype(np.float32), outputs)
+    from_features = features_engine.score(outputs["backbone"]["features"])
+    np.testing.assert_array_equal(from_features.predicted_class, from_images.predicted_class)
+    np.testing.assert_allclose(from_features.fused_p_value, from_images.fused_p_value, atol=2e-3)
+    assert features_engine.manifest.input.shape == [11] and features_engine.manifest.fusion == images_engine.manifest.fusion
