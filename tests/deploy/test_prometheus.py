@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from oodserve.datasets import load_images
 from tests.helpers.deploy_support import FASHION_MNIST, PROMETHEUS_DIR, LiveStack, http_get, tool
 
 RULE_CASES = Path(__file__).with_name("alert_rule_cases.yml")
@@ -103,7 +104,6 @@ MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
                     reason="needs the Debian Fashion-MNIST package and the shared MNIST test set")
 def test_prometheus_sees_the_drift_alarm_of_an_mnist_stream_and_none_on_fashion_mnist(live_stack: LiveStack) -> None:
     """Last in this file: it sends more traffic than the counts above expect."""
-    from oodserve.models.data import load_images
 
     streams = {"fashion": load_images(FASHION_MNIST, "t10k").images[1000:1400], "mnist": load_images(MNIST, "t10k").images[:400]}
     for stream, images in streams.items():

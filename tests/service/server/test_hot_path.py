@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+import oodserve.server.v2.routes as v2_routes
 from oodserve.engine import EngineRegistry, load_registry
 from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server.app import create_app
@@ -147,7 +148,6 @@ def test_lean_requests_are_counted_under_their_route_template(
 def test_an_unexpected_failure_is_a_logged_500_in_the_route_envelope(
     registry: EngineRegistry, settings_for: Callable[..., Any], bundle_dir: Path, make_images: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import oodserve.server.v2.routes as v2_routes
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
