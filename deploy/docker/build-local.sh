@@ -23,8 +23,8 @@
 #   remove  remove $IMAGE, and the stand-in base if this script made it (the saved copy in the cache stays).
 #   podman  podman with the flags below (e.g. `build-local.sh podman healthcheck run oodserve`).
 # Environment: IMAGE (default localhost/oodserve:cpu), BUNDLE (a directory of models/bundles/, default the
-# Dockerfile's), CUDA_IMAGE (the gpu target's base), PORT (default 8000), LAYERS (false: keep no intermediate
-# images), OODSERVE_CACHE, DEBIAN_MIRROR (default: the first Debian URI of apt's sources).
+# Dockerfile's), CUDA_IMAGE (the gpu target's base), PORT (default 8000; empty: publish none), LAYERS (false: keep
+# no intermediate images), OODSERVE_CACHE, DEBIAN_MIRROR (default: the first Debian URI of apt's sources).
 #
 # Why the flags: runc because crun refuses this VM's hybrid cgroups; cgroupfs and a file events backend because
 # there is no systemd session; --ulimit because the VM cannot raise rlimits past its own (podman's defaults ask more).
@@ -32,7 +32,7 @@ set -eu
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 IMAGE="${IMAGE:-localhost/oodserve:cpu}"
-PORT="${PORT:-8000}"
+PORT="${PORT-8000}"
 BASE=docker.io/library/python:3.11-slim-bookworm
 STAND_IN_LABEL=oodserve.stand-in
 # Bump when the recipe below changes, so a stale cached base is not loaded.
@@ -117,8 +117,10 @@ run() {
   # Without systemd podman cannot schedule the HEALTHCHECK (it logs "unable to get systemd connection" and goes on);
   # `build-local.sh podman healthcheck run NAME` runs it on demand.
   # deploy/compose.yaml's hardening: read-only root, a small /tmp, no capabilities, no privilege gain.
+  # PORT= (empty) publishes nothing, e.g. for --network host.
+  [ -z "$PORT" ] || set -- --publish "127.0.0.1:$PORT:8000" "$@"
   podman_ run --rm --read-only --tmpfs /tmp:size=64m,mode=1777 --cap-drop ALL --security-opt no-new-privileges \
-    --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --publish "127.0.0.1:$PORT:8000" "$@" "$IMAGE"
+    --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 "$@" "$IMAGE"
 }
 
 remove() {

@@ -22,6 +22,7 @@ import pytest
 from oodserve.bench.http_driver import free_port
 from tests.deploy.test_docker import DOCKERFILE, normalised, parse_dockerfile, pinned_versions
 from tests.helpers.deploy_support import REPO, http_get, http_post_json, scoring_images, wait_until
+from tests.helpers.redis_server import RedisServer, server_binary
 
 BUILD_LOCAL = REPO / "deploy" / "docker" / "build-local.sh"
 TOOLS = ("podman", "runc", "debootstrap")
@@ -160,3 +161,31 @@ def test_cpu_image_builds_and_serves_read_only_as_10001_without_torch(cpu_image:
             f"{cpu_image.build_seconds:.0f} s, ready "
             f"{ready_seconds:.1f} s after `podman run`; onnxruntime {versions['onnxruntime']}, {len(versions)} distributions"
         )
+
+
+@pytest.mark.slow
+def test_cpu_image_feeds_a_shared_drift_store(cpu_image: Image, tmp_path: Path) -> None:
+    """OODSERVE_DRIFT_STORE: the image carries the Redis client, and its drift streams reach a real server. The container
+    shares the host's network here (the server listens on loopback only) and serves on a free port of it."""
+    if server_binary() is None:
+        pytest.skip("no redis-server: `make system-deps` installs it")
+    port = free_port()
+    name = f"oodserve-test-drift-{os.getpid()}"
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        run = subprocess.run(
+            ["sh", str(BUILD_LOCAL), "run", "--detach", "--name", name, "--network", "host", "--env", f"OODSERVE_PORT={port}",
+             "--env", f"OODSERVE_DRIFT_STORE={server.url}"],
+            env={**cpu_image.environment, "PORT": ""}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        try:
+            assert run.returncode == 0, run.stderr
+            wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 120, "the container ready")
+            answer = http_post_json(f"http://127.0.0.1:{port}/v1/score", {"instances": scoring_images().tolist()})
+            assert len(answer["results"]) == 10
+            wait_until(lambda: bool(server.client().keys("oodserve:drift*")), 30, "drift keys written to the shared store")
+            status, body = http_get(f"http://127.0.0.1:{port}/v1/models/{answer['model']}/drift")
+            assert status == 200, body
+        finally:
+            logs = cpu_image.podman("logs", name, check=False)
+            cpu_image.podman("rm", "--force", "--time", "5", name, check=False)
+    assert "Traceback" not in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-3000:]
