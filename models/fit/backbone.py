@@ -391,7 +391,6 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
     timings: dict[str, float] = {}
     graph = inspect_backbone(options.backbone, options.features, options.logits, options.pooling)
     spec = settle_preprocess(graph, options.preprocess)
-    train = load_images_for(data_path, spec, "training data")
     if options.calibration is None and not options.calibrate_on_training_data:
         raise DataError(
             "no --calibration data: the conformal verdict must be calibrated on images the backbone never trained on (its features "
@@ -399,6 +398,7 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
             f"team's validation split (at least {MIN_CALIBRATION} images; 2,000 or more for alpha 0.01 with room to spare), or "
             "--calibrate-on-training-data to fit anyway without the guarantee"
         )
+    train = load_images_for(data_path, spec, "training data")
     held = load_images_for(options.calibration, spec, "calibration data") if options.calibration is not None else None
     for dataset in (train, held):
         if dataset is not None and dataset.class_names is not None and len(dataset.class_names) != graph.classes:
