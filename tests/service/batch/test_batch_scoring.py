@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import typer
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from oodserve.batch import BadRowError, BatchOptions, Payload, SourceError, score_dataset, score_file, score_frame
 from oodserve.batch.memory import PeakMemory, process_rss, process_tree_memory
 from oodserve.cli import app as cli_app
+from oodserve.cli import optional
 from oodserve.server.app import create_app
 from tests.helpers.bundles import build_bundle, make_models, make_settings, sample_images
 
@@ -125,6 +127,22 @@ def test_image_folder_and_npy_verdicts_equal_the_http_api(image_bundle: Path, tm
     assert pq.read_table(tmp_path / "out.parquet").column("source").to_pylist()[0].endswith("images.npy")
 
 
+def test_backbone_bundle_image_folder_equals_the_http_api(tmp_path: Path) -> None:
+    """Backbone bundles (the user's classifier as the feature extractor) take images as image bundles do."""
+    pytest.importorskip("oodserve.models.fit.backbone")
+    backbone_bundles = pytest.importorskip("tests.helpers.backbone_bundles")
+    from tests.helpers.backbones import coloured_images
+
+    bundle = backbone_bundles.tiny_backbone_bundle(tmp_path / "backbone")
+    images = coloured_images(30, seed=5)[0].transpose(0, 2, 3, 1)  # (N, H, W, 3) uint8
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+    score_file(folder, bundle, tmp_path / "out.parquet", BatchOptions(batch_size=12))
+    assert_same_as_http(pq.read_table(tmp_path / "out.parquet").to_pandas(), http_results(bundle, images, npy=True, chunk=8))
+
+
 def test_a_parquet_column_of_encoded_images(image_bundle: Path, tmp_path: Path) -> None:
     images = sample_images(make_models(0), 12, seed=12)
     encoded = []
@@ -186,8 +204,9 @@ def test_200000_rows_stream_through_bounded_memory(vector_bundle: Path, tmp_path
     print(f"200,000 rows: process tree (PSS) {tree_before / 2**20:.0f} MiB before, peak {peak.bytes / 2**20:.0f} MiB; "
           f"driver RSS growth {driver_growth / 2**20:.0f} MiB; {summary.rows_per_second:,.0f} rows/s")
     assert summary.rows == 200_000 and pq.ParquetFile(tmp_path / "out.parquet").metadata.num_rows == 200_000
-    assert peak.bytes < 2 * 2**30
-    assert driver_growth < 200 * 2**20  # the driver streams blocks to the file; it never holds the table
+    assert peak.bytes - tree_before < 1.5 * 2**30  # the driver, the object store, the read workers and the actor together
+    assert driver_growth < 100 * 2**20  # the driver writes block by block; it never holds the table
+    assert summary.steady_rows > 0.9 * summary.rows  # verdicts reached the driver batch by batch, not at the end
 
 
 def test_two_actors_give_the_one_actor_result(image_bundle: Path, tmp_path: Path) -> None:
@@ -240,3 +259,16 @@ def test_the_command_prints_the_summary(vector_bundle: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert "rows: 100 read, 100 scored, 0 bad" in result.output and "95% Clopper-Pearson interval" in result.output
     assert "drift martingale:" in result.output and f"written: {tmp_path / 'out.parquet'}" in result.output
+
+
+def test_score_is_registered_only_with_the_batch_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    def names(app: typer.Typer) -> set[str]:
+        return {command.name or "" for command in app.registered_commands}
+
+    app = typer.Typer()
+    optional.register_optional_commands(app)
+    assert "score" in names(app)
+    monkeypatch.setattr(optional, "is_installed", lambda module: module != "ray")
+    without = typer.Typer()
+    optional.register_optional_commands(without)
+    assert "score" not in names(without)
