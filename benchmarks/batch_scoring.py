@@ -143,7 +143,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = ["# Batch scoring: `oodserve score` on Ray Data", "",
              f"Machine: {results['machine']['cpus']} CPUs ({results['machine']['platform']}), batch size {results['batch_size']}; "
              f"a local Ray start and stop alone took {results['ray_start_stop_seconds']:.1f} s. "
-             "Produced by `benchmarks/batch_scoring.py`; the machine was shared with other jobs (see the load note).", ""]
+             "Produced by `benchmarks/batch_scoring.py`.", ""]
+    machine = results["machine"]
+    if "load_average_start" in machine:
+        lines += [f"Load average (1, 5, 15 min) at the start {machine['load_average_start']}, at the end {machine['load_average_end']}: "
+                  "the 2 cores were shared with other jobs, so figures carry that noise.", ""]
+    lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     for kind in ("vectors", "images"):
         entry = results.get(kind)
         if entry is None:
@@ -199,7 +204,8 @@ def main() -> None:
     np.save(image_path, images)
 
     results: dict[str, Any] = {
-        "machine": {"cpus": threads, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": threads, "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_start": list(os.getloadavg())},
         "batch_size": args.batch_size, "ray_start_stop_seconds": ray_start_stop(),
     }
     for kind, bundle, source, data in (("vectors", vector_bundle, table_path, rows), ("images", args.image_bundle, image_path, images)):
@@ -219,6 +225,7 @@ def main() -> None:
             }
         results[kind] = entry
         print(json.dumps({kind: entry}, indent=2), flush=True)
+    results["machine"]["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, args.out.with_suffix(".md"))
