@@ -369,6 +369,26 @@ def train_flow(pca_train: np.ndarray, seconds: float, seed: int) -> onnx.ModelPr
         return onnx.load(str(path))
 
 
+DUPLICATE_WARNING = 0.01
+DUPLICATE_REFUSAL = 0.5
+
+
+def duplicate_share(held: np.ndarray, train: np.ndarray, tolerance: float = 1e-5) -> float:
+    """Share of held-out feature rows (N, D) equal, up to `tolerance` relative distance, to some training row: the
+    calibration set's images were trained on (or copied from the training set)."""
+    if len(held) == 0:
+        return 0.0
+    train64 = train.astype(np.float64)
+    train_norms = (train64**2).sum(axis=1)
+    found = 0
+    for start in range(0, len(held), 1024):
+        block = held[start:start + 1024].astype(np.float64)
+        norms = (block**2).sum(axis=1)
+        distances = np.maximum(norms[:, None] - 2 * block @ train64.T + train_norms[None, :], 0.0).min(axis=1)
+        found += int(np.sum(distances <= (tolerance**2) * np.maximum(norms, 1e-12)))
+    return found / len(held)
+
+
 def split_calibration(count: int, labels: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(signal calibration, fusion calibration, validation) indices: 40% / 40% / 20%, stratified by label when given."""
     rng = np.random.default_rng(seed)
@@ -434,6 +454,14 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
         mark = time.perf_counter()
         held_features, held_logits = base.cached(held_images, options.work, cache_key)
         timings["calibration features"] = time.perf_counter() - mark
+    duplicates = duplicate_share(held_features, train_features) if held is not None else None
+    if duplicates is not None and duplicates > DUPLICATE_REFUSAL and not options.calibrate_on_training_data:
+        raise DataError(f"{held.source if held else ''}: {duplicates:.0%} of the calibration images have the features of a training "
+                        "image: the calibration set looks like training data, on which the FPR guarantee does not hold; give "
+                        "held-out images (or --calibrate-on-training-data to fit anyway without the guarantee)")
+    if duplicates is not None and duplicates > DUPLICATE_WARNING:
+        logger.warning("%.1f%% of the calibration images duplicate a training image's features; the FPR on new images will run "
+                       "above alpha by up to about that share", 100 * duplicates)
     held_predicted = held_logits.argmax(axis=1)
     held_accuracy = float(np.mean(held_predicted == held_labels)) if held_labels is not None else None
     held_classes = held_labels if held_labels is not None else held_predicted
@@ -548,6 +576,7 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
             "calibration_guarantee": guarantee,
             "backbone_accuracy_training_slice": accuracy,
             "backbone_accuracy_calibration": held_accuracy,
+            "calibration_duplicates_of_training": duplicates,
             "splits": {"train": int(len(train_features)), "signal_calibration": int(len(signal_rows)),
                        "fusion_calibration": int(len(fusion_rows)), "validation": int(len(validation_rows))},
             "minimum_alpha": minimum_alpha,

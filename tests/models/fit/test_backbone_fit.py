@@ -160,3 +160,14 @@ def test_clients_with_features_get_the_same_verdict_from_the_features_bundle(fit
     np.testing.assert_array_equal(from_features.predicted_class, from_images.predicted_class)
     np.testing.assert_allclose(from_features.fused_p_value, from_images.fused_p_value, atol=2e-3)
     assert features_engine.manifest.input.shape == [11] and features_engine.manifest.fusion == images_engine.manifest.fusion
+
+
+def test_training_images_passed_as_calibration_are_refused(tmp_path: Path) -> None:
+    model = tiny_backbone(tmp_path / "m.onnx", layout="NHWC", dtype="uint8", head="features_output")
+    images, labels = coloured_images(600, seed=1)
+    np.savez(tmp_path / "train.npz", x=images, y=labels)
+    np.savez(tmp_path / "mixed.npz", x=np.concatenate([images[:500], coloured_images(300, seed=5)[0]]),
+             y=np.concatenate([labels[:500], coloured_images(300, seed=5)[1]]))
+    with pytest.raises(DataError, match=r"mixed.npz: 62% of the calibration images have the features of a training image"):
+        fit_backbone(tmp_path / "train.npz", tmp_path / "out", BackboneOptions(backbone=model, calibration=tmp_path / "mixed.npz",
+                                                                              flow_seconds=0), name="b")
