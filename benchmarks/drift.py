@@ -31,8 +31,10 @@ import orjson
 from oodserve.drift.conformal_martingale import MixturePowerMartingale, OnlineConformalPValues, ShiryaevRoberts
 from oodserve.drift.monitor import DriftMonitor, DriftSettings
 from oodserve.drift.replay import first_crossing, null_replays, ood_rate_rule_delay, shuffle_replays
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.engine import Engine
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from oodserve.models.perturbations import rotate_90
+from oodserve.models.splits import bundle_split
 from oodserve.scoring.conformal import conformal_p_values
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist"
@@ -45,7 +47,6 @@ def fused_scores(cache: Path) -> dict[str, np.ndarray]:
     if cache.exists():
         with np.load(cache) as stored:
             return {key: stored[key] for key in stored.files}
-    from oodserve.engine import Engine
 
     engine = Engine.load(BUNDLE)
     train = load_images(DEFAULT_FASHION_MNIST_DIR, "train").images

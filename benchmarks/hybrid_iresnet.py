@@ -89,12 +89,12 @@ def measure_checkpoint(name: str, checkpoint: Path, test: np.ndarray, labels: np
     """A `train flow --hybrid` checkpoint without a bundle: exported, then test bits/dim, accuracy and ms/image."""
     import tempfile
 
-    from oodserve.models.fit.images import _read_metrics
+    from oodserve.models.fit.images import read_metrics
     from oodserve.models.flows.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         path, _ = export_checkpoint(checkpoint, Path(directory) / "flow.onnx")
-        return {"checkpoint": str(checkpoint), "training": _read_metrics(checkpoint), "test_images": len(test),
+        return {"checkpoint": str(checkpoint), "training": read_metrics(checkpoint), "test_images": len(test),
                 "test_onnx": onnx_test_figures(path, test, labels),
                 "onnx_ms_per_image_batch64_1thread": onnx_latency_per_image_ms(path, repeats=10)}
 

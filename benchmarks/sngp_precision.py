@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, bundle_split, load_image_dataset, load_images
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_image_dataset, load_images
 from oodserve.models.sngp.gp import predictive_variance
 from oodserve.models.sngp.train import load_checkpoint, standardize
+from oodserve.models.splits import bundle_split
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

@@ -40,13 +40,13 @@ def build_bundle_command(
 ) -> None:
     """Train (or take checkpoints), export, calibrate, choose the fusion and write a verified bundle."""
     if rectangular_checkpoint is not None:
-        from oodserve.models.bundles.manifold_builder import build_manifold_bundle
+        from oodserve.models.fit.manifold import build_manifold_bundle
 
         build_manifold_bundle(rectangular_checkpoint, out or Path("models/bundles/fashion-mnist-manifold"), data=str(data), seed=seed,
                               threads=threads)
         return
     if hybrid:
-        from oodserve.models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
+        from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
 
         build_hybrid_bundle(HybridBuildSettings(
             checkpoint=str(hybrid_checkpoint) if hybrid_checkpoint else None, data=str(data),
@@ -56,7 +56,7 @@ def build_bundle_command(
         return
     if hybrid_checkpoint or attention != "none":
         raise typer.BadParameter("--hybrid-checkpoint and --attention apply with --hybrid only")
-    from oodserve.models.bundles.builder import BuildSettings, build_bundle
+    from oodserve.models.fit.fashion_mnist import BuildSettings, build_bundle
 
     build_bundle(BuildSettings(
         data=str(data), out=str(out or "models/bundles/fashion-mnist"), work=str(work or "runs/bundle"),

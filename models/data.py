@@ -1,5 +1,5 @@
-"""Data sets for training and fitting: splits, image and vector loaders (numpy only); the plain image readers live in
-`oodserve.datasets` (torch-free) and are re-exported here."""
+"""Data sets for training and fitting: image and vector loaders (numpy only); the plain image readers live in
+`oodserve.datasets` (torch-free) and are re-exported here, the splits in `oodserve.models.splits`."""
 
 from __future__ import annotations
 
@@ -18,41 +18,6 @@ from oodserve.datasets import (  # noqa: F401  (re-exported: the loaders' public
     load_images,
     read_idx,
 )
-
-
-def train_validation_split(
-    n: int, validation_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic shuffled split of `range(n)` into (train indices, validation indices)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_val = int(round(n * validation_fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-@dataclass(frozen=True)
-class BundleSplit:
-    """Disjoint index sets into the in-distribution training file.
-
-    `train` fits the models, `validation` early-stops them, `calibration` is never seen in
-    training: the bundle builder splits it again into signal and fusion calibration sets.
-    """
-
-    train: np.ndarray
-    validation: np.ndarray
-    calibration: np.ndarray
-
-
-def bundle_split(n: int, n_validation: int = 2000, n_calibration: int = 10000, seed: int = 0) -> BundleSplit:
-    """The one split every trainer and the bundle builder use, so calibration data stays unseen."""
-    if n_validation + n_calibration >= n:
-        raise ValueError(f"cannot hold out {n_validation}+{n_calibration} of {n} examples")
-    order = np.random.default_rng(seed).permutation(n)
-    calibration = np.sort(order[:n_calibration])
-    validation = np.sort(order[n_calibration : n_calibration + n_validation])
-    train = np.sort(order[n_calibration + n_validation :])
-    return BundleSplit(train=train, validation=validation, calibration=calibration)
-
 
 # ---------------------------------------------------------------------------------------------- vectors
 
@@ -303,7 +268,7 @@ def _read_image_files(paths: list[Path], source: str) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"{path}: not a readable PNG or JPEG image: {error}") from error
     colour = any(_is_colour(picture) for picture in pictures)
-    sizes = {}
+    sizes: dict[tuple[int, int], Path] = {}
     for path, picture in zip(paths, pictures):
         sizes.setdefault(picture.size, path)
     if len(sizes) > 1:

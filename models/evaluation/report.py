@@ -80,10 +80,10 @@ def _plot_histograms(sets: list[ScoredSet], keys: list[str], path: Path) -> None
         finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
         low, high = np.percentile(finite, [0.5, 99.5])
         bins = np.linspace(low, high if high > low else low + 1, 60)
-        colours = plt.get_cmap("tab20").colors
+        colour_map = plt.get_cmap("tab20")  # 20 listed colours: colour_map(i) is the i-th
         for index, (name, value) in enumerate(values.items()):
             axis.hist(np.clip(value, low, high), bins=bins, histtype="step", density=True, label=name,
-                      color=colours[index % len(colours)], linewidth=2.0 if index == 0 else 1.0)
+                      color=colour_map(index % colour_map.N), linewidth=2.0 if index == 0 else 1.0)
         axis.set_title(key, fontsize=9)
         axis.tick_params(labelsize=7)
     for axis in np.ravel(axes)[len(panels) :]:

@@ -22,24 +22,23 @@ from typing import Any
 
 import numpy as np
 
-from oodserve.bundle.writer import write_bundle
-from oodserve.models.bundles.calibration import (
-    SignalPlan,
-    code_version,
-    fit_signals,
-    p_values_against,
-    signal_calibration,
-    write_signal_data,
-)
-from oodserve.models.bundles.fusion_choice import choice_reason, choose_fusion
-from oodserve.models.bundles.onnx_outputs import open_sessions, run_models
+from oodserve.bundle.loader import load_bundle
+from oodserve.bundle.manifest import BatchTypicalitySpec, ClassifierSpec, InputSpec, Provenance, SamplerSpec
+from oodserve.models.build import calibrate as build
+from oodserve.models.build.calibrate import BundleDescription, Calibrated, CalibrationSets, FusionSearch, fresh_staging, publish_staging
+from oodserve.models.build.onnx_outputs import OnnxModels
+from oodserve.models.build.signals import SignalPlan, code_version, fit_signals
 from oodserve.models.data import ImageDataset
 from oodserve.models.fit.budget import Budget
-from oodserve.models.fit.splits import FitSplit, fit_split
 from oodserve.models.fit.summary import FitResult, closing_rows, figure_text
 from oodserve.models.fit.work import WorkDirectory, data_fingerprint
+from oodserve.models.flows.export import export_checkpoint as export_flow
+from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 from oodserve.models.perturbations import make_perturbed_sets
-from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
+from oodserve.models.sngp.export import export_checkpoint as export_sngp
+from oodserve.models.sngp.train import SNGPData, train
+from oodserve.models.sngp.train import TrainSettings as SNGPSettings
+from oodserve.models.splits import DataSplit, fit_split
 from oodserve.scoring.signals import bits_per_dim_from_log_prob
 
 FEATURE_DENSITY_FILE = "feature_density.npz"
@@ -80,7 +79,7 @@ class ImageFitOptions:
     sngp_epochs: int | None = None
     """Epochs of SNGP's one-cycle schedule (default: as many as its share of the budget affords, timed on the data,
     at most `sngp_epoch_cap`)."""
-    split: FitSplit | None = None
+    split: DataSplit | None = None
     """The split to use instead of `fit_split` (checkpoints trained elsewhere must not have seen its calibration)."""
     version: str = "1.0.0"
     description: str | None = None
@@ -119,13 +118,9 @@ def image_signal_plans(level_outputs: list[str], has_classifier: bool) -> list[S
 
 
 def _train_models(
-    data: ImageDataset, split: FitSplit, budget: Budget, options: ImageFitOptions, work: WorkDirectory, seed: int
+    data: ImageDataset, split: DataSplit, budget: Budget, options: ImageFitOptions, work: WorkDirectory, seed: int
 ) -> dict[str, Path]:
     """Checkpoints of the flow, the background flow and (with labels) SNGP: given, finished in `work`, or trained now."""
-    from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
-    from oodserve.models.sngp.train import SNGPData, train
-    from oodserve.models.sngp.train import TrainSettings as SNGPSettings
-
     images, labels = data.images, data.labels
     has_classifier = labels is not None
     weights = dict(STAGE_WEIGHTS_LABELLED if has_classifier else STAGE_WEIGHTS_UNLABELLED)
@@ -190,7 +185,7 @@ def _train_models(
                         ),
                         flow_data,
                     )
-                work.finish(stage, _read_metrics(checkpoint))
+                work.finish(stage, read_metrics(checkpoint))
         checkpoints[stage] = checkpoint
     return checkpoints
 
@@ -199,7 +194,7 @@ REUSED_FILES = {"flow": ("flow.onnx", "flow_sample.onnx"), "background": ("backg
 """The bundle files each model stage writes (the first is the model itself)."""
 
 
-def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None:
+def check_reusable(options: ImageFitOptions, split: DataSplit, seed: int) -> None:
     """Refuse to reuse an earlier bundle's models unless its files verify (sha256) and it was fitted with the same
     seed (and, where recorded, the same split sizes): models trained on another split may have seen this fit's
     calibration images, and their p-values would then be too small."""
@@ -207,8 +202,6 @@ def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None
         return
     if options.reuse_bundle is None:
         raise ValueError(f"reuse_models {list(options.reuse_models)} needs reuse_bundle")
-    from oodserve.bundle.loader import load_bundle
-
     earlier = load_bundle(options.reuse_bundle).manifest.provenance.model_dump(mode="json")
     if earlier.get("seed") != seed:
         raise ValueError(f"{options.reuse_bundle} was fitted with seed {earlier.get('seed')!r}, this fit uses {seed}: its models were "
@@ -220,9 +213,6 @@ def check_reusable(options: ImageFitOptions, split: FitSplit, seed: int) -> None
 
 
 def _export(checkpoints: dict[str, Path], staging: Path, options: ImageFitOptions) -> dict[str, Path]:
-    from oodserve.models.flows.export import export_checkpoint as export_flow
-    from oodserve.models.sngp.export import export_checkpoint as export_sngp
-
     files: dict[str, Path] = {}
     for stage in options.reuse_models:
         assert options.reuse_bundle is not None
@@ -244,7 +234,7 @@ def _export(checkpoints: dict[str, Path], staging: Path, options: ImageFitOption
 
 def _training_record(checkpoints: dict[str, Path], options: ImageFitOptions) -> dict[str, Any]:
     """Each model's training metrics: from its checkpoint's run, or carried over from the bundle it was reused from."""
-    record: dict[str, Any] = {stage: _read_metrics(path) for stage, path in checkpoints.items()}
+    record: dict[str, Any] = {stage: read_metrics(path) for stage, path in checkpoints.items()}
     if options.reuse_models:
         assert options.reuse_bundle is not None
         earlier = json.loads((options.reuse_bundle / "manifest.json").read_text())
@@ -255,22 +245,6 @@ def _training_record(checkpoints: dict[str, Path], options: ImageFitOptions) -> 
                 "reused_from": f"{earlier.get('name')} {earlier.get('version')} (code {earlier.get('provenance', {}).get('code_version')})",
             }
     return {stage: record[stage] for stage in REUSED_FILES if stage in record}
-
-
-def fresh_staging(out: Path) -> Path:
-    """An empty `OUT.staging` directory beside the bundle `out`, where a bundle is written before it replaces `out`."""
-    staging = out.with_name(out.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def publish_staging(staging: Path, out: Path) -> None:
-    """Replace the bundle `out` by the completed `staging` directory."""
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
 
 
 def fit_images(
@@ -323,7 +297,7 @@ class BundleLayout:
 def calibrate_and_write(
     data: ImageDataset,
     staging: Path,
-    split: FitSplit,
+    split: DataSplit,
     model_files: dict[str, Path],
     budget: Budget,
     options: ImageFitOptions,
@@ -335,10 +309,11 @@ def calibrate_and_write(
     layout: BundleLayout | None = None,
 ) -> dict[str, Any]:
     """Fit the signals on the training split, calibrate them on the held-out halves, choose the fusion on
-    self-made perturbations of the validation images and write the bundle's manifest and data into `staging`."""
+    self-made perturbations of the validation images and write the bundle's manifest and data into `staging`
+    (`oodserve.models.build.calibrate`). Returns the manifest as JSON."""
     layout = layout or BundleLayout()
-    sessions = open_sessions(model_files, threads=options.threads)
-    level_outputs = [o.name for o in sessions["flow"].get_outputs() if o.name.startswith("level_")]
+    models = OnnxModels(model_files, threads=options.threads)
+    level_outputs = [output for output in models.output_names("flow") if output.startswith("level_")]
     plans = layout.plans if layout.plans is not None else image_signal_plans(level_outputs, data.labels is not None)
     has_classifier = data.labels is not None and layout.classifier_model in model_files
     images, labels = data.images, data.labels
@@ -349,111 +324,67 @@ def calibrate_and_write(
         part[:limit] for part in (split.signal_calibration, split.fusion_calibration, split.validation)
     )
     dimensions = int(np.prod(images.shape[1:]))
-
-    def outputs_for(batch: np.ndarray, what: str) -> dict[str, dict[str, np.ndarray]]:
-        return run_models(sessions, batch, description=what)
-
-    def as_float(batch: np.ndarray) -> np.ndarray:
-        return batch.astype(np.float64)
-
-    reference_outputs = outputs_for(images[reference_index], "reference (train split)")
-    fitted = fit_signals(
-        plans,
-        reference_outputs,
-        as_float(images[reference_index]),
-        labels[reference_index] if labels is not None else None,
+    reference_outputs = models.outputs(images[reference_index], "reference (train split)")
+    fitted = fit_signals(plans, reference_outputs, models.signal_inputs(images[reference_index]),
+                         labels[reference_index] if labels is not None else None)
+    search = FusionSearch(
+        validation=images[validation_index],
+        perturb=lambda validation: make_perturbed_sets(validation, seed=seed),
+        what="validation images",
+        never_fused=NEVER_FUSED,
+        reason_suffix="; raw bits/dim is never fused because flows give simpler images higher likelihood (Nalisnick et al. 2019)",
     )
-    definitions = fitted.definitions
-
-    def signals_of(batch: np.ndarray, what: str) -> dict[str, np.ndarray]:
-        return compute_signals(definitions, outputs_for(batch, what), as_float(batch))
-
-    calibration = signal_calibration(definitions, outputs_for(images[signal_index], "signal calibration"), as_float(images[signal_index]))
-    validation_images = images[validation_index]
-    validation_p = p_values_against(calibration, signals_of(validation_images, "validation"))
-    perturbed_p = {
-        kind: p_values_against(calibration, signals_of(batch, f"perturbation {kind}"))
-        for kind, batch in make_perturbed_sets(validation_images, seed=seed).items()
-    }
-    candidates = [d.name for d in definitions if d.name not in NEVER_FUSED]
-    best, ranked = choose_fusion(candidates, validation_p, perturbed_p)
-    reason = (
-        choice_reason(best, ranked, candidates, len(validation_images), "validation images")
-        + "; raw bits/dim is never fused because flows give simpler images higher likelihood (Nalisnick et al. 2019)"
-    )
-    rule = FusionRule(best.method, best.signals)
-    fusion_signals = signals_of(images[fusion_index], "fusion calibration")
-    fused = fused_calibration_scores(calibration, fusion_signals, rule)
-    reference_bpd = bits_per_dim_from_log_prob(reference_outputs["flow"]["log_prob"], dimensions)
-    batch_file = {BATCH_TYPICALITY_FILE: {"reference_bpd": fusion_signals["bits_per_dim"]}} if layout.batch_typicality else {}
-    write_signal_data(staging, {**calibration, FUSED_CALIBRATION_KEY: fused}, {**fitted.parameter_files, **batch_file})
-    channels, height, width = images.shape[1:]
+    channels, height, width = (int(side) for side in images.shape[1:])
     minimum_alpha = 1.0 / (len(fusion_index) + 1)
-    manifest_fields = {
-        "schema_version": 1,
-        "name": name,
-        "version": options.version,
-        "description": options.description
-        or (
-            f"oodserve fit of {Path(data.source).name}: {len(images)} {'RGB' if channels == 3 else 'greyscale'} images of "
-            f"{height}x{width}; {layout.model_summary}"
-            + (" + SNGP classifier" if labels is not None and layout.classifier_model == "sngp" else "")
-        ),
-        "input": {"shape": [int(channels), int(height), int(width)], "dtype": "uint8", "min": 0, "max": 255, "layout": "NCHW"},
-        "labels": list(data.class_names) if has_classifier and data.class_names is not None else None,
-        "models": {
-            model: {
-                "file": path.name,
-                "inputs": [i.name for i in sessions[model].get_inputs()],
-                "outputs": [o.name for o in sessions[model].get_outputs()],
-            }
-            for model, path in model_files.items()
-        },
-        "classifier": {"model": layout.classifier_model, "logits": "logits"} if has_classifier else None,
-        "signals": fitted.manifest_entries,
-        "calibration": {"file": "calibration.npz"},
-        "fusion": {"method": best.method, "signals": list(best.signals), "reason": reason},
-        "sampler": {"file": "flow_sample.onnx", "input": "z", "output": "x", "latent_shape": [layout.latent_dimension or dimensions]},
-        "batch_typicality": {
-            "signal": "bits_per_dim",
-            "entropy_bpd": float(np.mean(reference_bpd)),
-            "parameters_file": BATCH_TYPICALITY_FILE,
-        }
-        if layout.batch_typicality
-        else None,
-        "default_alpha": max(default_alpha, minimum_alpha),
-        "provenance": {
-            "data": f"{data.source}: models trained on {len(split.train)} images, validation {len(validation_index)}, "
-            f"calibration {len(signal_index)} (signals) + {len(fusion_index)} (fusion), never trained on",
-            "seed": seed,
-            "code_version": code_version(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "builder": layout.builder,
-            "splits": {
-                **split.sizes(),
-                "validation_used": len(validation_index),
-                "signal_calibration_used": len(signal_index),
-                "fusion_calibration_used": len(fusion_index),
-            },
-            "minimum_alpha": minimum_alpha,
-            "training": training,
-            "budget": budget.split_text(),
-            "fusion_candidates_top5": [
-                {
-                    "method": c.method,
-                    "signals": list(c.signals),
-                    "objective": round(c.objective, 4),
-                    "auroc_by_set": {k: round(v, 4) for k, v in c.auroc_by_set.items()},
-                }
-                for c in ranked[:5]
-            ],
-            **options.extra_provenance,
-        },
-    }
-    return write_bundle(staging, manifest_fields).model_dump(mode="json")
+
+    def describe(calibrated: Calibrated) -> BundleDescription:
+        reference_bpd = bits_per_dim_from_log_prob(reference_outputs["flow"]["log_prob"], dimensions)
+        return BundleDescription(
+            name=name,
+            version=options.version,
+            description=options.description or (
+                f"oodserve fit of {Path(data.source).name}: {len(images)} {'RGB' if channels == 3 else 'greyscale'} images of "
+                f"{height}x{width}; {layout.model_summary}"
+                + (" + SNGP classifier" if labels is not None and layout.classifier_model == "sngp" else "")
+            ),
+            input=InputSpec(shape=[channels, height, width], dtype="uint8", min=0, max=255, layout="NCHW"),
+            labels=list(data.class_names) if has_classifier and data.class_names is not None else None,
+            models=models.specs(),
+            classifier=ClassifierSpec(model=layout.classifier_model, logits="logits") if has_classifier else None,
+            sampler=SamplerSpec(file="flow_sample.onnx", input="z", output="x", latent_shape=[layout.latent_dimension or dimensions]),
+            batch_typicality=BatchTypicalitySpec(signal="bits_per_dim", entropy_bpd=float(np.mean(reference_bpd)),
+                                                 parameters_file=BATCH_TYPICALITY_FILE) if layout.batch_typicality else None,
+            extra_files={BATCH_TYPICALITY_FILE: {"reference_bpd": calibrated.fusion_set_signals["bits_per_dim"]}}
+            if layout.batch_typicality else {},
+            default_alpha=max(default_alpha, minimum_alpha),
+            provenance=Provenance.model_validate({
+                "data": f"{data.source}: models trained on {len(split.train)} images, validation {len(validation_index)}, "
+                f"calibration {len(signal_index)} (signals) + {len(fusion_index)} (fusion), never trained on",
+                "seed": seed,
+                "code_version": code_version(),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "builder": layout.builder,
+                "splits": {
+                    **split.sizes(),
+                    "validation_used": len(validation_index),
+                    "signal_calibration_used": len(signal_index),
+                    "fusion_calibration_used": len(fusion_index),
+                },
+                "minimum_alpha": minimum_alpha,
+                "training": training,
+                "budget": budget.split_text(),
+                "fusion_candidates_top5": calibrated.top_candidates(),
+                **options.extra_provenance,
+            }),
+        )
+
+    manifest = build.calibrate_and_write(
+        staging, models, fitted, CalibrationSets(signal=images[signal_index], fusion=images[fusion_index]), search, describe
+    )
+    return manifest.model_dump(mode="json")
 
 
-def _read_metrics(checkpoint: Path) -> dict[str, Any]:
+def read_metrics(checkpoint: Path) -> dict[str, Any]:
     """The run's metrics.json without its lists; for a run stopped before its test evaluation, what a `train flow`
     checkpoint records itself (steps, minutes, the validation figures of its last evaluation)."""
     path = checkpoint.parent / "metrics.json"
@@ -475,7 +406,7 @@ def _read_metrics(checkpoint: Path) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "history" and not isinstance(v, (list, dict))}
 
 
-def _summary(data: ImageDataset, split: FitSplit, manifest: dict[str, Any], budget: Budget) -> list[tuple[str, str]]:
+def _summary(data: ImageDataset, split: DataSplit, manifest: dict[str, Any], budget: Budget) -> list[tuple[str, str]]:
     count, channels, height, width = data.images.shape
     rows = [
         (

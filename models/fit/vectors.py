@@ -18,7 +18,6 @@ left out of every model (and recorded in the manifest).
 from __future__ import annotations
 
 import logging
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,25 +26,27 @@ import numpy as np
 import onnx
 import torch
 
-from oodserve.bundle.writer import write_bundle
-from oodserve.models.bundles.calibration import (
-    SignalPlan,
-    code_version,
-    fit_signals,
-    p_values_against,
-    signal_calibration,
-    write_signal_data,
+from oodserve.bundle.manifest import ClassifierSpec, InputSpec, Provenance
+from oodserve.models.build.calibrate import (
+    BundleDescription,
+    Calibrated,
+    CalibrationSets,
+    FusionSearch,
+    calibrate_and_write,
+    fresh_staging,
+    publish_staging,
 )
-from oodserve.models.bundles.fusion_choice import choice_reason, choose_fusion
-from oodserve.models.bundles.onnx_outputs import open_sessions, run_models
+from oodserve.models.build.onnx_outputs import OnnxModels
+from oodserve.models.build.signals import SignalPlan, code_version, fit_signals
 from oodserve.models.closed_form import fit_vector_reference, vector_reference_model
 from oodserve.models.data import VectorSet
 from oodserve.models.fit.budget import Budget
-from oodserve.models.fit.splits import FitSplit, fit_split
 from oodserve.models.fit.summary import FitResult, closing_rows, figure_text
 from oodserve.models.fit.work import WorkDirectory, data_fingerprint
+from oodserve.models.flows.tabular import build_tabular_flow, export_tabular_flow, train_tabular_flow
 from oodserve.models.perturbations import make_perturbed_vectors
-from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, compute_signals, fused_calibration_scores
+from oodserve.models.sngp.tabular import TabularSNGP, export_tabular_sngp, train_tabular_sngp, width_for
+from oodserve.models.splits import DataSplit, fit_split
 
 logger = logging.getLogger("oodserve.fit")
 
@@ -101,10 +102,7 @@ def fit_vectors(
     has_flow, has_classifier = kept.size >= 2, labels is not None
     work_directory = WorkDirectory(work or out.with_name(out.name + ".work"),
                                    data_fingerprint(features, labels, seed=seed, kind="vectors"))
-    staging = out.with_name(out.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(out)
     rng = np.random.default_rng(seed)
     train = features[split.train]
     with budget.timed("reference"):
@@ -118,23 +116,19 @@ def fit_vectors(
     figures: dict[str, dict[str, Any]] = {"reference": {"reference_rows": int(len(reference.reference)), "k": reference.k}}
     if has_flow:
         figures["flow"] = _flow_stage(work_directory, budget, standardized, split, reference, kept, dimensions, staging, seed)
-    if has_classifier and data.class_names is not None:
+    if labels is not None and data.class_names is not None:
         budget.plan({"sngp": weights["sngp"]}, keep=budget.planned)  # what an early-stopped flow left over
         figures["sngp"] = _sngp_stage(work_directory, budget, standardized, labels, len(data.class_names), split,
                                       reference, kept, dimensions, staging, seed)
     with budget.timed("calibration and fusion"):
         manifest = _calibrate_and_write(data, staging, split, kept, constant, has_flow, has_classifier, figures, budget,
                                         name=name, seed=seed, default_alpha=default_alpha)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    publish_staging(staging, out)
     return FitResult(out, _summary(data, split, manifest, figures, budget, constant), manifest)
 
 
-def _flow_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, split: FitSplit, reference: Any,
+def _flow_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, split: DataSplit, reference: Any,
                 kept: np.ndarray, dimensions: int, staging: Path, seed: int) -> dict[str, Any]:
-    from oodserve.models.flows.tabular import build_tabular_flow, export_tabular_flow, train_tabular_flow
-
     checkpoint = work.file("flow.pt")
     with budget.timed("flow"):
         if work.done("flow"):
@@ -154,10 +148,8 @@ def _flow_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, s
     return info
 
 
-def _sngp_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, labels: np.ndarray, classes: int, split: FitSplit,
+def _sngp_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, labels: np.ndarray, classes: int, split: DataSplit,
                 reference: Any, kept: np.ndarray, dimensions: int, staging: Path, seed: int) -> dict[str, Any]:
-    from oodserve.models.sngp.tabular import TabularSNGP, export_tabular_sngp, train_tabular_sngp, width_for
-
     checkpoint = work.file("sngp.pt")
     with budget.timed("sngp"):
         if work.done("sngp"):
@@ -178,79 +170,53 @@ def _sngp_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, l
 
 
 def _calibrate_and_write(
-    data: VectorSet, staging: Path, split: FitSplit, kept: np.ndarray, constant: np.ndarray, has_flow: bool, has_classifier: bool,
+    data: VectorSet, staging: Path, split: DataSplit, kept: np.ndarray, constant: np.ndarray, has_flow: bool, has_classifier: bool,
     figures: dict[str, dict[str, Any]], budget: Budget, *, name: str, seed: int, default_alpha: float,
 ) -> dict[str, Any]:
+    """Fit the signals on the training split, calibrate them, choose the fusion on self-made perturbations of the
+    validation rows and write the bundle into `staging` (`oodserve.models.build.calibrate`). Returns the manifest as JSON."""
     model_files = {model: staging / f"{model}.onnx" for model in ("reference", "flow", "sngp") if (staging / f"{model}.onnx").exists()}
-    sessions = open_sessions(model_files, threads=2)
+    models = OnnxModels(model_files, threads=2, batch_size=2048)
     features, labels = data.features, data.labels
-
-    def outputs_for(index: np.ndarray, what: str) -> dict[str, dict[str, np.ndarray]]:
-        return run_models(sessions, features[index], batch_size=2048, description=what)
-
-    fitted = fit_signals(vector_signal_plans(has_flow, has_classifier), outputs_for(split.train, "reference (train split)"),
+    fitted = fit_signals(vector_signal_plans(has_flow, has_classifier), models.outputs(features[split.train], "reference (train split)"),
                          features[split.train], labels[split.train] if labels is not None else None)
-    definitions = fitted.definitions
-    calibration = signal_calibration(definitions, outputs_for(split.signal_calibration, "signal calibration"),
-                                     features[split.signal_calibration])
-    validation = features[split.validation]
-
-    def p_values_of(values: np.ndarray, what: str) -> dict[str, np.ndarray]:
-        outputs = run_models(sessions, values, batch_size=2048, description=what)
-        return p_values_against(calibration, compute_signals(definitions, outputs, values))
-
-    validation_p = p_values_of(validation, "validation")
-    perturbed_p = {kind: p_values_of(values, f"perturbation {kind}") for kind, values in make_perturbed_vectors(validation, seed).items()}
-    candidates = [definition.name for definition in definitions]
-    best, ranked = choose_fusion(candidates, validation_p, perturbed_p)
-    reason = choice_reason(best, ranked, candidates, len(validation), "validation rows")
-    rule = FusionRule(best.method, best.signals)
-    fusion_outputs = outputs_for(split.fusion_calibration, "fusion calibration")
-    fused = fused_calibration_scores(calibration, compute_signals(definitions, fusion_outputs, features[split.fusion_calibration]), rule)
-    write_signal_data(staging, {**calibration, FUSED_CALIBRATION_KEY: fused}, fitted.parameter_files)
+    search = FusionSearch(
+        validation=features[split.validation], perturb=lambda validation: make_perturbed_vectors(validation, seed), what="validation rows"
+    )
     minimum_alpha = split.minimum_alpha
-    manifest_fields = {
-        "schema_version": 1,
-        "name": name,
-        "version": "1.0.0",
-        "description": f"oodserve fit of {Path(data.source).name}: {len(features)} vectors of {features.shape[1]} features"
-                       + (f", {len(data.class_names or [])} classes" if has_classifier else ", unlabelled"),
-        "input": {"shape": [features.shape[1]], "dtype": "float32", "min": -FLOAT32_LIMIT, "max": FLOAT32_LIMIT,
-                  "layout": "features", "features": list(data.feature_names)},
-        "labels": list(data.class_names) if has_classifier and data.class_names is not None else None,
-        "models": {
-            model: {"file": path.name, "inputs": [i.name for i in sessions[model].get_inputs()],
-                    "outputs": [o.name for o in sessions[model].get_outputs()]}
-            for model, path in model_files.items()
-        },
-        "classifier": {"model": "sngp", "logits": "logits"} if has_classifier else None,
-        "signals": fitted.manifest_entries,
-        "calibration": {"file": "calibration.npz"},
-        "fusion": {"method": best.method, "signals": list(best.signals), "reason": reason},
-        "default_alpha": max(default_alpha, minimum_alpha),
-        "provenance": {
-            "data": f"{data.source}: {len(features)} rows x {features.shape[1]} columns",
-            "seed": seed,
-            "code_version": code_version(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "builder": "oodserve fit (models/fit/vectors.py)",
-            "splits": split.sizes(),
-            "minimum_alpha": minimum_alpha,
-            "constant_columns_dropped": [data.feature_names[index] for index in constant],
-            "training": figures,
-            "budget_seconds": budget.total_seconds,
-            "fusion_candidates_top5": [
-                {"method": c.method, "signals": list(c.signals), "objective": round(c.objective, 4),
-                 "auroc_by_set": {k: round(v, 4) for k, v in c.auroc_by_set.items()}}
-                for c in ranked[:5]
-            ],
-        },
-    }
-    manifest = write_bundle(staging, manifest_fields)
-    return manifest.model_dump(mode="json")
+
+    def describe(calibrated: Calibrated) -> BundleDescription:
+        return BundleDescription(
+            name=name,
+            version="1.0.0",
+            description=f"oodserve fit of {Path(data.source).name}: {len(features)} vectors of {features.shape[1]} features"
+            + (f", {len(data.class_names or [])} classes" if has_classifier else ", unlabelled"),
+            input=InputSpec(shape=[features.shape[1]], dtype="float32", min=-FLOAT32_LIMIT, max=FLOAT32_LIMIT, layout="features",
+                            features=list(data.feature_names)),
+            labels=list(data.class_names) if has_classifier and data.class_names is not None else None,
+            models=models.specs(),
+            classifier=ClassifierSpec(model="sngp", logits="logits") if has_classifier else None,
+            default_alpha=max(default_alpha, minimum_alpha),
+            provenance=Provenance(
+                data=f"{data.source}: {len(features)} rows x {features.shape[1]} columns",
+                seed=seed,
+                code_version=code_version(),
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                builder="oodserve fit (models/fit/vectors.py)",
+                splits=split.sizes(),
+                minimum_alpha=minimum_alpha,
+                constant_columns_dropped=[data.feature_names[index] for index in constant],
+                training=figures,
+                budget_seconds=budget.total_seconds,
+                fusion_candidates_top5=calibrated.top_candidates(),
+            ),
+        )
+
+    sets = CalibrationSets(signal=features[split.signal_calibration], fusion=features[split.fusion_calibration])
+    return calibrate_and_write(staging, models, fitted, sets, search, describe).model_dump(mode="json")
 
 
-def _summary(data: VectorSet, split: FitSplit, manifest: dict[str, Any], figures: dict[str, dict[str, Any]], budget: Budget,
+def _summary(data: VectorSet, split: DataSplit, manifest: dict[str, Any], figures: dict[str, dict[str, Any]], budget: Budget,
              constant: np.ndarray) -> list[tuple[str, str]]:
     count, dimensions = data.features.shape
     rows = [("data", f"{data.source}: {count} vectors x {dimensions} features, "

@@ -15,7 +15,8 @@ is Lipschitz (dot-product attention is not), with (their Theorem 3.2, 2-norm)
 W0 the principal branch of Lambert's W. The block uses g = coefficient * F / bound with the bound computed
 from exact spectral norms of the current weights, so Lip(g) <= coefficient whatever the weights.
 
-Log-determinant and inverse as in `oodserve.models.flows.iresnet`: the power series of tr(J^k) with Hutchinson probes
+Log-determinant and inverse as every contractive block's (`oodserve.models.flows.contractive`): the power series of
+tr(J^k) with Hutchinson probes
 (autograd in training, stored probes and the explicit Jacobian-vector product below at inference, so the ONNX
 graph needs no autograd), and the fixed-point inverse x <- y - g(x).
 
@@ -30,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from oodserve.models.flows.iresnet import ContractiveResidual, explicit_series_log_det
+from oodserve.models.flows.contractive import ContractiveResidual, explicit_series_log_det
 
 
 def lambert_w0(value: float) -> float:
@@ -54,6 +55,8 @@ def l2_attention_lipschitz_factor(tokens: int, head_dim: int) -> float:
 
 class L2AttentionBlock(ContractiveResidual):
     """`y = x + g(x)` on `(N, C, H, W)`, g the scaled multi-head L2 self-attention over the H*W positions."""
+
+    probes: Tensor
 
     def __init__(self, channels: int, input_hw: tuple[int, int], heads: int, coefficient: float, training_terms: int,
                  inference_terms: int, inference_probes: int, inverse_iterations: int, probe_seed: int) -> None:
@@ -96,12 +99,12 @@ class L2AttentionBlock(ContractiveResidual):
     def _tokens(images: Tensor) -> Tensor:
         return images.flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, C)
 
-    def _project(self, tokens: Tensor, attended: Tensor, weights: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def _project(self, tokens: Tensor, attended: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """(N, H, T, C) per-head f^h -> (N, T, C) through W_V and the scaled W_O."""
         values = torch.einsum("nhtc,hcd->nthd", attended, weights[1]).reshape(tokens.shape[0], tokens.shape[1], -1)
         return values @ weights[2]
 
-    def residual(self, inputs: Tensor, weights: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def residual(self, inputs: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """g(x) `(N, C, H, W)` and the state its JVP needs: queries `(N, H, T, d)` and attention `(N, H, T, T)`."""
         tokens = self._tokens(inputs)
         queries = torch.einsum("ntc,hcd->nhtd", tokens, weights[0])
@@ -118,7 +121,7 @@ class L2AttentionBlock(ContractiveResidual):
         return self.residual(inputs, self.weights())[0]
 
     def jacobian_vector_product(self, vectors: Tensor, queries: Tensor, attention: Tensor, inputs: Tensor,
-                                weights: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+                                weights: tuple[Tensor, ...]) -> Tensor:
         """J_g v at `inputs` (state from `residual`), written out without autograd, `(M, C, H, W)`."""
         tokens, directions = self._tokens(inputs), self._tokens(vectors)
         query_directions = torch.einsum("ntc,hcd->nhtd", directions, weights[0])
@@ -134,6 +137,8 @@ class L2AttentionBlock(ContractiveResidual):
     def log_det_explicit(self, inputs: Tensor, probes: Tensor, terms: int, weights: tuple[Tensor, ...] | None = None) -> Tensor:
         """Inference estimator (stored probes, explicit JVPs), `(N,)`."""
         weights = self.weights() if weights is None else weights
-        _, queries, attention = self.residual(inputs, weights)  # type: ignore[arg-type]
-        return explicit_series_log_det(lambda vectors, tiled: self.jacobian_vector_product(vectors, *tiled, weights),  # type: ignore[arg-type]
-                                       (queries, attention, inputs), probes, inputs.shape[0], terms)
+        _, queries, attention = self.residual(inputs, weights)
+        return explicit_series_log_det(
+            lambda vectors, tiled: self.jacobian_vector_product(vectors, tiled[0], tiled[1], tiled[2], weights),
+            (queries, attention, inputs), probes, inputs.shape[0], terms,
+        )

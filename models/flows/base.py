@@ -9,19 +9,70 @@ and vectors `(N, D)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 
+@runtime_checkable
+class MultiScale(Protocol):
+    """A transform (or chain) that factors out latents at several scales and reports their log-densities."""
+
+    def forward_with_levels(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """`x -> (z, logabsdet (N,), levels)`, `levels` a list of per-scale `(N,)` latent log-densities."""
+        ...
+
+
+@runtime_checkable
+class FrozenInverse(Protocol):
+    """A layer that precomputes what ONNX cannot express (for example W^-1 of an invertible 1x1 convolution) before export."""
+
+    def freeze_inverse(self) -> None: ...
+
+
+@runtime_checkable
+class ExportPreparable(Protocol):
+    """A module that settles its export-time state (for example converged spectral norms) before export."""
+
+    def prepare_for_export(self) -> None: ...
+
+
+@runtime_checkable
+class ResidualTransform(Protocol):
+    """`y = x + g(x)`: a residual block whose output alone (without its log-det) is one call of `residual`."""
+
+    def weights(self) -> tuple[Tensor, ...]: ...
+
+    def residual(self, inputs: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """`(g(x), *state)` for inputs `(N, ...)`."""
+        ...
+
+
+@runtime_checkable
+class InjectiveFlow(Protocol):
+    """An injective (rectangular) flow: a density on a `latent_dimension`-dimensional manifold, trained and evaluated by
+    its own objective instead of bits/dim (`oodserve.models.flows.rectangular`)."""
+
+    latent_dimension: int
+
+    def manifold_outputs(self, unit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log p(x_hat) `(N,)`, squared distance to the manifold `(N,)`, coordinates `(N, d)`) for pixels in [0, 1]."""
+        ...
+
+    def training_loss(self, unit: Tensor) -> Tensor: ...
+
+    def evaluation_metrics(self, pixels: Tensor, to_unit: Callable[[Tensor], Tensor], batch_size: int = 250) -> dict[str, float]: ...
+
+
 class Transform(nn.Module):
     """A bijection with a tractable log-Jacobian-determinant.
 
-    Subclasses implement `forward(x) -> (z, logabsdet (N,))` and `inverse(z) -> x`.
-    Transforms that factor out latents at several scales may also implement
-    `forward_with_levels(x) -> (z, logabsdet, levels)` where `levels` is a list of `(N,)` tensors.
+    Subclasses implement `forward(x) -> (z, logabsdet (N,))` and `inverse(z) -> x`. Optional capabilities are the
+    protocols above: `MultiScale` (per-level latent log-densities), `FrozenInverse` and `ExportPreparable` (export
+    preparation), `ResidualTransform` (output without the log-det).
     """
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
@@ -54,6 +105,11 @@ class CompositeTransform(Transform):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
+    @property
+    def members(self) -> list[Transform]:
+        """The chained transforms, in order (the ModuleList registers them; this types them)."""
+        return [cast(Transform, transform) for transform in self.transforms]
+
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         outputs, total_logabsdet, _ = self.forward_with_levels(inputs)
         return outputs, total_logabsdet
@@ -63,8 +119,8 @@ class CompositeTransform(Transform):
         total_logabsdet = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
         levels: list[Tensor] = []
         outputs = inputs
-        for transform in self.transforms:
-            if hasattr(transform, "forward_with_levels"):
+        for transform in self.members:
+            if isinstance(transform, MultiScale):
                 outputs, logabsdet, member_levels = transform.forward_with_levels(outputs)
                 levels.extend(member_levels)
             else:
@@ -74,7 +130,7 @@ class CompositeTransform(Transform):
 
     def inverse(self, outputs: Tensor) -> Tensor:
         inputs = outputs
-        for transform in reversed(self.transforms):
+        for transform in reversed(self.members):
             inputs = transform.inverse(inputs)
         return inputs
 
@@ -113,6 +169,11 @@ class Flow(nn.Module):
     `u in [0, 1]^D` (see `preprocessing.py`): `log_prob` is the log density of `u` in nats.
     """
 
+    config: dict[str, Any]
+    """The family's config (as stored in a checkpoint); set by the family's builder."""
+    family: str
+    """The family name (`oodserve.models.flows.zoo`); set by the builder."""
+
     def __init__(self, transform: Transform, event_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.transform = transform
@@ -123,7 +184,7 @@ class Flow(nn.Module):
 
     def latent_log_prob_with_levels(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """`(N, *event_shape) -> (latent z (N, D), log_prob (N,), levels)`; `levels` are per-scale latent log-densities."""
-        if hasattr(self.transform, "forward_with_levels"):
+        if isinstance(self.transform, MultiScale):
             latent, logabsdet, levels = self.transform.forward_with_levels(inputs)
         else:
             latent, logabsdet = self.transform(inputs)

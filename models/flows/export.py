@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from oodserve.models.flows.base import Flow
+from oodserve.models.flows.base import ExportPreparable, Flow, FrozenInverse, InjectiveFlow
 from oodserve.models.flows.preprocessing import centre_of_bin, unit_to_pixels
+from oodserve.models.flows.train import load_checkpoint_flow
 
 DEFAULT_OPSET = 18
 
@@ -43,7 +44,7 @@ class ManifoldGraph(nn.Module):
     """A rectangular flow (`oodserve.models.flows.rectangular`): `x (N, C, H, W)` in 0..255 -> (`log_prob (N,)` nats on the
     manifold at the projection, `distance (N,)` = ||x - x_hat|| in pixel levels, `latent (N, d)` manifold coordinates)."""
 
-    def __init__(self, flow: nn.Module) -> None:
+    def __init__(self, flow: InjectiveFlow) -> None:
         super().__init__()
         self.flow = flow
 
@@ -67,9 +68,9 @@ def prepare_for_export(flow: Flow) -> Flow:
     """Eval mode, and precompute anything whose computation ONNX cannot express (e.g. W^-1 of 1x1 convs)."""
     flow.eval()
     for module in flow.modules():
-        if hasattr(module, "freeze_inverse"):
+        if isinstance(module, FrozenInverse):
             module.freeze_inverse()
-        if hasattr(module, "prepare_for_export"):
+        if isinstance(module, ExportPreparable):
             module.prepare_for_export()
     return flow
 
@@ -103,8 +104,8 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
     out.parent.mkdir(parents=True, exist_ok=True)
     flow = prepare_for_export(flow.float())
     example_pixels = torch.randint(0, 256, (2, *flow.event_shape)).float()
-    latent_dimension = getattr(flow, "latent_dimension", flow.dimension)
-    if hasattr(flow, "manifold_outputs"):
+    latent_dimension = flow.latent_dimension if isinstance(flow, InjectiveFlow) else flow.dimension
+    if isinstance(flow, InjectiveFlow):
         _export(ManifoldGraph(flow).eval(), example_pixels, out, "x", ["log_prob", "distance", "latent"], opset)
     else:
         names = ["log_prob", *level_names(flow), *(["logits", "features"] if flow.classifier is not None else [])]
@@ -116,8 +117,6 @@ def export_flow(flow: Flow, out: str | Path, opset: int = DEFAULT_OPSET) -> tupl
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> tuple[Path, Path]:
     """Rebuild the flow stored in a training checkpoint (EMA weights) and export both graphs."""
-    from oodserve.models.flows.train import load_checkpoint_flow
-
     flow, _ = load_checkpoint_flow(checkpoint)
     return export_flow(flow, out, opset=opset)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +148,18 @@ class GlowMultiscale(Transform):
                 mean, log_std = self._split_prior(level, hidden)
                 factored = pieces[level].reshape(batch, *self.factored_shapes[level]) * torch.exp(log_std) + mean
                 hidden = torch.cat([hidden, factored], dim=1)
-            hidden = self.level_steps[level].inverse(hidden)
+            hidden = cast(Transform, self.level_steps[level]).inverse(hidden)
             if self.squeeze_flags[level]:
                 hidden = unsqueeze2x2(hidden)
         return hidden
+
+
+def image_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
+    """A config's `input_shape` as the (C, H, W) of one image; ValueError for any other length."""
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (channels, height, width), got {list(shape)}")
+    channels, height, width = (int(side) for side in shape)
+    return channels, height, width
 
 
 @dataclass
@@ -172,7 +181,7 @@ def build_glow(config: GlowConfig | dict) -> Flow:
         [
             LogitTransform(config.logit_alpha),
             GlowMultiscale(
-                tuple(config.input_shape),
+                image_shape(config.input_shape),
                 config.levels,
                 config.steps_per_level,
                 lambda channels: AffineCoupling(channels, config.hidden_channels),

@@ -21,17 +21,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from oodserve.models.flows.base import Flow, Transform, evaluation_mode, sum_except_batch
+from oodserve.models.flows.base import (
+    CompositeTransform,
+    Flow,
+    InjectiveFlow,
+    ResidualTransform,
+    Transform,
+    evaluation_mode,
+    sum_except_batch,
+)
 
 NORMALISATIONS = ("ActNorm", "ElementwiseAffine", "DiagonalRescaling")
 """Elementwise affine layers: not JKO steps of their own, they join the stage of the block after them."""
 
 
 def _transforms(flow: Flow) -> Sequence[Transform]:
-    transforms = getattr(getattr(flow, "transform", None), "transforms", None)
-    if transforms is None:
+    if isinstance(flow, InjectiveFlow) or not isinstance(flow.transform, CompositeTransform):  # an injective flow has no chain
         raise ValueError("the JKO schedule needs a flow whose transform is a flat chain (CompositeTransform)")
-    return list(transforms)
+    return flow.transform.members
 
 
 def _trainable(transform: nn.Module) -> bool:
@@ -69,7 +76,7 @@ def stage_parameters(flow: Flow, stage: range) -> list[nn.Parameter]:
 
 def _output_only(transform: nn.Module, inputs: Tensor) -> Tensor:
     """`transform(inputs)` without its log-det where that can be skipped (a residual block's `x + g(x)`)."""
-    if hasattr(transform, "residual") and hasattr(transform, "weights"):
+    if isinstance(transform, ResidualTransform):
         return inputs + transform.residual(inputs, transform.weights())[0]
     return transform(inputs)[0]
 

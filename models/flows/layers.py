@@ -20,6 +20,8 @@ class ActNorm(Transform):
     log|det| = (H W) * sum(log_scale) per example.
     """
 
+    initialized: Tensor
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
@@ -56,6 +58,11 @@ class InvertibleConv1x1(Transform):
     strictly upper triangular, so log|det W| = sum(log_s) without `slogdet` (which ONNX lacks).
     log|det| of the convolution = (H W) * sum(log_s). Works on `(N, C, H, W)` and `(N, C)`.
     """
+
+    permutation: Tensor
+    sign_diagonal: Tensor
+    lower_mask: Tensor
+    identity: Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -130,6 +137,7 @@ class ZeroConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv.weight)
+        assert self.conv.bias is not None
         nn.init.zeros_(self.conv.bias)
         self.log_gain = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 

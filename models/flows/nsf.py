@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from oodserve.models.flows.base import CompositeTransform, Flow, Transform, sum_except_batch
-from oodserve.models.flows.glow import GlowMultiscale
+from oodserve.models.flows.glow import GlowMultiscale, image_shape
 from oodserve.models.flows.layers import coupling_network
 from oodserve.models.flows.preprocessing import LogitTransform
 from oodserve.models.flows.splines import rational_quadratic_spline, spline_parameter_count
@@ -79,7 +79,7 @@ def build_nsf(config: NsfConfig | dict) -> Flow:
     if isinstance(config, dict):
         config = NsfConfig(**{**config, "input_shape": tuple(config.get("input_shape", (1, 28, 28)))})
     multiscale = GlowMultiscale(
-        tuple(config.input_shape),
+        image_shape(config.input_shape),
         config.levels,
         config.steps_per_level,
         lambda channels: RationalQuadraticCoupling(channels, config.hidden_channels, config.bins, config.tail_bound),

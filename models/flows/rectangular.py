@@ -24,15 +24,17 @@ ONNX (no autograd, Det or Cholesky op in the graph). Training minimises the nega
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oodserve.models.flows.base import evaluation_mode
+from oodserve.models.flows.base import CompositeTransform, evaluation_mode
 from oodserve.models.flows.preprocessing import PIXEL_LEVELS
-from oodserve.models.flows.tabular import TabularFlowConfig, build_tabular_flow, coupling_masks
+from oodserve.models.flows.tabular import ElementwiseAffine, TabularFlowConfig, build_tabular_flow, coupling_masks
 
 
 def silu_derivative(preactivation: Tensor) -> Tensor:
@@ -82,8 +84,9 @@ class TangentMLP(nn.Module):
         """(outputs (N, D), J tangents (N, k, D)) for inputs (N, D) and tangents (N, k, D)."""
         hidden, hidden_tangents = inputs, tangents
         for layer in self.hidden:
-            preactivation = layer(hidden)
-            hidden_tangents = silu_derivative(preactivation).unsqueeze(1) * (hidden_tangents @ layer.weight.T)
+            linear = cast(nn.Linear, layer)
+            preactivation = linear(hidden)
+            hidden_tangents = silu_derivative(preactivation).unsqueeze(1) * (hidden_tangents @ linear.weight.T)
             hidden = F.silu(preactivation)
         return self.last(hidden), hidden_tangents @ self.last.weight.T
 
@@ -91,6 +94,8 @@ class TangentMLP(nn.Module):
 class AdditiveCouplingWithTangents(nn.Module):
     """`y = x + (1 - m) * t(m * x)` on `(N, D)` (NICE, Dinh et al. 2015; volume preserving); the inverse pushes
     tangents: `dx = dy - (1 - m) * J_t (m * dy)`."""
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor, hidden_features: int, hidden_layers: int) -> None:
         super().__init__()
@@ -126,6 +131,11 @@ class RectangularConfig:
 class RectangularFlow(nn.Module):
     """The injective flow of the module docstring. Inputs `(N, C, H, W)` pixel intensities in [0, 1]."""
 
+    pca_mean: Tensor
+    pca_rotation: Tensor
+    initialized: Tensor
+    family: str
+
     def __init__(self, config: RectangularConfig) -> None:
         super().__init__()
         self.config = asdict(config)
@@ -145,6 +155,11 @@ class RectangularFlow(nn.Module):
         self.latent_flow = build_tabular_flow(TabularFlowConfig(features=config.manifold_dimension, couplings=config.latent_couplings,
                                                                 hidden_features=config.latent_hidden_features, hidden_layers=2))
 
+    @property
+    def coupling_chain(self) -> list[AdditiveCouplingWithTangents]:
+        """The couplings in order (the ModuleList registers them; this types them)."""
+        return [cast(AdditiveCouplingWithTangents, coupling) for coupling in self.couplings]
+
     # ---- the two directions -------------------------------------------------------------------------------
     def _to_logit(self, unit: Tensor) -> Tensor:
         scaled = self.logit_alpha + (1.0 - 2.0 * self.logit_alpha) * unit.reshape(unit.shape[0], -1)
@@ -153,7 +168,7 @@ class RectangularFlow(nn.Module):
     def encode(self, unit: Tensor) -> Tensor:
         """`g^+`: pixels in [0, 1] `(N, C, H, W)` -> manifold coordinates u `(N, d)`."""
         hidden = (self._to_logit(unit) - self.pca_mean) @ self.pca_rotation
-        for coupling in self.couplings:
+        for coupling in self.coupling_chain:
             hidden = coupling.encode(hidden)
         return hidden[:, : self.latent_dimension]
 
@@ -166,7 +181,7 @@ class RectangularFlow(nn.Module):
         if with_jacobian:
             basis = torch.eye(size, self.dimension, dtype=coordinates.dtype, device=coordinates.device)
             tangents = basis.unsqueeze(0).expand(count, size, self.dimension)
-        for coupling in reversed(self.couplings):
+        for coupling in reversed(self.coupling_chain):
             hidden, tangents = coupling.decode(hidden, tangents)
         logit = hidden @ self.pca_rotation.T + self.pca_mean
         sigmoid = torch.sigmoid(logit)
@@ -187,7 +202,8 @@ class RectangularFlow(nn.Module):
         self.pca_mean.copy_(mean.to(self.pca_mean.dtype))
         self.pca_rotation.copy_(vectors.flip(1).to(self.pca_rotation.dtype))
         coordinates = self.encode(unit)
-        standardise = self.latent_flow.transform.transforms[0]
+        standardise = cast(CompositeTransform, self.latent_flow.transform).members[0]
+        assert isinstance(standardise, ElementwiseAffine)
         scale = coordinates.std(dim=0).clamp(min=1e-3)
         standardise.log_scale.copy_(-torch.log(scale))
         standardise.shift.copy_(-coordinates.mean(dim=0) / scale)
@@ -221,7 +237,7 @@ class RectangularFlow(nn.Module):
         return unit.reshape(noise.shape[0], *self.event_shape)
 
     @torch.no_grad()
-    def evaluation_metrics(self, pixels: Tensor, to_unit, batch_size: int = 250) -> dict[str, float]:  # noqa: ANN001
+    def evaluation_metrics(self, pixels: Tensor, to_unit: Callable[[Tensor], Tensor], batch_size: int = 250) -> dict[str, float]:
         """Means over 8-bit images `(N, C, H, W)` (mapped by `to_unit`) in eval mode: on-manifold bits per manifold
         dimension in 8-bit units (-log p / (d ln 2) + log2 256), reconstruction RMSE and distance in pixel levels."""
         log_density, squared = [], []

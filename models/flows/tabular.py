@@ -50,6 +50,8 @@ class ElementwiseAffine(Transform):
 class AffineCoupling(Transform):
     """Affine coupling on `(N, D)`: masked features pass through and condition the scale and shift of the rest."""
 
+    mask: Tensor
+
     def __init__(self, mask: Tensor, hidden_features: int, hidden_layers: int, scale_bound: float = 3.0) -> None:
         super().__init__()
         features = int(mask.numel())
@@ -165,6 +167,10 @@ def validation_nll(flow: Flow, features: Tensor, batch_size: int = 4096) -> floa
 class TabularDensityGraph(nn.Module):
     """`x (N, D)` raw features -> `log_prob (N,)`: the flow's log density (nats) of the standardised kept
     columns `(x[:, kept] - mean) / scale`."""
+
+    kept: Tensor
+    mean: Tensor
+    scale: Tensor
 
     def __init__(self, flow: Flow, kept: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
         super().__init__()

@@ -24,12 +24,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from oodserve.models import perturbations
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
-from oodserve.models.flows.base import Flow, evaluation_mode
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.flows.base import Flow, InjectiveFlow, evaluation_mode
 from oodserve.models.flows.hybrid import hybrid_loss
 from oodserve.models.flows.jko import jko_stages, stage_objective, transport_cost
 from oodserve.models.flows.preprocessing import bits_per_dim, centre_of_bin, dequantize_uniform
 from oodserve.models.flows.zoo import build_flow, preset_config
+from oodserve.models.splits import bundle_split
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _mean_bits_per_dim(
 def evaluate_objective(flow: Flow, pixels: Tensor, batch_size: int = 500) -> float:
     """Mean `flow.training_loss` (a model with its own objective, e.g. a rectangular flow) over 8-bit images
     `(N, C, H, W)` at the bin centres, in eval mode."""
+    if not isinstance(flow, InjectiveFlow):
+        raise TypeError(f"a {type(flow).__name__} has no objective of its own (training_loss): evaluate its bits/dim")
     total = 0.0
     with evaluation_mode(flow):
         for start in range(0, pixels.shape[0], batch_size):
@@ -232,7 +235,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
     model = build_flow(settings.family, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
-    state = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed_s": 0.0, "best_validation_bpd": math.inf,
+    state: dict[str, Any] = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed_s": 0.0, "best_validation_bpd": math.inf,
              "epochs_without_improvement": 0, "history": []}
     checkpoint_path, best_path = out / "checkpoint.pt", out / "best.pt"
     if settings.resume and checkpoint_path.exists():
@@ -287,7 +290,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
             record.update(validation_accuracy=figures["accuracy"], validation_cross_entropy=figures["cross_entropy"],
                           validation_objective=objective)
             shown = f"{validation_bpd:.4f} bits/dim, accuracy {figures['accuracy']:.4f}, objective {objective:.4f}"
-        elif hasattr(ema, "training_loss"):
+        elif isinstance(ema, InjectiveFlow):
             objective = validation_bpd = evaluate_objective(ema, validation_pixels, settings.eval_batch_size)
             shown = f"objective {objective:.4f} per dimension"
         else:
@@ -342,7 +345,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
                 loss, cross_entropy, bits = hybrid_loss(log_prob, model.classifier(latent), train_labels[chosen],
                                                         model.dimension, settings.nll_weight)
                 postfix = {"ce": f"{cross_entropy.item():.3f}", "bpd": f"{bits.item():.3f}"}
-            elif hasattr(model, "training_loss"):
+            elif isinstance(model, InjectiveFlow):
                 loss = model.training_loss(inputs)
             else:
                 loss = bits_per_dim(model.log_prob(inputs), model.dimension).mean()
@@ -386,7 +389,7 @@ def train_flow(settings: TrainSettings, data: FlowData | None = None) -> dict[st
     best_flow, best_checkpoint = load_checkpoint_flow(best_path)
     test_pixels = _as_image_tensor(data.test[: settings.limit_test])
     extra: dict[str, Any] = {}
-    if hasattr(best_flow, "evaluation_metrics"):  # an injective flow: its density lives on a manifold, bits/dim do not apply
+    if isinstance(best_flow, InjectiveFlow):  # an injective flow: its density lives on a manifold, bits/dim do not apply
         test_bpd = test_bpd_dequantized = None
         extra = {f"test_{key}": value for key, value in best_flow.evaluation_metrics(test_pixels, centre_of_bin).items()}
         extra["test_objective"] = evaluate_objective(best_flow, test_pixels, settings.eval_batch_size)

@@ -6,6 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from oodserve.models.flows.base import Flow
+from oodserve.models.flows.glow import build_glow
+from oodserve.models.flows.hybrid import LatentClassifier
+from oodserve.models.flows.iresnet import build_iresnet
+from oodserve.models.flows.nice import build_nice
+from oodserve.models.flows.nsf import build_nsf
+from oodserve.models.flows.rectangular import build_rectangular
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "glow": {
@@ -38,32 +44,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _builders() -> dict[str, Callable[[dict[str, Any]], Flow]]:
-    from oodserve.models.flows.glow import build_glow
-
-    builders: dict[str, Callable[[dict[str, Any]], Flow]] = {"glow": build_glow}
-    try:
-        from oodserve.models.flows.nice import build_nice
-
-        builders["nice"] = build_nice
-    except ImportError:
-        pass
-    try:
-        from oodserve.models.flows.nsf import build_nsf
-
-        builders["nsf"] = build_nsf
-    except ImportError:
-        pass
-    try:
-        from oodserve.models.flows.iresnet import build_iresnet
-
-        builders["iresnet"] = build_iresnet
-    except ImportError:
-        pass
-    from oodserve.models.flows.rectangular import build_rectangular
-
-    builders["rectangular"] = build_rectangular  # type: ignore[assignment]  # injective, not a Flow
-    return builders
+BUILDERS: dict[str, Callable[[dict[str, Any]], Flow]] = {
+    "glow": build_glow,
+    "nice": build_nice,
+    "nsf": build_nsf,
+    "iresnet": build_iresnet,
+    # injective, not a Flow: trained and exported through the same interface, its own capabilities checked by `InjectiveFlow`
+    "rectangular": build_rectangular,  # type: ignore[dict-item]
+}
+"""family -> the function building an untrained model from its config dict."""
 
 
 FAMILIES = ("nice", "glow", "nsf", "iresnet")
@@ -80,15 +69,12 @@ def preset_config(family: str, preset: str) -> dict[str, Any]:
 def build_flow(family: str, config: dict[str, Any]) -> Flow:
     """Build an untrained flow of `family` from its config (as stored in a checkpoint). `config["classes"] = K > 0`
     adds a hybrid classifier head on the latent (`oodserve.models.flows.hybrid`) as `flow.classifier`."""
-    builders = _builders()
-    if family not in builders:
-        raise ValueError(f"unknown or unimplemented flow family {family!r}; have {sorted(builders)}")
+    if family not in BUILDERS:
+        raise ValueError(f"unknown or unimplemented flow family {family!r}; have {sorted(BUILDERS)}")
     config = dict(config)
     classes = int(config.pop("classes", 0) or 0)
-    flow = builders[family](config)
+    flow = BUILDERS[family](config)
     flow.family = family
     if classes:
-        from oodserve.models.flows.hybrid import LatentClassifier
-
         flow.classifier = LatentClassifier(flow.dimension, classes)
     return flow

@@ -34,7 +34,8 @@ class SpectralNormalizedLayer(nn.Module):
     sees). `refresh_sigma` converges the estimate after training.
     """
 
-    weight: nn.Parameter
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     left_vector: torch.Tensor
     right_vector: torch.Tensor
     sigma: torch.Tensor

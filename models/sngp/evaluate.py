@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from oodserve.models.evaluation.metrics import detection_metrics as shared_detection_metrics
 from oodserve.models.sngp.train import _softmax, expected_calibration_error
+from oodserve.models.splits import bundle_split
 
 DEFAULT_OOD_DIR = Path("/work/shared/data/mnist")
 
@@ -84,6 +85,8 @@ def evaluate(onnx_path: str | Path, data_dir: str | Path, ood_dir: str | Path, t
     train_file = load_images(data_dir, "train")
     test_file = load_images(data_dir, "test")
     ood_file = load_images(ood_dir, "test")
+    if train_file.labels is None or test_file.labels is None:
+        raise ValueError(f"{data_dir}: the evaluation needs the IDX label files of the training and test images")
     split = bundle_split(len(train_file.images))
     train_out = run_onnx(onnx_path, train_file.images[split.train], threads=threads)
     test_out = run_onnx(onnx_path, test_file.images, threads=threads)

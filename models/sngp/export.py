@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from oodserve.models.sngp.backbone import SNGPClassifier
+from oodserve.models.sngp.train import load_checkpoint
 
 INPUT_NAME = "x"
 OUTPUT_NAMES = ["logits", "variance", "features"]
@@ -49,7 +50,5 @@ def export_model(model: SNGPClassifier, path: str | Path, opset: int = 17) -> Pa
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, opset: int = 17) -> Path:
     """Rebuild the model from a `train sngp` checkpoint and export it."""
-    from oodserve.models.sngp.train import load_checkpoint
-
     model, _ = load_checkpoint(checkpoint)
     return export_model(model, path, opset=opset)

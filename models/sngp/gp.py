@@ -42,6 +42,8 @@ class RandomFeatureGaussianProcess(nn.Module):
 
     precision: torch.Tensor
     covariance: torch.Tensor
+    frequencies: torch.Tensor
+    phases: torch.Tensor
 
     def __init__(
         self,

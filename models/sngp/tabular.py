@@ -94,6 +94,10 @@ def train_tabular_sngp(
 class TabularSNGPGraph(nn.Module):
     """`x (N, D)` raw features -> mean-field logits (N, K), variance (N,), backbone features (N, W)."""
 
+    kept: Tensor
+    mean: Tensor
+    scale: Tensor
+
     def __init__(self, model: TabularSNGP, kept: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
         super().__init__()
         self.model = model.eval()

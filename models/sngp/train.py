@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, bundle_split, load_images
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from oodserve.models.evaluation.metrics import expected_calibration_error  # noqa: F401 - re-exported for callers
 from oodserve.models.nn.spectral import refresh_all_sigmas
 from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
+from oodserve.models.splits import bundle_split
 
 
 @dataclass
@@ -219,6 +220,8 @@ def train(settings: TrainSettings, data: SNGPData | None = None) -> dict:
     if data is None:
         train_file = load_images(settings.data_dir, "train")
         test_file = load_images(settings.data_dir, "test")
+        if train_file.labels is None or test_file.labels is None:
+            raise ValueError(f"{settings.data_dir}: SNGP trains on labelled images; the IDX label files are missing")
         split = bundle_split(len(train_file.images))
         data = SNGPData(train_file.images[split.train], train_file.labels[split.train], train_file.images[split.validation],
                         train_file.labels[split.validation], test_file.images, test_file.labels)

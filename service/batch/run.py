@@ -227,7 +227,7 @@ def build_pipeline(source: Source, bundle: Path, options: BatchOptions, runtime:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the command reports its own progress and summary
     units = ray.data.from_items([{"unit": json.dumps(unit)} for unit in source.units], override_num_blocks=max(1, len(source.units)))
     batches = units.map_batches(read_units, batch_size=1, batch_format="numpy", fn_kwargs={"rows_per_batch": options.batch_size},
-                                num_cpus=0.5, compute=TaskPoolStrategy(size=2))
+                                num_cpus=0.5, compute=TaskPoolStrategy(size=min(2, len(source.units))))
     return score_dataset(batches, bundle, payload=source.payload, alpha=options.alpha, actors=options.actors,
                          batch_size=options.batch_size, options=runtime, gpus_per_actor=options.gpus_per_actor)
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from oodserve.config import Settings
-from oodserve.models.bundles.demo_builder import write_closed_form_bundle
+from oodserve.models.build.demo import write_closed_form_bundle
 from oodserve.models.closed_form import GaussianDensity, LinearGaussianProcess, reference_outputs
 
 D = 28 * 28

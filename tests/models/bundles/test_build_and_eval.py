@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from oodserve.models.bundles.builder import BuildSettings, build_bundle
-from oodserve.models.bundles.fusion_choice import choose_fusion
+from oodserve.models.build.fusion_choice import choose_fusion
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.fit.fashion_mnist import BuildSettings, build_bundle
 
 pytestmark = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
 
@@ -117,7 +117,7 @@ def test_fusion_choice_prefers_the_informative_signal() -> None:
 
 
 def test_too_few_held_out_rows_fall_back_to_fisher_over_every_signal() -> None:
-    from oodserve.models.bundles.fusion_choice import MIN_VALIDATION_FOR_CHOICE, choice_reason
+    from oodserve.models.build.fusion_choice import MIN_VALIDATION_FOR_CHOICE, choice_reason
 
     rng = np.random.default_rng(0)
     count = MIN_VALIDATION_FOR_CHOICE // 4

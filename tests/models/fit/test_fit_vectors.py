@@ -16,7 +16,7 @@ from oodserve.cli import app as cli_app
 from oodserve.config import Settings
 from oodserve.models.data import DataError, load_vectors
 from oodserve.models.fit.run import FitSettings, fit
-from oodserve.models.fit.splits import fit_split, split_sizes
+from oodserve.models.splits import fit_split, split_sizes
 from oodserve.server.app import create_app
 
 ROWS, FEATURES = 400, 6

@@ -97,7 +97,7 @@ def test_training_needs_labels(tmp_path: Path) -> None:
 @needs_fashion_mnist
 def test_hybrid_bundle_serves_every_signal_from_one_model(hybrid_checkpoint: Path, tmp_path: Path) -> None:
     from oodserve.config import Settings
-    from oodserve.models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
+    from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
     from oodserve.server.app import create_app
 
     out = build_hybrid_bundle(HybridBuildSettings(checkpoint=str(hybrid_checkpoint), out=str(tmp_path / "hybrid"), name="hybrid",
@@ -124,7 +124,7 @@ def test_hybrid_bundle_serves_every_signal_from_one_model(hybrid_checkpoint: Pat
 
 
 def test_a_plain_flow_checkpoint_is_refused(tmp_path: Path) -> None:
-    from oodserve.models.bundles.hybrid_builder import HybridBuildSettings, build_hybrid_bundle
+    from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
 
     flow = perturbed_flow("iresnet", IMAGE_SHAPE, dtype=torch.float32)
     torch.save({"family": "iresnet", "config": flow.config, "ema_state": flow.state_dict(), "settings": {"seed": 0}},

@@ -111,8 +111,8 @@ def test_manifold_bundle_is_served_with_its_sampler(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from oodserve.config import Settings
-    from oodserve.models.bundles.manifold_builder import build_manifold_bundle
     from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+    from oodserve.models.fit.manifold import build_manifold_bundle
     from oodserve.models.flows.train import TrainSettings, train_flow
     from oodserve.server.app import create_app
 

@@ -109,7 +109,8 @@ def test_the_final_precision_is_summed_on_eval_mode_features_of_the_trained_mode
     ])
     assert result.exit_code == 0, result.output
     model, checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
-    from oodserve.models.data import bundle_split, load_images
+    from oodserve.models.data import load_images
+    from oodserve.models.splits import bundle_split
 
     train = load_images(data, "train")
     images = standardize(train.images[bundle_split(len(train.images)).train][:64], model.config)

@@ -5,7 +5,7 @@ Signals: bits/dim (reported, never fused: Nalisnick et al. 2019), typicality and
 (Serra et al. 2020) from the flow's log-density, 1 - max softmax from its head's logits, and the
 class-conditional Gaussian density of its latent (DDU, Mukhoti et al. 2021; one shared covariance,
 since the latent has as many dimensions as the image). The calibration, the fusion choice on self-made
-perturbations and the data splits are the default bundle's (`oodserve.models.bundles.builder`), so a checkpoint
+perturbations and the data splits are the default bundle's (`oodserve.models.fit.fashion_mnist`), so a checkpoint
 trained by `oodserve train flow --hybrid` never saw the calibration images.
 """
 
@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodserve.models.bundles.calibration import SignalPlan
-from oodserve.models.bundles.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.build.signals import SignalPlan
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
 from oodserve.models.fit.images import FEATURE_DENSITY_FILE, BundleLayout
+from oodserve.models.fit.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.flows.train import TrainSettings, load_checkpoint_flow, train_flow
 
 
 def hybrid_signal_plans() -> list[SignalPlan]:
@@ -54,8 +55,6 @@ class HybridBuildSettings:
 
 
 def _train(settings: HybridBuildSettings) -> Path:
-    from oodserve.models.flows.train import TrainSettings, train_flow
-
     out = Path(settings.work) / "flow"
     overrides = {"attention": settings.attention} if settings.attention != "none" else {}
     train_flow(TrainSettings(family="iresnet", data=settings.data, out=str(out), epochs=1000, max_minutes=settings.minutes,
@@ -66,14 +65,12 @@ def _train(settings: HybridBuildSettings) -> Path:
 
 def build_hybrid_bundle(settings: HybridBuildSettings) -> Path:
     """Export the hybrid flow, calibrate its signals, choose the fusion and write the bundle `settings.out`."""
-    from oodserve.models.flows.train import load_checkpoint_flow
-
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else _train(settings)
     flow, stored = load_checkpoint_flow(checkpoint)
     if flow.classifier is None:
         raise ValueError(f"{checkpoint}: not a hybrid flow (train it with `oodserve train flow --hybrid`)")
     layout = BundleLayout(plans=hybrid_signal_plans(), classifier_model=MODEL,
-                          builder="oodserve build-bundle --hybrid (models/bundles/hybrid_builder.py)",
+                          builder="oodserve build-bundle --hybrid (models/fit/hybrid.py)",
                           model_summary="hybrid i-ResNet (flow + linear classifier head)")
     return build_single_flow_bundle(
         checkpoint, flow, stored, data=settings.data, out=Path(settings.out), name=settings.name, layout=layout, seed=settings.seed,

@@ -1,7 +1,7 @@
 """`oodserve build-bundle`: the Fashion-MNIST case of `oodserve fit` (oodserve.models.fit.images) with the shipped
 bundle's settings: Glow (3 levels x 8 steps, 64 channels), a mutation-trained background Glow and SNGP,
 each for a fixed number of minutes (or from given checkpoints), calibrated on the held-out split every
-trainer in this repository uses (`oodserve.models.data.bundle_split`), so checkpoints trained with `oodserve train`
+trainer in this repository uses (`oodserve.models.splits.bundle_split`), so checkpoints trained with `oodserve train`
 never saw the calibration images.
 
 Data use (all from the in-distribution training file):
@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, bundle_split, load_image_dataset
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_image_dataset
 from oodserve.models.fit.images import REUSED_FILES, ImageFitOptions, fit_images
-from oodserve.models.fit.splits import FitSplit
+from oodserve.models.splits import bundle_split
 
 EXPORT_AND_CALIBRATION_MINUTES = 15.0
 """Budget on top of the training minutes for export, calibration on 10,000 images and the fusion choice."""
@@ -55,14 +53,6 @@ class BuildSettings:
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def held_out_split(count: int, seed: int) -> FitSplit:
-    """Every trainer's `bundle_split` of `count` training-file images, its calibration part halved at random: one half
-    calibrates each signal, the other the fused statistic."""
-    held_out = bundle_split(count, seed=seed)
-    halves = np.array_split(np.random.default_rng(seed).permutation(held_out.calibration), 2)
-    return FitSplit(held_out.train, held_out.validation, np.sort(halves[0]), np.sort(halves[1]))
-
-
 def build_bundle(settings: BuildSettings) -> Path:
     """Build the bundle directory `settings.out` and return it."""
     unknown = sorted(set(settings.reuse) - set(REUSED_FILES))
@@ -72,7 +62,7 @@ def build_bundle(settings: BuildSettings) -> Path:
     if given_twice:
         raise ValueError(f"{given_twice}: give a checkpoint or reuse the earlier bundle's model, not both")
     data = load_image_dataset(settings.data, class_names=FASHION_MNIST_LABELS)
-    split = held_out_split(len(data.images), settings.seed)
+    split = bundle_split(len(data.images), seed=settings.seed)
     given = {"flow": settings.flow_checkpoint, "background": settings.background_checkpoint, "sngp": settings.sngp_checkpoint}
     stage_minutes = {"flow": settings.flow_minutes, "background": settings.background_minutes, "sngp": settings.sngp_minutes}
     options = ImageFitOptions(

@@ -7,17 +7,19 @@ Signals (higher = more OOD), all `model_output` of the flow's manifold graph:
   et al. 2019 on the manifold: too likely is as suspect as too unlikely);
 - `manifold_distance`: ||x - x_hat||, how far the input lies off the manifold (pixel levels);
 - `distance_typicality`: the same two-sided standardisation of the distance.
-Calibration, splits and the label-free fusion choice are every image bundle's (`oodserve.models.bundles.single_flow`).
+Calibration, splits and the label-free fusion choice are every image bundle's (`oodserve.models.fit.single_flow`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from oodserve.models.bundles.calibration import SignalPlan
-from oodserve.models.bundles.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.build.signals import SignalPlan
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
 from oodserve.models.fit.images import BundleLayout
+from oodserve.models.fit.single_flow import MODEL, build_single_flow_bundle
+from oodserve.models.flows.base import InjectiveFlow
+from oodserve.models.flows.train import load_checkpoint_flow
 
 
 def manifold_signal_plans() -> list[SignalPlan]:
@@ -33,13 +35,11 @@ def manifold_signal_plans() -> list[SignalPlan]:
 def build_manifold_bundle(checkpoint: Path, out: Path, *, data: str = str(DEFAULT_FASHION_MNIST_DIR), name: str = "fashion-mnist-manifold",
                           seed: int = 0, threads: int = 2, limit: int | None = None, reference_size: int = 10000) -> Path:
     """Export a rectangular flow checkpoint, calibrate its manifold signals and write the bundle `out`."""
-    from oodserve.models.flows.train import load_checkpoint_flow
-
     flow, stored = load_checkpoint_flow(checkpoint)
-    if not hasattr(flow, "manifold_outputs"):
+    if not isinstance(flow, InjectiveFlow):
         raise ValueError(f"{checkpoint}: not a rectangular flow (train it with `oodserve train flow --family rectangular`)")
     layout = BundleLayout(plans=manifold_signal_plans(), classifier_model="none", latent_dimension=int(flow.latent_dimension),
-                          batch_typicality=False, builder="oodserve build-bundle --rectangular-checkpoint (models/bundles/manifold_builder.py)",
+                          batch_typicality=False, builder="oodserve build-bundle --rectangular-checkpoint (models/fit/manifold.py)",
                           model_summary=f"rectangular flow on a {flow.latent_dimension}-dimensional manifold")
     return build_single_flow_bundle(
         checkpoint, flow, stored, data=data, out=out, name=name, layout=layout, seed=seed, threads=threads, limit=limit,

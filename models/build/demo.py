@@ -1,31 +1,25 @@
 """`make demo-bundle`: the closed-form Fashion-MNIST demo bundle (`oodserve.models.closed_form` models fitted in
 seconds, numpy only), served by `make run` until a trained bundle exists.
 
-`python -m oodserve.models.bundles.demo_builder --out models/bundles/demo` fits a per-pixel Gaussian density, a density of
+`python -m oodserve.models.build.demo --out models/bundles/demo` fits a per-pixel Gaussian density, a density of
 mutated inputs (the likelihood-ratio background) and a linear Gaussian-process classifier on the
-Fashion-MNIST training split, fits the signal parameters and calibrates them through the same path as
-the trained builder (`oodserve.models.bundles.calibration`), and writes a verified bundle.
+Fashion-MNIST training split, fits the signal parameters and calibrates them through the one path every builder takes
+(`oodserve.models.build.calibrate`), and writes a verified bundle.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oodserve.models.bundles.calibration import (
-    SignalPlan,
-    code_version,
-    calibration_arrays,
-    definitions_from_entries,
-    fit_signals,
-    p_values_against,
-    write_signal_data,
-)
+from oodserve.bundle.manifest import ClassifierSpec, FusionSpec, InputSpec, Manifest, ModelSpec, Provenance
+from oodserve.models.build.calibrate import BundleDescription, Calibrated, CalibrationSets, calibrate_and_write
+from oodserve.models.build.signals import FittedSignals, SignalPlan, code_version, fit_signals, fitted_from_entries, p_values_against
 from oodserve.models.closed_form import (
     INPUT_SHAPE,
     ModelParameters,
@@ -35,12 +29,26 @@ from oodserve.models.closed_form import (
     reference_outputs,
     save_models,
 )
+from oodserve.models.data import FASHION_MNIST_LABELS, load_images
 from oodserve.models.evaluation.metrics import auroc
 from oodserve.models.perturbations import mutate_pixels
-from oodserve.bundle.manifest import Manifest
-from oodserve.bundle.writer import write_bundle
+from oodserve.models.splits import bundle_split
 from oodserve.scoring.fusion import fused_statistic
-from oodserve.scoring.pipeline import FusionRule, compute_signals
+from oodserve.scoring.pipeline import compute_signals
+
+
+class ClosedFormModels:
+    """The closed-form models run in numpy for the calibration (`oodserve.models.build.calibrate.BundleModels`): the same
+    outputs their ONNX graphs compute, on images (N, 28, 28) or (N, 1, 28, 28)."""
+
+    def __init__(self, models: Mapping[str, ModelParameters]) -> None:
+        self.models = models
+
+    def outputs(self, inputs: np.ndarray, what: str) -> dict[str, dict[str, np.ndarray]]:
+        return reference_outputs(self.models, inputs)
+
+    def signal_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        return as_batch(inputs)
 
 
 def write_closed_form_bundle(
@@ -59,43 +67,42 @@ def write_closed_form_bundle(
     default_alpha: float = 0.05,
     provenance: Mapping[str, Any] | None = None,
     parameter_files: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    evaluate: Callable[[Calibrated], dict[str, Any]] | None = None,
 ) -> Manifest:
     """Write the .onnx files, calibrate the (fitted) manifest `signals` on the two image splits (N, 1, 28, 28)
-    or (N, 28, 28), and write calibration, parameter files and a verified manifest.json into `directory`."""
+    or (N, 28, 28), and write calibration, parameter files and a verified manifest.json into `directory`;
+    `evaluate`, given the calibration, returns the provenance's `evaluation`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_specs = save_models(directory, models)
-    files = dict(parameter_files or {})
-    definitions = definitions_from_entries(
-        [{**entry, "params": {**entry.get("params", {}), **({"arrays": files[entry["params"]["parameters_file"]]} if "parameters_file" in entry.get("params", {}) else {})}} for entry in signals]
-    )
-    rule = FusionRule(method=fusion["method"], signals=tuple(fusion["signals"]))
-    calibration = calibration_arrays(
-        definitions,
-        rule,
-        (reference_outputs(models, signal_calibration_images), as_batch(signal_calibration_images)),
-        (reference_outputs(models, fusion_calibration_images), as_batch(fusion_calibration_images)),
-    )
-    write_signal_data(directory, calibration, files)
-    return write_bundle(
-        directory,
-        {
-            "schema_version": 1,
-            "name": name,
-            "version": version,
-            "description": description,
-            "input": {"shape": list(INPUT_SHAPE), "dtype": "uint8", "min": 0, "max": 255, "layout": "NCHW"},
-            "labels": list(labels) if labels is not None else None,
-            "models": model_specs,
-            "classifier": dict(classifier) if classifier is not None else None,
-            "signals": [dict(signal) for signal in signals],
-            "calibration": {"file": "calibration.npz"},
-            "fusion": dict(fusion),
-            "default_alpha": default_alpha,
-            "provenance": dict(provenance)
+
+    def describe(calibrated: Calibrated) -> BundleDescription:
+        recorded = (
+            dict(provenance)
             if provenance is not None
-            else {"data": "synthetic", "seed": 0, "code_version": "test", "created": datetime.now(UTC).date().isoformat()},
-        },
+            else {"data": "synthetic", "seed": 0, "code_version": "test", "created": datetime.now(UTC).date().isoformat()}
+        )
+        if evaluate is not None:
+            recorded["evaluation"] = evaluate(calibrated)
+        return BundleDescription(
+            name=name,
+            version=version,
+            description=description,
+            input=InputSpec(shape=list(INPUT_SHAPE), dtype="uint8", min=0, max=255, layout="NCHW"),
+            labels=list(labels) if labels is not None else None,
+            models={model: ModelSpec.model_validate(spec) for model, spec in model_specs.items()},
+            classifier=ClassifierSpec.model_validate(classifier) if classifier is not None else None,
+            default_alpha=default_alpha,
+            provenance=Provenance.model_validate(recorded),
+        )
+
+    return calibrate_and_write(
+        directory,
+        ClosedFormModels(models),
+        fitted_from_entries(signals, parameter_files or {}),
+        CalibrationSets(signal=signal_calibration_images, fusion=fusion_calibration_images),
+        FusionSpec.model_validate(fusion),
+        describe,
     )
 
 
@@ -113,7 +120,9 @@ DEMO_FUSION_REASON = (
 DEMO_SIGNALS = [
     SignalPlan("bits_per_dim", "bits_per_dim", "density", "log_prob"),
     SignalPlan("typicality", "typicality", "density", "log_prob"),
-    SignalPlan("likelihood_ratio", "likelihood_ratio", "density", "log_prob", {"background_model": "background", "background_output": "log_prob"}),
+    SignalPlan(
+        "likelihood_ratio", "likelihood_ratio", "density", "log_prob", {"background_model": "background", "background_output": "log_prob"}
+    ),
     SignalPlan("input_complexity", "input_complexity", "density", "log_prob"),
     SignalPlan("gp_variance", "model_output", "classifier", "variance", {"sign": 1.0}),
     SignalPlan("max_softmax", "max_softmax", "classifier", "logits"),
@@ -122,27 +131,24 @@ DEMO_SIGNALS = [
 
 def evaluate_signals(
     models: Mapping[str, ModelParameters],
-    signals: Sequence[Mapping[str, Any]],
-    fusion: Mapping[str, Any],
-    calibration: Mapping[str, np.ndarray],
+    fitted: FittedSignals,
+    calibrated: Calibrated,
     in_distribution: np.ndarray,
     out_of_distribution: np.ndarray,
 ) -> dict[str, float]:
     """AUROC of every signal and of the fused statistic, in-distribution vs OOD images (N, 28, 28)."""
-    definitions = definitions_from_entries(signals)
+    fusion = calibrated.fusion
     scored = []
     for images in (in_distribution, out_of_distribution):
-        values = compute_signals(definitions, reference_outputs(models, images), as_batch(images))
-        p_values = p_values_against(calibration, {name: values[name] for name in fusion["signals"]})
-        values["fused"] = fused_statistic(fusion["method"], p_values, fusion["signals"])
+        values = compute_signals(fitted.definitions, reference_outputs(models, images), as_batch(images))
+        p_values = p_values_against(calibrated.per_signal, {name: values[name] for name in fusion.signals})
+        values["fused"] = fused_statistic(fusion.method, p_values, fusion.signals)
         scored.append(values)
     return {name: round(auroc(scored[0][name], scored[1][name]), 4) for name in scored[0]}
 
 
 def build_fashion_mnist_demo(data_directory: Path, out: Path, seed: int = 0, ood_directory: Path | None = None) -> Manifest:
     """Fit the demo models on the Fashion-MNIST training split and write the bundle to `out`."""
-    from oodserve.models.data import FASHION_MNIST_LABELS, bundle_split, load_images
-
     train_set = load_images(data_directory, "train")
     split = bundle_split(len(train_set.images), seed=seed)
     rng = np.random.default_rng(seed)
@@ -162,32 +168,28 @@ def build_fashion_mnist_demo(data_directory: Path, out: Path, seed: int = 0, ood
     )
     models: dict[str, ModelParameters] = {"density": density, "background": background, "classifier": classifier}
     fitted = fit_signals(DEMO_SIGNALS, reference_outputs(models, train_images), as_batch(train_images), train_labels)
-    signals = fitted.manifest_entries
     fusion = {"method": "fisher", "signals": ["input_complexity", "gp_variance"], "reason": DEMO_FUSION_REASON}
     calibration_indices = split.calibration
     half = len(calibration_indices) // 2
     signal_images, fusion_images = train_set.images[calibration_indices[:half]], train_set.images[calibration_indices[half:]]
     test_set = load_images(data_directory, "test")
-    evaluation: dict[str, Any] = {}
-    if ood_directory is not None:
+
+    def evaluate(calibrated: Calibrated) -> dict[str, Any]:
+        if ood_directory is None:
+            return {}
         count = 3000
-        calibration = calibration_arrays(
-            fitted.definitions,
-            FusionRule(fusion["method"], tuple(fusion["signals"])),
-            (reference_outputs(models, signal_images), as_batch(signal_images)),
-            (reference_outputs(models, fusion_images), as_batch(fusion_images)),
-        )
-        evaluation = {
+        return {
             "ood_data": f"first {count} of the Fashion-MNIST test file vs first {count} of the test file in {ood_directory}",
             "auroc": evaluate_signals(
-                models, signals, fusion, calibration, test_set.images[:count], load_images(ood_directory, "test").images[:count]
+                models, fitted, calibrated, test_set.images[:count], load_images(ood_directory, "test").images[:count]
             ),
         }
+
     accuracy = float(np.mean(np.argmax(linear_gaussian_process_outputs(classifier, test_set.images)["logits"], axis=1) == test_set.labels))
     return write_closed_form_bundle(
         out,
         models=models,
-        signals=signals,
+        signals=fitted.manifest_entries,
         fusion=fusion,
         signal_calibration_images=signal_images,
         fusion_calibration_images=fusion_images,
@@ -206,10 +208,10 @@ def build_fashion_mnist_demo(data_directory: Path, out: Path, seed: int = 0, ood
             "seed": seed,
             "code_version": code_version(),
             "created": datetime.now(UTC).date().isoformat(),
-            "builder": "models/bundles/demo_builder.py",
+            "builder": "models/build/demo.py",
             "classifier_test_accuracy": round(accuracy, 4),
-            "evaluation": evaluation,
         },
+        evaluate=evaluate,
     )
 
 

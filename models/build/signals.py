@@ -1,24 +1,20 @@
-"""The one path every bundle builder takes from model outputs to a bundle's signal data: fit each signal
-kind's parameters on reference (training-split) outputs, then calibrate on held-out in-distribution data.
-
-Conformal protocol (design.md section 4): per-signal calibration scores come from one held-out split,
-the fused statistics (`__fused__`) from a second, disjoint split, so the fused p-value stays valid.
-"""
+"""Fitting a bundle's signals: each planned signal kind's `fit` on reference (training-split) model outputs, giving the
+runtime definitions, the manifest entries and the parameters files; the p-values and files the calibration
+(`oodserve.models.build.calibrate`) computes and writes from them."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import subprocess
-
 import numpy as np
 
 from oodserve.bundle.writer import write_calibration
-from oodserve.scoring.conformal import conformal_p_values, sort_calibration_scores
-from oodserve.scoring.pipeline import FUSED_CALIBRATION_KEY, FusionRule, SignalDefinition, compute_signals, fused_calibration_scores
+from oodserve.scoring.conformal import conformal_p_values
+from oodserve.scoring.pipeline import SignalDefinition
 from oodserve.scoring.signals import PARAMETERS_FILE_KEY, SIGNAL_KINDS, ModelOutputs, SignalSource
 
 CALIBRATION_FILE = "calibration.npz"
@@ -61,27 +57,22 @@ def fit_signals(
     for plan in plans:
         source = SignalSource(plan.model, plan.output)
         fitted = SIGNAL_KINDS[plan.kind].fit(reference_outputs, reference_images, source, plan.options, labels)
-        runtime_params: dict[str, Any] = dict(fitted.params)
         if fitted.arrays:
-            file_name = str(fitted.params[PARAMETERS_FILE_KEY])
-            files[file_name] = fitted.arrays
-            runtime_params["arrays"] = fitted.arrays
-        definitions.append(SignalDefinition(plan.name, plan.kind, source, runtime_params))
+            files[str(fitted.params[PARAMETERS_FILE_KEY])] = fitted.arrays
+        definitions.append(SignalDefinition(plan.name, plan.kind, source, dict(fitted.params), fitted.arrays))
         entries.append({"name": plan.name, "kind": plan.kind, "model": plan.model, "output": plan.output, "params": fitted.params})
     return FittedSignals(definitions, entries, files)
 
 
-def definitions_from_entries(entries: Sequence[Mapping[str, Any]]) -> list[SignalDefinition]:
-    """Runtime definitions of manifest signal entries whose params are complete (no parameters files)."""
-    return [
-        SignalDefinition(entry["name"], entry["kind"], SignalSource(entry["model"], entry["output"]), entry.get("params", {}))
-        for entry in entries
-    ]
-
-
-def signal_calibration(definitions: Sequence[SignalDefinition], outputs: ModelOutputs, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Sorted calibration scores (n,) per signal from the first held-out split."""
-    return {name: sort_calibration_scores(values) for name, values in compute_signals(definitions, outputs, images).items()}
+def fitted_from_entries(entries: Sequence[Mapping[str, Any]], parameter_files: Mapping[str, Mapping[str, np.ndarray]]) -> FittedSignals:
+    """Signals fitted elsewhere, given as manifest entries (name, kind, model, output, params) and the parameters files
+    their `parameters_file` params name (file name -> arrays)."""
+    definitions = []
+    for entry in entries:
+        params = dict(entry.get("params", {}))
+        arrays = dict(parameter_files.get(params.get(PARAMETERS_FILE_KEY, ""), {}))
+        definitions.append(SignalDefinition(entry["name"], entry["kind"], SignalSource(entry["model"], entry["output"]), params, arrays))
+    return FittedSignals(definitions, [dict(entry) for entry in entries], {name: dict(arrays) for name, arrays in parameter_files.items()})
 
 
 def p_values_against(calibration: Mapping[str, np.ndarray], signals: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,22 +80,12 @@ def p_values_against(calibration: Mapping[str, np.ndarray], signals: Mapping[str
     return {name: conformal_p_values(calibration[name], values) for name, values in signals.items()}
 
 
-def calibration_arrays(
-    definitions: Sequence[SignalDefinition],
-    fusion: FusionRule,
-    signal_split: tuple[ModelOutputs, np.ndarray],
-    fusion_split: tuple[ModelOutputs, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """Per-signal scores of the first split and `__fused__` statistics of the second; splits are
-    (outputs, images (N, *input_shape))."""
-    per_signal = signal_calibration(definitions, *signal_split)
-    second = compute_signals(definitions, *fusion_split)
-    return {**per_signal, FUSED_CALIBRATION_KEY: fused_calibration_scores(per_signal, second, fusion)}
-
-
-def write_signal_data(directory: Path, calibration: Mapping[str, np.ndarray], parameter_files: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+def write_signal_data(
+    directory: Path, calibration: Mapping[str, np.ndarray], parameter_files: Mapping[str, Mapping[str, np.ndarray]]
+) -> None:
     """calibration.npz and every signal's parameters file (.npz, no pickle) into the bundle directory."""
     write_calibration(directory / CALIBRATION_FILE, calibration)
     for file_name, arrays in parameter_files.items():
         with open(directory / file_name, "wb") as handle:
-            np.savez(handle, **arrays)
+            stored: dict[str, Any] = dict(arrays)
+            np.savez(handle, **stored)
