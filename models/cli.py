@@ -1,7 +1,9 @@
 """Torch-side subcommands (train, export, build-bundle, eval) registered on the `oodserve` CLI.
 
-Importing this module must stay cheap and must not import torch: each command imports its
-implementation lazily.
+Importing this module must stay cheap and must not import torch (`oodserve.cli.optional` registers it whenever torch is
+installed): each command imports its implementation, which imports torch, inside the command. These, and the same
+pattern in `oodserve.models.flows.cli` and `oodserve.models.sngp.cli`, are the torch side's only function-level
+first-party imports.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from pathlib import Path
 
 import typer
 
-from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, DataError
+from oodserve.models.flows.cli import register as register_flows
+from oodserve.models.sngp.cli import register as register_sngp
 
 train_app = typer.Typer(help="Train models (needs the `train` extra).", no_args_is_help=True)
 export_app = typer.Typer(help="Export trained checkpoints to ONNX (needs the `train` extra).", no_args_is_help=True)
@@ -95,7 +99,6 @@ def fit_command(
                                               "chance + 25% of the way to 1]"),
 ) -> None:
     """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
-    from oodserve.models.data import DataError
     from oodserve.models.fit.run import FitSettings, fit, format_summary
 
     if labels not in ("auto", "none"):
@@ -147,9 +150,6 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Attach the torch-side subcommands to the main CLI."""
-    from oodserve.models.flows.cli import register as register_flows
-    from oodserve.models.sngp.cli import register as register_sngp
-
     register_flows(train_app, export_app)
     register_sngp(train_app, export_app)
     app.add_typer(train_app, name="train")
