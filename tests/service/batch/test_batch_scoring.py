@@ -5,6 +5,9 @@ actors equal one, drift over the stored order, the Python API. One local Ray is 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oodserve.batch import BadRowError, BatchOptions, Payload, SourceError, score_dataset, score_file, score_frame
+from oodserve.batch import run as batch_run
 from oodserve.batch.memory import PeakMemory, process_rss, process_tree_memory
 from oodserve.cli import app as cli_app
 from oodserve.cli import optional
+from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server.app import create_app
 from tests.helpers.bundles import build_bundle, make_models, make_settings, sample_images
 
@@ -272,3 +277,38 @@ def test_score_is_registered_only_with_the_batch_extra(monkeypatch: pytest.Monke
     without = typer.Typer()
     optional.register_optional_commands(without)
     assert "score" not in names(without)
+
+
+def raylets() -> int:
+    """Running Ray node managers on this machine."""
+    return sum(1 for entry in Path("/proc").iterdir() if entry.name.isdigit() and "ray/raylet/raylet " in _cmdline(entry))
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_the_command_starts_and_stops_its_own_local_ray(image_bundle: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "images.npy", sample_images(make_models(0), 40, seed=15))
+    before = raylets()
+    assert before >= 1  # the module's Ray
+    result = subprocess.run(
+        [sys.executable, "-m", "oodserve.cli", "score", str(tmp_path / "images.npy"), "--bundle", str(image_bundle), "--out",
+         str(tmp_path / "out.parquet"), "--json", "--no-progress", "--object-store-mb", "100"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == summary["scored"] == 40 and summary["ood_rate_ci95"][0] <= summary["ood_rate"]
+    assert raylets() == before  # its Ray is gone with it (the module's own Ray is still there)
+
+
+def test_gpus_per_actor_follow_onnxruntime_and_the_provider_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_run, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert batch_run.default_gpus_per_actor(RuntimeOptions()) == 1.0
+    assert batch_run.default_gpus_per_actor(RuntimeOptions(providers=("CPUExecutionProvider",))) == 0.0
+    monkeypatch.setattr(batch_run, "available_providers", lambda: ["CPUExecutionProvider"])
+    assert batch_run.default_gpus_per_actor(RuntimeOptions()) == 0.0
