@@ -7,7 +7,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY
 from oodserve.bundle.preprocess import BackboneSpec
@@ -39,6 +39,15 @@ class InputSpec(StrictModel):
     """Image files (PNG/JPEG) of another size are brought to `shape` on decoding (backbone bundles declare this:
     `oodserve.bundle.preprocess`); None or "none" refuses them."""
     crop_fraction: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_resize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Bundles that declare no resize keep the manifest JSON they always had (no `resize`/`crop_fraction` keys)."""
+        data: dict[str, Any] = handler(self)
+        for key in ("resize", "crop_fraction"):
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
     @field_validator("shape")
     @classmethod
