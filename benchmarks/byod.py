@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from oodserve.engine import Engine
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, VectorSet, load_images
 from oodserve.models.evaluation.metrics import auroc, clopper_pearson
 from oodserve.models.fit.vectors import fit_vectors
@@ -133,7 +134,6 @@ class SetResult:
 
 def score_with_engine(bundle: Path, features: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(fused statistic, is_ood, every signal's p-value) of every row through the serving engine, in batches of 256."""
-    from oodserve.engine import Engine
 
     engine = Engine.load(bundle)
     scores, verdicts, p_values = [], [], []
