@@ -10,7 +10,7 @@ import numpy as np
 
 from oodserve.bench.gpu_check import compare
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_scripts_parse() -> None:
