@@ -114,6 +114,7 @@ function renderModel(model) {
     ["alpha", `default ${model.default_alpha}; smallest supported ${model.minimum_alpha.toPrecision(3)}`],
     ["sampler", model.sampler ? "yes: the flow generates images" : "no"],
   ];
+  if (model.backbone) facts.splice(3, 0, ...backboneFacts(model.backbone));
   const list = element("dl", { class: "facts" });
   for (const [term, text] of facts) list.append(element("dt", { text: term }), element("dd", { text }));
   const chips = element("dd", { class: "chips" },
@@ -122,9 +123,21 @@ function renderModel(model) {
     })));
   list.append(element("dt", { text: "signals (calibration size)" }), chips);
   $("model-facts").replaceChildren(list);
+  const resized = spec.resize && spec.resize !== "none" ? ` Files of another size are ${spec.resize === "center_crop" ? "centre-cropped and resized" : "resized"}.` : "";
   $("input-hint").textContent = isImageModel(model)
-    ? `This model takes ${spec.shape.join("x")} images: PNG or JPEG files are converted by the service.`
+    ? `This model takes ${spec.shape.join("x")} images: PNG or JPEG files are converted by the service.${resized}`
     : `This model takes vectors of shape [${spec.shape.join(", ")}]: a CSV of rows, a .npy array or pasted JSON.`;
+}
+
+// A backbone bundle: the user's classifier (by file name and sha256), the tensors the heads read, its preprocessing.
+function backboneFacts(backbone) {
+  const pre = backbone.preprocess;
+  const normalise = pre.mean ? `, mean [${pre.mean.join(", ")}], std [${pre.std.join(", ")}]` : "";
+  return [
+    ["backbone", `${backbone.source_name} (sha256 ${backbone.source_sha256.slice(0, 12)}…), ${backbone.classes} classes`],
+    ["features", `${backbone.features} (${backbone.feature_dimension} values${backbone.pooling !== "none" ? `, ${backbone.pooling}-pooled` : ""}); logits ${backbone.logits}`],
+    ["preprocessing", `${pre.layout} ${pre.dtype} ${pre.size.join("x")}, resize ${pre.resize}, scale ${pre.scale.toPrecision(4)}${normalise}`],
+  ];
 }
 
 function isImageModel(model) {
