@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from oodserve.models.fit.backbone import BackboneOptions, fit_backbone
 from tests.helpers.backbones import coloured_images, tiny_backbone, write_class_folders
 
 
 def tiny_backbone_bundle(directory: Path, layout: str = "NHWC", dtype: str = "uint8", head: str = "features_output",
                          preprocess: dict | None = None) -> Path:
     """Fit `directory/bundle` from a tiny backbone; returns the bundle path (the model is `directory/model.onnx`)."""
-    from oodserve.models.fit.backbone import BackboneOptions, fit_backbone
 
     directory.mkdir(parents=True, exist_ok=True)
     model = tiny_backbone(directory / "model.onnx", layout=layout, dtype=dtype, head=head)

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from oodserve.models.build.fusion_choice import choose_fusion
+from oodserve.config import Settings
+from oodserve.models.build.fusion_choice import MIN_VALIDATION_FOR_CHOICE, choice_reason, choose_fusion
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.evaluation.run import EvalSettings, evaluate
 from oodserve.models.fit.fashion_mnist import BuildSettings, build_bundle
+from oodserve.models.flows.train import TrainSettings as FlowSettings
+from oodserve.models.flows.train import train_flow
+from oodserve.models.sngp.train import TrainSettings as SNGPSettings
+from oodserve.models.sngp.train import train
+from oodserve.server.app import create_app
 
 pytestmark = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
 
@@ -18,10 +25,6 @@ pytestmark = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(), reason="
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from oodserve.models.flows.train import TrainSettings as FlowSettings
-    from oodserve.models.flows.train import train_flow
-    from oodserve.models.sngp.train import TrainSettings as SNGPSettings
-    from oodserve.models.sngp.train import train
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tiny-models")
@@ -51,8 +54,6 @@ def test_bundle_is_complete_and_calibrated_on_unseen_data(tiny_bundle: Path) -> 
 
 
 def test_served_bundle_scores_samples_and_tests_batches(tiny_bundle: Path) -> None:
-    from oodserve.config import Settings
-    from oodserve.server.app import create_app
 
     images = load_images(DEFAULT_FASHION_MNIST_DIR, "test").images[:3]
     with TestClient(create_app(Settings(bundle=tiny_bundle, warmup_batch_size=2, intra_op_threads=1, inter_op_threads=1))) as client:
@@ -66,7 +67,6 @@ def test_served_bundle_scores_samples_and_tests_batches(tiny_bundle: Path) -> No
 
 
 def test_eval_report(tiny_bundle: Path, tmp_path: Path) -> None:
-    from oodserve.models.evaluation.run import EvalSettings, evaluate
 
     report = evaluate(EvalSettings(bundle=str(tiny_bundle), in_dist=str(DEFAULT_FASHION_MNIST_DIR),
                                    ood={"mnist": str(Path(__file__).parents[3].parent / "shared/data/mnist")}
@@ -82,8 +82,6 @@ def test_eval_report(tiny_bundle: Path, tmp_path: Path) -> None:
 def test_rebuild_keeps_the_reused_flows_and_retrains_only_sngp(tiny_bundle: Path, tmp_path: Path) -> None:
     import torch
 
-    from oodserve.models.sngp.train import TrainSettings as SNGPSettings
-    from oodserve.models.sngp.train import train
 
     torch.set_num_threads(1)
     train(SNGPSettings(out_dir=str(tmp_path / "sngp"), epochs=1, batch_size=32, limit_train=128, threads=1, seed=3,
@@ -117,7 +115,6 @@ def test_fusion_choice_prefers_the_informative_signal() -> None:
 
 
 def test_too_few_held_out_rows_fall_back_to_fisher_over_every_signal() -> None:
-    from oodserve.models.build.fusion_choice import MIN_VALIDATION_FOR_CHOICE, choice_reason
 
     rng = np.random.default_rng(0)
     count = MIN_VALIDATION_FOR_CHOICE // 4

@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from oodserve.bundle.preprocess import apply_preprocess
+from oodserve.bundle.preprocess import PreprocessSpec, apply_preprocess, resize_image
 from oodserve.bundle.writer import sha256_file
 from oodserve.engine import Engine
 from oodserve.models.data import DataError
-from oodserve.models.fit.backbone import BackboneOptions, fit_backbone, parse_preprocess
+from oodserve.models.fit.backbone import BackboneOptions, auroc, fit_backbone, load_images_for, parse_preprocess, split_calibration
 from tests.helpers.backbone_bundles import tiny_backbone_bundle
 from tests.helpers.backbones import MEAN, STD, coloured_images, tiny_backbone, write_class_folders
 
@@ -98,7 +98,6 @@ def test_training_data_only_fits_with_the_guarantee_marked_off(tmp_path: Path) -
 def test_fast_auroc_equals_sklearn_with_ties() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from oodserve.models.fit.backbone import auroc
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -108,7 +107,6 @@ def test_fast_auroc_equals_sklearn_with_ties() -> None:
 
 
 def test_calibration_splits_are_disjoint_and_stratified() -> None:
-    from oodserve.models.fit.backbone import split_calibration
 
     labels = np.repeat(np.arange(10), 500)
     signal, fusion, validation = split_calibration(len(labels), labels, seed=3)
@@ -130,8 +128,6 @@ def test_preprocess_flags_parse_and_bad_values_name_the_flag(tmp_path: Path) -> 
 def test_large_images_of_mixed_sizes_are_read_at_the_model_size(tmp_path: Path) -> None:
     from PIL import Image
 
-    from oodserve.bundle.preprocess import PreprocessSpec, resize_image
-    from oodserve.models.fit.backbone import load_images_for
 
     images, labels = coloured_images(6, seed=4, size=80)
     for index, (image, label) in enumerate(zip(images, labels)):

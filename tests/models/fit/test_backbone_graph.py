@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from oodserve.bundle.preprocess import PreprocessSpec, apply_preprocess, fit_to_size
+from oodserve.models.fit.backbone import settle_preprocess
 from oodserve.models.fit.backbone_graph import BackboneError, compose, inspect_backbone, preprocessing_model
 from tests.helpers.backbones import MEAN, STD, coloured_images, model_input, tiny_backbone
 
@@ -74,7 +75,6 @@ def test_features_that_are_not_2d_need_pooling(tmp_path: Path) -> None:
 
 
 def test_dynamic_size_needs_a_declared_size(tmp_path: Path) -> None:
-    from oodserve.models.fit.backbone import settle_preprocess
 
     image = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, "H", "W"])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])

@@ -13,9 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from oodserve.bundle.loader import BundleError
 from oodserve.config import Settings
+from oodserve.engine import Engine
 from oodserve.models.data import DataError, load_image_dataset
 from oodserve.models.fit.run import FitSettings, fit
+from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.scoring.signals import input_complexity
 from oodserve.server.app import create_app
 
 SIDE = 8
@@ -132,10 +136,6 @@ def test_image_folders_of_mixed_sizes_need_resize(tmp_path: Path) -> None:
 def test_a_machine_whose_png_encoder_codes_differently_is_refused_unless_allowed(
     rgb_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from oodserve.bundle.loader import BundleError
-    from oodserve.engine import Engine
-    from oodserve.runtime.sessions import RuntimeOptions
-    from oodserve.scoring.signals import input_complexity
 
     manifest = json.loads((rgb_bundle / "manifest.json").read_text())
     complexity = next(signal for signal in manifest["signals"] if signal["kind"] == "input_complexity")

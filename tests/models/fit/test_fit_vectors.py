@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from oodserve.cli import app as cli_app
 from oodserve.config import Settings
 from oodserve.models.data import DataError, load_vectors
+from oodserve.models.fit.budget import Budget
 from oodserve.models.fit.run import FitSettings, fit
 from oodserve.models.splits import fit_split, split_sizes
 from oodserve.server.app import create_app
@@ -160,7 +161,6 @@ def test_splits_are_disjoint_stratified_and_sized_to_the_data() -> None:
 
 
 def test_a_stage_that_stops_early_hands_its_time_to_the_next() -> None:
-    from oodserve.models.fit.budget import Budget
 
     budget = Budget(1000.0, reserve_fraction=0.2, started=time.monotonic())
     budget.plan({"flow": 0.5, "sngp": 0.5})

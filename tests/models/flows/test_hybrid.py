@@ -14,10 +14,15 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
+from oodserve.config import Settings
+from oodserve.engine import Engine
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
 from oodserve.models.flows.export import DensityGraph, export_flow
 from oodserve.models.flows.hybrid import LatentClassifier, hybrid_loss, nll_weight_per_image
 from oodserve.models.flows.preprocessing import bits_per_dim
+from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
+from oodserve.server.app import create_app
 from tests.models.flows.conftest import perturbed_flow
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -67,7 +72,6 @@ needs_fashion_mnist = pytest.mark.skipif(not DEFAULT_FASHION_MNIST_DIR.exists(),
 
 @pytest.fixture(scope="module")
 def hybrid_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from oodserve.models.flows.train import TrainSettings, train_flow
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("hybrid") / "run"
@@ -87,7 +91,6 @@ def hybrid_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @needs_fashion_mnist
 def test_training_needs_labels(tmp_path: Path) -> None:
-    from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 
     images = np.zeros((8, 1, 28, 28), dtype=np.uint8)
     with pytest.raises(ValueError, match="needs labels"):
@@ -96,9 +99,6 @@ def test_training_needs_labels(tmp_path: Path) -> None:
 
 @needs_fashion_mnist
 def test_hybrid_bundle_serves_every_signal_from_one_model(hybrid_checkpoint: Path, tmp_path: Path) -> None:
-    from oodserve.config import Settings
-    from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
-    from oodserve.server.app import create_app
 
     out = build_hybrid_bundle(HybridBuildSettings(checkpoint=str(hybrid_checkpoint), out=str(tmp_path / "hybrid"), name="hybrid",
                                                   limit=120, reference_size=200, threads=1))
@@ -124,7 +124,6 @@ def test_hybrid_bundle_serves_every_signal_from_one_model(hybrid_checkpoint: Pat
 
 
 def test_a_plain_flow_checkpoint_is_refused(tmp_path: Path) -> None:
-    from oodserve.models.fit.hybrid import HybridBuildSettings, build_hybrid_bundle
 
     flow = perturbed_flow("iresnet", IMAGE_SHAPE, dtype=torch.float32)
     torch.save({"family": "iresnet", "config": flow.config, "ema_state": flow.state_dict(), "settings": {"seed": 0}},
@@ -138,7 +137,6 @@ SHIPPED_HYBRID = Path(__file__).resolve().parents[3] / "models" / "bundles" / "f
 
 @pytest.mark.skipif(not SHIPPED_HYBRID.exists(), reason="the hybrid bundle is not in this checkout")
 def test_shipped_hybrid_bundle_verifies_and_scores_from_one_model() -> None:
-    from oodserve.engine import Engine
 
     engine = Engine.load(SHIPPED_HYBRID)
     assert list(engine.manifest.models) == ["flow"]

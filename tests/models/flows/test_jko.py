@@ -13,6 +13,7 @@ import torch
 from oodserve.models.flows.base import standard_normal_log_prob
 from oodserve.models.flows.jko import jko_stages, stage_objective, stage_parameters, transport_cost
 from oodserve.models.flows.tabular import TabularFlowConfig, build_tabular_flow
+from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 from oodserve.models.flows.zoo import build_flow, preset_config
 
 
@@ -78,7 +79,6 @@ def test_each_jko_step_moves_less_and_the_density_approaches_the_target() -> Non
 
 
 def test_train_flow_with_the_jko_schedule(tmp_path: Path) -> None:
-    from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 
     images = np.random.default_rng(0).integers(0, 256, size=(160, 1, 8, 8)).astype(np.uint8)
     settings = TrainSettings(family="iresnet", preset="tiny", out=str(tmp_path), epochs=2, batch_size=40, threads=1, schedule="jko",

@@ -10,9 +10,14 @@ import onnxruntime
 import pytest
 import torch
 
+from oodserve.config import Settings
+from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
+from oodserve.models.fit.manifold import build_manifold_bundle
 from oodserve.models.flows.export import ManifoldGraph, SamplingGraph, export_flow
 from oodserve.models.flows.rectangular import RectangularFlow, cholesky_log_det
+from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 from oodserve.models.flows.zoo import build_flow, preset_config
+from oodserve.server.app import create_app
 
 SMALL_SHAPE = (1, 4, 4)
 
@@ -86,7 +91,6 @@ def test_onnx_graphs_match_torch(tmp_path: Path) -> None:
 
 
 def test_short_training_lowers_the_objective(tmp_path: Path) -> None:
-    from oodserve.models.flows.train import FlowData, TrainSettings, train_flow
 
     rng = np.random.default_rng(0)
     # images near a 2-d manifold: two blobs whose brightness varies
@@ -110,11 +114,6 @@ def test_manifold_bundle_is_served_with_its_sampler(tmp_path: Path) -> None:
 
     from fastapi.testclient import TestClient
 
-    from oodserve.config import Settings
-    from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
-    from oodserve.models.fit.manifold import build_manifold_bundle
-    from oodserve.models.flows.train import TrainSettings, train_flow
-    from oodserve.server.app import create_app
 
     train_flow(TrainSettings(family="rectangular", preset="tiny", out=str(tmp_path / "run"), epochs=1, batch_size=32, limit_train=128,
                              limit_test=32, threads=1))

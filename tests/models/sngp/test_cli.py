@@ -11,7 +11,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from oodserve.models.data import load_images
+from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
 from oodserve.models.sngp.cli import register
+from oodserve.models.sngp.train import TrainSettings, epochs_for_budget, load_checkpoint, standardize
+from oodserve.models.splits import bundle_split
 from tests.helpers.data import write_idx
 
 
@@ -72,8 +76,6 @@ def test_time_budget_cut_rebuilds_the_precision_without_gradients(tmp_path: Path
 
 
 def test_epochs_zero_takes_as_many_epochs_as_the_budget_affords(tmp_path: Path) -> None:
-    from oodserve.models.sngp.backbone import SNGPClassifier, SNGPConfig
-    from oodserve.models.sngp.train import TrainSettings, epochs_for_budget
 
     model = SNGPClassifier(SNGPConfig.from_dict({**SNGPConfig().to_dict(), "widths": [2, 2, 4], "num_random_features": 32}))
     images, labels = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
@@ -100,7 +102,6 @@ def test_epochs_zero_takes_as_many_epochs_as_the_budget_affords(tmp_path: Path) 
 
 
 def test_the_final_precision_is_summed_on_eval_mode_features_of_the_trained_model(tmp_path: Path) -> None:
-    from oodserve.models.sngp.train import load_checkpoint, standardize
 
     data = fake_fashion_mnist(tmp_path / "data")
     result = CliRunner().invoke(cli_app(), [
@@ -109,8 +110,6 @@ def test_the_final_precision_is_summed_on_eval_mode_features_of_the_trained_mode
     ])
     assert result.exit_code == 0, result.output
     model, checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")
-    from oodserve.models.data import load_images
-    from oodserve.models.splits import bundle_split
 
     train = load_images(data, "train")
     images = standardize(train.images[bundle_split(len(train.images)).train][:64], model.config)

@@ -28,8 +28,10 @@ from oodserve.batch import run as batch_run
 from oodserve.batch.memory import PeakMemory, process_rss, process_tree_memory
 from oodserve.cli import app as cli_app
 from oodserve.cli import optional
+from oodserve.models.fit.run import FitSettings, fit
 from oodserve.runtime.sessions import RuntimeOptions
 from oodserve.server.app import create_app
+from tests.helpers.backbones import coloured_images
 from tests.helpers.bundles import build_bundle, make_models, make_settings, sample_images
 
 pytestmark = pytest.mark.slow
@@ -47,7 +49,6 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def vector_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from oodserve.models.fit.run import FitSettings, fit
 
     directory = tmp_path_factory.mktemp("vectors")
     rng = np.random.default_rng(0)
@@ -142,7 +143,6 @@ def test_backbone_bundle_image_folder_equals_the_http_api(tmp_path: Path) -> Non
     """Backbone bundles (the user's classifier as the feature extractor) take images as image bundles do."""
     pytest.importorskip("oodserve.models.fit.backbone")
     backbone_bundles = pytest.importorskip("tests.helpers.backbone_bundles")
-    from tests.helpers.backbones import coloured_images
 
     bundle = backbone_bundles.tiny_backbone_bundle(tmp_path / "backbone")
     images = coloured_images(30, seed=5)[0].transpose(0, 2, 3, 1)  # (N, H, W, 3) uint8

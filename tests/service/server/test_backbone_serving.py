@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from oodserve.bundle.preprocess import PreprocessSpec, apply_preprocess, resize_image
+from oodserve.bundle.writer import sha256_file
 from oodserve.server.app import create_app
 from oodserve.server.state import app_state
 from tests.helpers.backbone_bundles import tiny_backbone_bundle
@@ -99,7 +100,6 @@ def test_image_files_of_any_size_are_resized_as_declared(client: TestClient) -> 
 
 
 def test_model_description_shows_the_backbone_and_its_preprocessing(client: TestClient, bundle: Path) -> None:
-    from oodserve.bundle.writer import sha256_file
 
     described = next(model for model in client.get("/v1/models").json()["models"] if model["name"] == MODEL)
     assert described["backbone"]["source_sha256"] == sha256_file(bundle.parent / "model.onnx")
