@@ -24,6 +24,8 @@ import hashlib
 import itertools
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +42,9 @@ from oodserve.bundle.preprocess import BackboneSpec, PreprocessSpec, fit_to_size
 from oodserve.bundle.writer import write_bundle, write_calibration
 from oodserve.models.data import DataError, ImageDataset, load_image_dataset
 from oodserve.models.fit.backbone_graph import BackboneError, BackboneGraph, check_preprocess, compose, default_preprocess, inspect_backbone
-from oodserve.models.fit.backbone_heads import attach_flow, fit_heads, heads_model, score_heads
+from oodserve.models.fit.backbone_heads import attach_flow, features_front, fit_heads, heads_model, score_heads
 from oodserve.models.fit.summary import FitResult
+from oodserve.models.flows.tabular import export_tabular_flow, train_tabular_flow
 from oodserve.models.perturbations import make_perturbed_sets
 from oodserve.scoring.conformal import conformal_p_values, sort_calibration_scores
 from oodserve.scoring.fusion import fused_statistic
@@ -354,9 +357,7 @@ def train_flow(pca_train: np.ndarray, seconds: float, seed: int) -> onnx.ModelPr
     """A tabular affine-coupling flow on PCA-whitened training features, exported as ONNX (`x` (N, p) -> `log_prob`)."""
     if pca_train.shape[1] < 2 or seconds <= 0:
         return None
-    import tempfile
 
-    from oodserve.models.flows.tabular import export_tabular_flow, train_tabular_flow
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pca_train))
@@ -533,7 +534,6 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
     fused = fused_statistic(choice.method, _p_values(per_signal, fusion_signals), choice.signals)
     staging = out.with_name(out.name + ".staging")
     if staging.exists():
-        import shutil
 
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -588,7 +588,6 @@ def fit_backbone(data_path: Path, out: Path, options: BackboneOptions, *, name: 
     manifest = write_bundle(staging, manifest_fields)
     features_bundle = _write_features_bundle(out, heads, heads_graph, manifest_fields, graph, opset, ir_version)
     if out.exists():
-        import shutil
 
         shutil.rmtree(out)
     staging.rename(out)
@@ -617,9 +616,7 @@ def _write_features_bundle(out: Path, heads: Any, heads_graph: onnx.ModelProto, 
     """The companion vector bundle `OUT-features`: the same heads, signals, calibration and fusion, fed with the features
     (N, D) a client already has; the logits are recomputed from them by the fitted affine map, so it is written only when
     that map is exact (features that feed the logits' Gemm/MatMul directly). Returns its path, or None."""
-    import shutil
 
-    from oodserve.models.fit.backbone_heads import features_front
 
     scale = max(1.0, float(np.abs(heads.logit_bias).max()))
     if heads.figures.get("logit_map_residual", np.inf) > LOGIT_MAP_TOLERANCE * scale:
