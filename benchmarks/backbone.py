@@ -36,7 +36,11 @@ from oodserve.bundle.preprocess import apply_preprocess
 from oodserve.datasets import load_images
 from oodserve.engine import Engine
 from oodserve.models.data import load_image_dataset
+from oodserve.models.fit.backbone import FUSION_CANDIDATES, proxy_sets, split_calibration
+from oodserve.models.fit.backbone import auroc as fast_auroc
+from oodserve.models.fit.backbone_heads import fit_heads, score_heads
 from oodserve.runtime.sessions import RuntimeOptions
+from oodserve.scoring.fusion import fused_statistic
 from oodserve.stats import clopper_pearson
 
 BASELINES = ("msp", "energy", "max_logit", "mahalanobis", "relative_mahalanobis", "knn_distance", "vim")
@@ -130,7 +134,6 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
 def reference_baselines(train_features: np.ndarray, train_logits: np.ndarray, train_labels: np.ndarray) -> Any:
     """The post-hoc baselines as their papers define them, fitted on all training features: kNN with the full bank and
     k = 50 (Sun et al. 2022), Mahalanobis, relative Mahalanobis, ViM, MSP, energy, max-logit."""
-    from oodserve.models.fit.backbone_heads import fit_heads, score_heads
 
     fit = fit_heads(train_features, train_logits, train_labels, knn_rows=len(train_features), gp_features=16)
 
@@ -148,9 +151,6 @@ def proxy_agreement(in_scores: dict[str, np.ndarray], out_scores: dict[str, dict
     """Does the held-out-class proxy rank the fusion rules the way real sets do? For every rule (method, subset of the
     fusable signals) its mean AUROC on the proxy sets (recomputed as the fit does) and on the real sets of each group;
     Spearman correlation of the two rankings across rules, and the real AUROC of each ranking's top rule."""
-    from oodserve.models.fit.backbone import FUSION_CANDIDATES, choose_backbone_fusion, proxy_sets, split_calibration
-    from oodserve.models.fit.backbone import auroc as fast_auroc
-    from oodserve.scoring.fusion import fused_statistic
 
     features, logits, labels = calibration
     signal_rows, _, validation_rows = split_calibration(len(features), labels, 0)
@@ -182,7 +182,6 @@ def proxy_agreement(in_scores: dict[str, np.ndarray], out_scores: dict[str, dict
         result[f"best_rule_on_{group}"] = {"rule": [best_real[0], list(best_real[1])], "auroc": best_real[3][group]}
     top = max(table, key=lambda row: row[2])
     result["proxy_top_rule"] = {"rule": [top[0], list(top[1])], "proxy_auroc": top[2], "real_auroc": top[3]}
-    del choose_backbone_fusion
     return result
 
 

@@ -39,6 +39,7 @@ from oodserve.batch.memory import PeakMemory
 from oodserve.bench.load import LoadOptions, run_load
 from oodserve.datasets import read_idx
 from oodserve.engine import Engine
+from oodserve.models.fit.run import FitSettings, fit
 from oodserve.runtime.sessions import RuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,6 @@ def vector_rows(count: int, seed: int) -> np.ndarray:
 
 
 def fit_vector_bundle(work: Path) -> Path:
-    from oodserve.models.fit.run import FitSettings, fit
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 5000)

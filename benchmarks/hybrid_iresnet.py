@@ -25,7 +25,8 @@ from tqdm import tqdm
 from oodserve.bench.http_driver import ServerProcess
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, load_images
 from oodserve.models.evaluation.metrics import auroc, clopper_pearson
-from oodserve.models.flows.export import onnx_latency_per_image_ms
+from oodserve.models.fit.images import read_metrics
+from oodserve.models.flows.export import export_checkpoint, onnx_latency_per_image_ms
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 NOISE_SIGMAS = (8, 16, 32)
@@ -89,8 +90,6 @@ def measure_checkpoint(name: str, checkpoint: Path, test: np.ndarray, labels: np
     """A `train flow --hybrid` checkpoint without a bundle: exported, then test bits/dim, accuracy and ms/image."""
     import tempfile
 
-    from oodserve.models.fit.images import read_metrics
-    from oodserve.models.flows.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         path, _ = export_checkpoint(checkpoint, Path(directory) / "flow.onnx")
