@@ -130,7 +130,7 @@ def eval_command(
     bundle: Path = typer.Option(Path("models/bundles/fashion-mnist"), help="bundle directory"),
     in_dist: Path = typer.Option(DEFAULT_FASHION_MNIST_DIR, help="in-distribution test data (IDX dir uses t10k-*)"),
     ood: list[str] = typer.Option([], help="OOD set as NAME=PATH (IDX, .npy (N,28,28) uint8 or PNG folder); repeatable"),
-    out: Path = typer.Option(Path("reports/eval"), help="report directory (report.md + PNG plots)"),
+    out: Path = typer.Option(Path("runs/eval"), help="report directory (report.md + PNG plots)"),
     perturbations: bool = typer.Option(True, help="also evaluate self-made perturbations of the in-distribution images"),
     limit: int | None = typer.Option(None, help="use only the first N images of every set"),
     threads: int = typer.Option(2, help="onnxruntime threads"),

@@ -25,7 +25,7 @@ class EvalSettings:
     bundle: str
     in_dist: str
     ood: dict[str, str] = field(default_factory=dict)
-    out: str = "reports/eval"
+    out: str = "runs/eval"
     perturbations: bool = True
     limit: int | None = None
     batch_size: int = 250

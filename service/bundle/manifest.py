@@ -143,7 +143,7 @@ class Provenance(BaseModel):
 
 
 class Manifest(StrictModel):
-    """manifest.json, schema version 1 (see README.md, section "Bundle")."""
+    """manifest.json, schema version 1 (docs/pages/bundle.md describes every field)."""
 
     schema_version: int
     name: str = Field(pattern=_NAME_PATTERN)

@@ -48,7 +48,7 @@ class BatchingOptions:
     queue_capacity: most instances waiting in one engine's queue; deadline_ms: per-request limit
     on queueing plus inference; retry_after_s: the Retry-After of a refusal; inference_threads: merged
     runs in flight at once (one per core with single-threaded onnxruntime sessions, which use small
-    merged batches better than one run with intra-op threads; README "Throughput" has the figures).
+    merged batches better than one run with intra-op threads; docs/pages/benchmarks.md has the figures).
     """
 
     enabled: bool = True

@@ -22,7 +22,7 @@ def uvicorn_config_options(settings: Settings) -> dict[str, Any]:
         "limit_concurrency": settings.max_concurrent_connections,  # beyond it uvicorn answers 503
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
         # Longer than the clients' idle expiry: a server closing an idle connection just as a client reuses
-        # it resets that request (the README's load-test section has the run that showed it).
+        # it resets that request (docs/pages/benchmarks.md has the load run that showed it).
         "timeout_keep_alive": settings.keep_alive_seconds,
     }
 

@@ -5,7 +5,7 @@ What one run does, in this order:
    oodserve's session options (one intra-op thread per session); measured before the servers start and
    after they stop, the better figure counts (noise only slows a run down);
 2. starts oodserve (`python -m oodserve.cli serve`, gRPC on) and MLServer from its own venv
-   (benchmarks/peers/mlserver: a custom runtime running the same ONNX files with onnxruntime, adaptive
+   (service/bench/peers/mlserver: a custom runtime running the same ONNX files with onnxruntime, adaptive
    batching max_batch_size 64 / max_batch_time 0.004 s) once per parallel_workers setting (default 1, which
    is MLServer 1.7.1's default, 0 = inference in the server process, and 2 = one worker per core), all on
    free 127.0.0.1 ports; checks that MLServer's outputs are onnxruntime's; warms each one up;
@@ -317,7 +317,7 @@ def run_comparison(options: CompareOptions, say: Callable[[str], None] = print) 
         f"(intra-op 1), {options.raw_seconds:g} s, best of one sweep before and one after the servers",
         "oodserve": "python -m oodserve.cli serve, default settings (lean routes, dynamic batching, batch_max_size 64 images, "
         "batch_max_delay_ms 0, batch_min_beside_run 8, one inference thread per core), gRPC on OODSERVE_GRPC_PORT",
-        "mlserver": "benchmarks/peers/mlserver: runtime.BundleOnnxRuntime (onnxruntime, intra-op 1, every output tensor raw), "
+        "mlserver": "service/bench/peers/mlserver: runtime.BundleOnnxRuntime (onnxruntime, intra-op 1, every output tensor raw), "
         "adaptive batching max_batch_size 64 requests, max_batch_time 0.004 s, debug off, uvloop + httptools",
         "mlserver_worker_settings": {worker_label(workers): worker_meaning(workers) for workers in options.mlserver_workers},
         "order": "v2 JSON rows alternate which server goes first (order column); each cell warms up at its own concurrency",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install MLServer 1.7.1 into its own virtual environment for the peer-server comparison
-# (benchmarks/peers/compare.py), apart from oodserve's venv so neither's pins disturb the other.
+# (service/bench/peers/compare.py), apart from oodserve's venv so neither's pins disturb the other.
 #
-#   bash benchmarks/peers/mlserver/install.sh [VENV_DIR]     (default: benchmarks/peers/mlserver/.venv)
+#   bash service/bench/peers/mlserver/install.sh [VENV_DIR]     (default: service/bench/peers/mlserver/.venv)
 #
 # Pins and why:
 # - uvloop==0.21.0: with uvloop >= 0.22 MLServer 1.7.1's parallel inference workers die at start-up

@@ -41,7 +41,7 @@ class MLServerProcess:
     def __init__(self, venv: Path, bundle: Path, workers: int, log: Path | None = None) -> None:
         executable = venv / "bin" / "mlserver"
         if not executable.exists():
-            raise FileNotFoundError(f"no MLServer at {executable}; run benchmarks/peers/mlserver/install.sh first")
+            raise FileNotFoundError(f"no MLServer at {executable}; run service/bench/peers/mlserver/install.sh first")
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,7 @@ What it does not do is oodserve's scoring (conformal p-values, fusion, drift): i
 tensor of every model as it came out of onnxruntime, named `MODEL.OUTPUT` (e.g. `flow.log_prob`), so a
 client could score them itself. That is the work any model server has to do for this bundle.
 
-Imported by MLServer (in its own venv, benchmarks/peers/mlserver/install.sh) as the top-level module
+Imported by MLServer (in its own venv, service/bench/peers/mlserver/install.sh) as the top-level module
 `runtime`, from the folder of model-settings.json; it needs only mlserver, onnxruntime and numpy.
 """
 
