@@ -37,6 +37,16 @@ class DriftSettings:
     max_stream_inputs: int = 100_000
     seed: int | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """The settings as the drift endpoint reports them, whichever store runs the streams."""
+        return {
+            "delta": self.delta,
+            "martingale_threshold": 1.0 / self.delta,
+            "change_threshold": self.change_threshold,
+            "max_streams": self.max_streams,
+            "max_stream_inputs": self.max_stream_inputs,
+        }
+
     @classmethod
     def from_settings(cls, settings: Settings) -> DriftSettings:
         """Drift monitor options from the settings."""
@@ -215,10 +225,4 @@ class DriftMonitor:
         """Nothing to release: the streams live and die with the process."""
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "delta": self.settings.delta,
-            "martingale_threshold": 1.0 / self.settings.delta,
-            "change_threshold": self.settings.change_threshold,
-            "max_streams": self.settings.max_streams,
-            "max_stream_inputs": self.settings.max_stream_inputs,
-        }
+        return self.settings.describe()

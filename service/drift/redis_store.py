@@ -458,13 +458,7 @@ class RedisDriftStore:
         return self.snapshot(model).reports
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "delta": self.settings.delta,
-            "martingale_threshold": 1.0 / self.settings.delta,
-            "change_threshold": self.settings.change_threshold,
-            "max_streams": self.settings.max_streams,
-            "max_stream_inputs": self.settings.max_stream_inputs,
-        }
+        return self.settings.describe()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued input has been applied (True) or `timeout` seconds pass (False)."""
