@@ -8,21 +8,9 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from oodserve.procfs import process_stats, process_tree
+
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids of every process visible in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
 
 
 def _rss(pid: int) -> int:
@@ -53,14 +41,7 @@ def process_rss(pid: int | None = None) -> int:
 def process_tree_memory(pid: int | None = None) -> int:
     """Bytes of memory of process `pid` (default: this one) and all its descendants, now: the sum of their
     proportional set sizes (shared pages counted once)."""
-    root = os.getpid() if pid is None else pid
-    children = _children()
-    total, stack = 0, [root]
-    while stack:
-        current = stack.pop()
-        total += _pss(current)
-        stack.extend(children.get(current, []))
-    return total
+    return sum(_pss(member) for member in process_tree(os.getpid() if pid is None else pid, process_stats()))
 
 
 class PeakMemory:

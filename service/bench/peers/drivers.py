@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
 from oodserve.bench.http_driver import Outcomes, drive_workers, send_requests
+from oodserve.procfs import process_stats, process_tree
 
 GRPC_TIMEOUT_SECONDS = 120.0
 
@@ -97,24 +97,8 @@ async def send_grpc(target: str, messages: list[Any], concurrency: int, requests
 def process_tree_cpu_seconds(root: int) -> float | None:
     """User + system CPU seconds so far of process `root` and all its live descendants (Linux /proc), None
     when `root` is gone. MLServer's inference workers are child processes of the server; oodserve has none."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        pid = int(entry.name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
-    if root not in cpu:
+    stats = process_stats()
+    if root not in stats:
         return None
-    total, pending = 0.0, [root]
-    while pending:
-        pid = pending.pop()
-        total += cpu.get(pid, 0.0)
-        pending.extend(children.get(pid, []))
-    return total
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum((int(stats[pid][11]) + int(stats[pid][12])) / ticks for pid in process_tree(root, stats) if pid in stats)
