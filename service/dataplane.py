@@ -286,6 +286,8 @@ class ModelDescription(BaseModel):
     minimum_alpha: float
     signals: list[SignalDescription]
     fusion: dict[str, Any]
+    calibration: dict[str, Any]
+    """How the p-values are calibrated: method (split or cross_conformal), folds, guarantee, delta, statement."""
     classifier: dict[str, Any] | None
     models: dict[str, ServedModelFile]
     provider: str
@@ -322,6 +324,7 @@ def describe_model(engine: Engine) -> ModelDescription:
             for signal in manifest.signals
         ],
         fusion={**manifest.fusion.model_dump(mode="json"), "calibration_size": int(calibration.fused.size)},
+        calibration=manifest.calibration.model_dump(mode="json", exclude_none=True),
         classifier=manifest.classifier.model_dump(mode="json") if manifest.classifier is not None else None,
         backbone=manifest.backbone.model_dump(mode="json") if manifest.backbone is not None else None,
         models={

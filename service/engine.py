@@ -59,7 +59,7 @@ class Engine:
             )
             for signal in self.manifest.signals
         )
-        self.calibration = Calibration.of(bundle.calibration)
+        self.calibration = Calibration.of(bundle.calibration, self.manifest.signal_groups())
         """The bundle's calibration scores with their conformal p-values (all signals in one search)."""
         self.fusion = FusionRule(method=self.manifest.fusion.method, signals=tuple(self.manifest.fusion.signals))
         classifier = self.manifest.classifier
@@ -99,14 +99,20 @@ class Engine:
         return self.manifest.version
 
     @property
+    def reported_signals(self) -> tuple[str, ...]:
+        """The signals every scored batch reports (`BatchScores.signals`): the declared signals, or of a cross-conformal
+        bundle the signals its fold signals are computed for."""
+        return tuple(self.calibration.groups)
+
+    @property
     def default_alpha(self) -> float:
         return self.manifest.default_alpha
 
     @property
     def minimum_alpha(self) -> float:
-        """The smallest fused p-value this bundle can give, 1 / (n + 1) for n fused calibration scores: an alpha
-        below it would flag nothing, whatever the input."""
-        return 1.0 / (self.bundle.calibration.fused.size + 1.0)
+        """The smallest fused p-value this bundle can give, 1 / (n + 1) for n fused calibration scores (the smallest
+        calibration-conditional p-value under that guarantee): an alpha at or below it would flag nothing."""
+        return self.bundle.calibration.minimum_p_value
 
     def check_alpha(self, alpha: float | None) -> None:
         """InputError `alpha_below_resolution` for an alpha at or below `minimum_alpha` (nothing could be flagged)."""

@@ -244,7 +244,7 @@ def score_file(input_path: Path, bundle: Path, out: Path, options: BatchOptions 
     verified = load_bundle(bundle)
     spec = verified.manifest.input
     alpha = verified.manifest.default_alpha if options.alpha is None else options.alpha
-    minimum = 1.0 / (verified.calibration.fused.size + 1.0)
+    minimum = verified.calibration.minimum_p_value
     if alpha <= minimum:
         raise InputError("alpha_below_resolution", f"alpha {alpha:g} is not above the smallest p-value bundle "
                          f"{verified.manifest.name!r} can give ({minimum:.6g})")

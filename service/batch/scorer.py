@@ -55,7 +55,7 @@ class Payload:
 
 def signal_columns(engine: Engine) -> list[str]:
     """The per-signal output columns, `signal_<name>` and `p_value_<name>`, in manifest order."""
-    names = [definition.name for definition in engine.signal_definitions]
+    names = list(engine.reported_signals)
     return [f"signal_{name}" for name in names] + [f"p_value_{name}" for name in names]
 
 
@@ -188,7 +188,7 @@ class BatchScorer:
                 full[good] = values
             return pa.array(full, mask=missing)
 
-        names = [definition.name for definition in self.engine.signal_definitions]
+        names = list(self.engine.reported_signals)
         columns: dict[str, pa.Array] = {
             "is_ood": spread(None if scores is None else scores.is_ood, np.bool_),
             "p_value": spread(None if scores is None else scores.fused_p_value, np.float64),

@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, CalibrationScores, sort_calibration_scores
+from oodserve.bundle.calibration import (
+    CONDITIONAL_KEY,
+    FUSED_CALIBRATION_KEY,
+    HELD_OUT_PREFIX,
+    CalibrationScores,
+    rank_calibration,
+    sort_calibration_scores,
+)
 from oodserve.bundle.manifest import MANIFEST_FILE_NAME, SCHEMA_VERSION, Manifest
 from oodserve.bundle.signals import PARAMETERS_FILE_KEY
 from oodserve.bundle.writer import bundle_file_names, sha256_bytes
@@ -89,9 +96,18 @@ def verify_files(directory: Path, manifest: Manifest) -> dict[str, bytes]:
     return verified
 
 
+def calibration_array_names(manifest: Manifest) -> list[str]:
+    """The arrays the calibration .npz of `manifest` holds (`CalibrationSpec` says which)."""
+    spec = manifest.calibration
+    signals = [signal.name for signal in manifest.signals]
+    if spec.folds is not None:
+        return signals + [HELD_OUT_PREFIX + name for name in signals] + spec.fold_names(FUSED_CALIBRATION_KEY)
+    return signals + [FUSED_CALIBRATION_KEY] + ([CONDITIONAL_KEY] if spec.guarantee == "conditional" else [])
+
+
 def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> CalibrationScores:
-    """Parse the calibration .npz (allow_pickle=False): one finite 1-D array per signal and `__fused__`."""
-    expected = [signal.name for signal in manifest.signals] + [FUSED_CALIBRATION_KEY]
+    """Parse the calibration .npz (allow_pickle=False): one finite 1-D array per name of `calibration_array_names`."""
+    expected = calibration_array_names(manifest)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             present = set(archive.files)
@@ -111,11 +127,23 @@ def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> Calibra
         if array.dtype.kind not in "fiu":
             raise BundleError(f"calibration file {file_name!r}: array {name!r} has dtype {array.dtype}, expected float64")
         try:
-            sorted_arrays[name] = sort_calibration_scores(array)
+            sorted_arrays[name] = array.astype(np.float64) if name == CONDITIONAL_KEY else sort_calibration_scores(array)
         except ValueError as error:
             raise BundleError(f"calibration file {file_name!r}: array {name!r}: {error}") from error
+    spec = manifest.calibration
+    if spec.folds is not None:
+        by_fold = tuple(sorted_arrays.pop(name) for name in spec.fold_names(FUSED_CALIBRATION_KEY))
+        held_out = {name: sorted_arrays.pop(HELD_OUT_PREFIX + name) for name in [signal.name for signal in manifest.signals]}
+        return CalibrationScores(per_signal=sorted_arrays, fused=rank_calibration(sum(len(fold) for fold in by_fold)),
+                                 folds=spec.folds, held_out=held_out, fused_by_fold=by_fold)
     fused = sorted_arrays.pop(FUSED_CALIBRATION_KEY)
-    return CalibrationScores(per_signal=sorted_arrays, fused=fused)
+    conditional = sorted_arrays.pop(CONDITIONAL_KEY, None)
+    if conditional is not None:
+        ok = conditional.ndim == 1 and conditional.size == fused.size + 1 and np.all(np.isfinite(conditional))
+        if not (ok and np.all(np.diff(conditional) >= 0) and conditional[0] > 0 and conditional[-1] <= 1.0):
+            raise BundleError(f"calibration file {file_name!r}: {CONDITIONAL_KEY!r} must be {fused.size + 1} non-decreasing "
+                              "p-values in (0, 1], one per count of fused calibration scores at or above a statistic")
+    return CalibrationScores(per_signal=sorted_arrays, fused=fused, conditional=conditional)
 
 
 def load_bundle(directory: Path | str) -> VerifiedBundle:

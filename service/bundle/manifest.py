@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
-from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY
+from oodserve.bundle.calibration import CONDITIONAL_KEY, FUSED_CALIBRATION_KEY, HELD_OUT_PREFIX, fold_name
 from oodserve.bundle.preprocess import BackboneSpec
 from oodserve.bundle.signals import PARAMETERS_FILE_KEY, SignalSource, signal_kinds
 
@@ -99,9 +99,39 @@ class SignalSpec(StrictModel):
 
 
 class CalibrationSpec(StrictModel):
-    """The .npz with one 1-D float64 array per signal name plus `__fused__`."""
+    """How the bundle's p-values are calibrated, and the .npz of calibration scores (docs/pages/bundle.md).
+
+    - method `split`: one 1-D float64 array per signal plus `__fused__`, from two disjoint held-out splits;
+    - method `cross_conformal`: K = `folds` fold models; signals are named `<signal>.fold<k>` and the fusion names the
+      `<signal>` part; per fold signal its standardising scores, `__held_out__.<fold signal>`, and `__fused__.fold<k>`
+      (Vovk 2015; Barber et al. 2021; Hennhöfer and Preisach 2024);
+    - guarantee `conditional` (split only) with `delta`: `__conditional__` (m + 1,) maps the fused p-value to one whose
+      false-positive rate is at most alpha, for every alpha at once, with probability >= 1 - delta over the calibration
+      draw (Bates et al. 2023).
+    `statement` says the guarantee in words, `minimum_alpha` the smallest alpha that can flag an input.
+    """
 
     file: str
+    method: Literal["split", "cross_conformal"] = "split"
+    folds: int | None = Field(None, ge=2, le=50)
+    guarantee: Literal["marginal", "conditional"] = "marginal"
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    statement: str = ""
+    minimum_alpha: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibrationSpec:
+        if (self.method == "cross_conformal") != (self.folds is not None):
+            raise ValueError("calibration.folds is given exactly when calibration.method is 'cross_conformal'")
+        if (self.guarantee == "conditional") != (self.delta is not None):
+            raise ValueError("calibration.delta is given exactly when calibration.guarantee is 'conditional'")
+        if self.guarantee == "conditional" and self.method != "split":
+            raise ValueError("the conditional guarantee applies to split calibration only")
+        return self
+
+    def fold_names(self, name: str) -> list[str]:
+        """The fold signals (or models) of `name`: `[name]` for split calibration."""
+        return [name] if self.folds is None else [fold_name(name, fold) for fold in range(self.folds)]
 
 
 class FusionSpec(StrictModel):
@@ -207,8 +237,9 @@ class Manifest(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"signal names must be unique, repeated: {duplicates}")
-        if FUSED_CALIBRATION_KEY in names:
-            raise ValueError(f"{FUSED_CALIBRATION_KEY!r} is reserved for the fused calibration array")
+        reserved = [name for name in names if name.startswith(("__", HELD_OUT_PREFIX)) or name in (FUSED_CALIBRATION_KEY, CONDITIONAL_KEY)]
+        if reserved:
+            raise ValueError(f"signal names starting with '__' are reserved for calibration arrays: {reserved}")
         for signal in self.signals:
             where = f"signal {signal.name!r}"
             require_output(signal.model, signal.output, where)
@@ -236,12 +267,27 @@ class Manifest(StrictModel):
                 raise ValueError(f"batch_typicality.signal {test.signal!r} must name a signal of kind 'bits_per_dim'")
             if test.parameters_file not in self.files:
                 raise ValueError(f"batch_typicality parameters file {test.parameters_file!r} is not listed in files")
-        unknown = [name for name in self.fusion.signals if name not in names]
+        groups = self.signal_groups()
+        if sorted(sum(groups.values(), [])) != sorted(names):
+            strays = sorted(set(names) - set(sum(groups.values(), [])))
+            raise ValueError(f"a cross-conformal bundle names every signal <signal>.fold<k> for k < {self.calibration.folds}, "
+                             f"each signal in every fold; these do not fit: {strays}")
+        unknown = [name for name in self.fusion.signals if name not in groups]
         if unknown:
-            raise ValueError(f"fusion names unknown signals {unknown}; declared signals: {names}")
+            raise ValueError(f"fusion names unknown signals {unknown}; declared signals: {sorted(groups)}")
         if len(set(self.fusion.signals)) != len(self.fusion.signals):
             raise ValueError("fusion signals must be unique")
         return self
+
+    def signal_groups(self) -> dict[str, list[str]]:
+        """Reported signal -> the declared signals it is computed from: itself for split calibration, its K fold
+        signals `<signal>.fold<k>` (all present) for a cross-conformal bundle."""
+        names = [signal.name for signal in self.signals]
+        if self.calibration.folds is None:
+            return {name: [name] for name in names}
+        suffix = ".fold0"
+        bases = [name[: -len(suffix)] for name in names if name.endswith(suffix)]
+        return {base: self.calibration.fold_names(base) for base in bases if all(n in names for n in self.calibration.fold_names(base))}
 
     def signal_sources(self) -> dict[str, list[SignalSource]]:
         """For each ONNX model the outputs that signals or the classifier read (all declared models appear)."""

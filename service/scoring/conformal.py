@@ -74,3 +74,19 @@ def _complex_keys(real: np.ndarray, imaginary: np.ndarray) -> np.ndarray:
     keys.real = real
     keys.imag = imaginary
     return keys
+
+
+def count_at_least(sorted_calibration_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """#{calibration >= s} (N,) int64 for every score s (non-finite scores read as +inf)."""
+    calibration = np.asarray(sorted_calibration_scores, dtype=np.float64)
+    return calibration.size - np.searchsorted(calibration, as_non_conformity(scores), side="left")
+
+
+def conditional_p_values(adjusted: np.ndarray, sorted_calibration_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Calibration-conditional p-values (Bates et al. 2023): `adjusted[c]` for c = #{calibration >= s}.
+
+    adjusted: (m + 1,) non-decreasing, from `oodserve.models.build.conditional`: with probability >= 1 - delta over
+    the draw of the m calibration scores, P(adjusted[c(X)] <= alpha | calibration) <= alpha for every alpha at once.
+    Returns (N,) float64.
+    """
+    return np.asarray(adjusted, dtype=np.float64)[count_at_least(sorted_calibration_scores, scores)]

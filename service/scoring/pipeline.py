@@ -10,7 +10,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, CalibrationScores  # noqa: F401  (the key is re-exported)
-from oodserve.scoring.conformal import StackedCalibration, conformal_p_values
+from oodserve.scoring.conformal import StackedCalibration, conditional_p_values, conformal_p_values
+from oodserve.scoring.cross_conformal import cross_conformal_counts, cross_conformal_p_values, tail_extended_p_values
 from oodserve.scoring.fusion import fused_statistic
 from oodserve.scoring.signals import SIGNAL_KINDS, ModelOutputs, SignalSource, softmax
 
@@ -37,8 +38,10 @@ class FusionRule:
 
 @dataclass(frozen=True)
 class Calibration(CalibrationScores):
-    """A bundle's sorted calibration scores ((n_k,) per signal, (m,) fused) with their conformal p-values."""
+    """A bundle's sorted calibration scores ((n_k,) per signal, (m,) fused) with their conformal p-values; `groups`
+    maps each reported signal to the declared signals it comes from (its K fold signals in a cross-conformal bundle)."""
 
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     stacked: StackedCalibration | None = field(init=False, repr=False, compare=False)
     """Every signal's scores in one array (per_signal's order): all p-values of a batch in one search."""
 
@@ -47,8 +50,44 @@ class Calibration(CalibrationScores):
         object.__setattr__(self, "stacked", stacked)
 
     @classmethod
-    def of(cls, scores: CalibrationScores) -> Calibration:
-        return cls(per_signal=scores.per_signal, fused=scores.fused)
+    def of(cls, scores: CalibrationScores, groups: Mapping[str, Sequence[str]] | None = None) -> Calibration:
+        """`groups` as `Manifest.signal_groups` gives them; by default every signal stands for itself."""
+        named = {name: tuple(members) for name, members in (groups or {name: [name] for name in scores.per_signal}).items()}
+        return cls(per_signal=scores.per_signal, fused=scores.fused, folds=scores.folds, held_out=scores.held_out,
+                   fused_by_fold=scores.fused_by_fold, conditional=scores.conditional, groups=named)
+
+    def reported_calibration(self) -> dict[str, np.ndarray]:
+        """Reported signal -> its sorted held-out calibration scores: its own array, or for a cross-conformal bundle every
+        fold's held-out scores together (each scored by its own fold's models)."""
+        if not self.folds:
+            return {name: np.asarray(self.per_signal[name]) for name in self.groups}
+        return {name: np.sort(np.concatenate([self.held_out[member] for member in members])) for name, members in self.groups.items()}
+
+    def fused_p_values(self, fused_scores: np.ndarray) -> np.ndarray:
+        """(N,) p-values of fused statistics (N,): conformal, or calibration-conditional when the bundle has the band."""
+        if self.conditional is not None:
+            return conditional_p_values(self.conditional, self.fused, fused_scores)
+        return conformal_p_values(self.fused, fused_scores)
+
+    def cross_conformal(
+        self, fusion: FusionRule, signals: Mapping[str, np.ndarray], p_values: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """A cross-conformal bundle's verdict parts from its fold signals (N,) and their standardising p-values:
+        (reported signals: the mean over folds, reported p-values: cross-conformal against the held-out scores, fused
+        score: how many of the n held-out fused statistics the input's fold statistics exceed (0..n), fused p-value:
+        (1 + n - score) / (n + 1)), all (N,) (`oodserve.scoring.cross_conformal`)."""
+        fold_statistics = [
+            fold_statistic(fusion, {name: self.groups[name][fold] for name in fusion.signals}, signals, self.per_signal, p_values)
+            for fold in range(self.folds)
+        ]
+        counts = cross_conformal_counts(self.fused_by_fold, fold_statistics)
+        total = float(self.fused.size)
+        reported = {name: np.mean([signals[member] for member in members], axis=0) for name, members in self.groups.items()}
+        reported_p = {
+            name: cross_conformal_p_values([self.held_out[member] for member in members], [signals[member] for member in members])
+            for name, members in self.groups.items()
+        }
+        return reported, reported_p, total - counts, (1.0 + counts) / (total + 1.0)
 
     def signal_p_values(self, signals: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """name -> (N,) conformal p-values of every signal in `signals` (each (N,)), all in one search when
@@ -180,12 +219,16 @@ def score_outputs(
 
     p_k = conformal p-value of signal k against its calibration scores; the fused statistic
     (fusion.method over fusion.signals) gets its own conformal p-value against the fused
-    calibration; is_ood = fused p-value < alpha.
+    calibration (calibration-conditional when the bundle has that guarantee); is_ood = fused p-value < alpha.
+    A cross-conformal bundle reports its signals per reported name (`Calibration.cross_conformal`).
     """
     signals = compute_signals(definitions, outputs, images, prepared)
     p_values = calibration.signal_p_values(signals)
-    fused_score = fused_statistic(fusion.method, p_values, fusion.signals)
-    fused_p_value = conformal_p_values(calibration.fused, fused_score)
+    if calibration.folds:
+        signals, p_values, fused_score, fused_p_value = calibration.cross_conformal(fusion, signals, p_values)
+    else:
+        fused_score = fused_statistic(fusion.method, p_values, fusion.signals)
+        fused_p_value = calibration.fused_p_values(fused_score)
     predicted_class = confidence = None
     if classifier_logits is not None:
         logits = np.asarray(outputs[classifier_logits.model][classifier_logits.output])
@@ -200,6 +243,24 @@ def score_outputs(
         predicted_class=predicted_class,
         confidence=confidence,
     )
+
+
+def fold_statistic(
+    fusion: FusionRule,
+    members: Mapping[str, str],
+    signals: Mapping[str, np.ndarray],
+    standardising: Mapping[str, np.ndarray],
+    p_values: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """One fold's fused statistic T_k (N,) in a cross-conformal bundle: the fusion over `tail_extended_p_values` of the
+    fold's signals. members: reported signal -> its fold signal; signals: fold signal -> (N,) values; standardising:
+    fold signal -> its sorted standardising scores; p_values: their plain conformal p-values when already computed.
+    The builder (held-out rows) and the engine (inputs) both call this."""
+    extended = {
+        name: tail_extended_p_values(standardising[member], signals[member], None if p_values is None else p_values[member])
+        for name, member in members.items()
+    }
+    return fused_statistic(fusion.method, extended, fusion.signals)
 
 
 def fused_calibration_scores(

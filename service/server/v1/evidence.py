@@ -21,13 +21,13 @@ router = APIRouter(prefix="/v1", tags=["v1"])
     responses=ERROR_RESPONSES,
 )
 async def get_calibration(engine: NamedEngineDep, bins: Annotated[int, Query(ge=1, le=MAX_BINS)] = 40) -> OrjsonResponse:
-    calibration = engine.bundle.calibration
+    calibration = engine.calibration
     return OrjsonResponse({
         "model": engine.name,
         "model_version": engine.version,
         "bins": bins,
         "direction": "larger scores are less like the calibration data; p-value = (1 + #calibration scores >= score) / (n + 1)",
-        "signals": {name: calibration_histogram(scores, bins).to_json() for name, scores in calibration.per_signal.items()},
+        "signals": {name: calibration_histogram(scores, bins).to_json() for name, scores in calibration.reported_calibration().items()},
         "fused": calibration_histogram(calibration.fused, bins).to_json(),
     })
 

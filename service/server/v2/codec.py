@@ -47,7 +47,7 @@ def output_specs(engine: Engine) -> tuple[tuple[str, str], ...]:
 def _derive_output_specs(engine: Engine) -> tuple[tuple[str, str], ...]:
     specs = list(FIXED_OUTPUTS)
     taken = {name for name, _ in specs}
-    specs += [(signal.name, "FP64") for signal in engine.manifest.signals if signal.name not in taken]
+    specs += [(name, "FP64") for name in engine.reported_signals if name not in taken]
     if engine.manifest.classifier is not None and "class_index" not in {name for name, _ in specs}:
         specs.append(("class_index", "INT64"))
     return tuple(specs)
