@@ -97,12 +97,19 @@ def fit_command(
                                                     "training images; the FPR guarantee then does NOT hold"),
     min_accuracy: float | None = typer.Option(None, help="with --backbone: the accuracy below which the fit stops [default: "
                                               "chance + 25% of the way to 1]"),
+    guarantee: str = typer.Option("marginal", help="vectors: marginal (FPR <= alpha on average over calibration draws) or "
+                                  "conditional (FPR <= alpha with probability >= 1 - delta for this bundle; needs >= 1,000 rows)"),
+    delta: float = typer.Option(0.1, help="with --guarantee conditional: the allowed probability that the calibration draw breaks it"),
 ) -> None:
     """Train, export, calibrate and choose the fusion for your own data; writes a bundle `oodserve serve` serves."""
     from oodserve.models.fit.run import FitSettings, fit, format_summary
 
     if labels not in ("auto", "none"):
         raise typer.BadParameter(f"--labels must be auto or none, got {labels!r}")
+    if guarantee not in ("marginal", "conditional"):
+        raise typer.BadParameter(f"--guarantee must be marginal or conditional, got {guarantee!r}")
+    if not 0.0 < delta < 1.0:
+        raise typer.BadParameter(f"--delta must be between 0 and 1, got {delta:g}")
     if backbone is not None:
         from oodserve.models.fit.backbone import BackboneOptions, fit_backbone, parse_preprocess
         from oodserve.models.fit.run import bundle_name
@@ -119,7 +126,7 @@ def fit_command(
         return
     try:
         result = fit(FitSettings(data=data, out=out, name=name, minutes=minutes, labels=labels, label_column=label_column,
-                                 seed=seed, work=work, resize=resize))
+                                 seed=seed, work=work, resize=resize, delta=delta if guarantee == "conditional" else None))
     except DataError as error:
         typer.echo(f"oodserve fit: {error}", err=True)
         raise typer.Exit(code=2) from error

@@ -305,6 +305,16 @@ def vector_reference_outputs(model: VectorReference, features: np.ndarray) -> di
     return {"standardized": standardized, "knn_distance": distance, "knn_ratio": distance / (neighbour_mean + 1e-12)}
 
 
+def vector_reference_leave_one_out(model: VectorReference) -> dict[str, np.ndarray]:
+    """`knn_distance` and `knn_ratio` (M,) of the reference rows themselves, each row left out of its own neighbours:
+    what `vector_reference_model` gives a new row, for rows it was fitted on (its own outputs would count the row's
+    zero distance to itself)."""
+    index = np.concatenate([_nearest(model.reference[start : start + 1024], model.reference, model.k, skip_self=True)[0]
+                            for start in range(0, len(model.reference), 1024)])
+    distance = model.reference_knn
+    return {"knn_distance": distance, "knn_ratio": distance / (model.reference_knn[index].mean(axis=1) + 1e-12)}
+
+
 def _nearest(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Indices (N, k) of the k nearest reference rows and the mean distance to them (N,); `skip_self` drops
     each query's first neighbour (the query itself when queries are the reference)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,11 @@ from oodserve.datasets import (  # noqa: F401  (re-exported: the loaders' public
 
 # ---------------------------------------------------------------------------------------------- vectors
 
+logger = logging.getLogger("oodserve.fit")
+
 MIN_EXAMPLES = 200
+MIN_VECTOR_ROWS = 30
+"""Vector sets below 1,000 rows are calibrated cross-conformally (`oodserve.models.fit.cross_conformal`), down to this."""
 MIN_PER_CLASS = 5
 MAX_FEATURES = 4096
 VECTOR_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -90,7 +95,8 @@ def load_vectors(path: str | Path, label_column: str | None = None, labels: str 
     columns; `label_column` names the label column). `labels`: "auto" (use labels where present) or "none".
 
     Refuses, naming the file: other shapes, non-numeric feature columns (by name), NaN/Inf cells (rows and
-    columns), fewer than 200 rows, more than 4096 features, a class with fewer than 5 examples.
+    columns), fewer than 30 rows, more than 4096 features. Labels with a class of fewer than 5 examples (or one
+    class only) are set aside with a warning: the fit goes on label-free.
     """
     path = Path(path)
     if not path.exists():
@@ -146,8 +152,8 @@ def load_vectors(path: str | Path, label_column: str | None = None, labels: str 
             f"{path}: {int(bad.sum())} missing or non-finite cells (NaN/Inf) in {rows.size} rows "
             f"(first rows {rows[:5].tolist()}), columns {columns_bad[:10]}; fill or drop them first"
         )
-    if count < MIN_EXAMPLES:
-        raise DataError(f"{path}: {count} rows; oodserve fit needs at least {MIN_EXAMPLES} to train and calibrate")
+    if count < MIN_VECTOR_ROWS:
+        raise DataError(f"{path}: {count} rows; oodserve fit needs at least {MIN_VECTOR_ROWS} vectors to train and calibrate")
     if not 1 <= dimensions <= MAX_FEATURES:
         raise DataError(f"{path}: {dimensions} features; oodserve fit takes 1 to {MAX_FEATURES}")
     indices = class_names = None
@@ -155,7 +161,11 @@ def load_vectors(path: str | Path, label_column: str | None = None, labels: str 
         if len(raw_labels) != count:
             raise DataError(f"{path}: {len(raw_labels)} labels for {count} rows")
         indices, class_names = _encode_labels(np.asarray(raw_labels), str(path), "the label column" if label_column else "`y`")
-        check_class_sizes(indices, class_names, str(path))
+        try:
+            check_class_sizes(indices, class_names, str(path))
+        except DataError as error:
+            logger.warning("%s; fitting without labels", error)
+            indices = class_names = None
     return VectorSet(features, names, indices, class_names, str(path))
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from oodserve.bundle.calibration import CONDITIONAL_KEY
 from oodserve.bundle.manifest import (
     SCHEMA_VERSION,
     BatchTypicalitySpec,
@@ -36,6 +37,7 @@ from oodserve.bundle.manifest import (
     SignalSpec,
 )
 from oodserve.bundle.writer import write_bundle
+from oodserve.models.build.conditional import conditional_band, conditional_statement
 from oodserve.models.build.fusion_choice import FusionCandidate, choice_reason, choose_fusion
 from oodserve.models.build.signals import CALIBRATION_FILE, FittedSignals, p_values_against, write_signal_data
 from oodserve.scoring.conformal import sort_calibration_scores
@@ -143,10 +145,38 @@ def calibrate(models: BundleModels, fitted: FittedSignals, sets: CalibrationSets
     return Calibrated(per_signal, fused, fusion, ranked, fusion_set_signals)
 
 
-def write_calibrated_bundle(directory: Path, fitted: FittedSignals, calibrated: Calibrated, description: BundleDescription) -> Manifest:
-    """Step 4: calibration.npz, the parameters files and a verified manifest.json (every file hashed) into `directory`."""
+def marginal_statement(count: int) -> str:
+    """The split-conformal guarantee in words, for `count` fused calibration scores."""
+    return (f"split conformal (marginal): averaged over calibration draws, the false-positive rate at alpha is at most alpha "
+            f"({count} fused calibration scores; one bundle's realised rate at alpha 0.05 varies with its draw by about "
+            f"+-{np.sqrt(0.05 * 0.95 / count):.3f}); the smallest alpha is 1/{count + 1}")
+
+
+def calibration_spec(fused: np.ndarray, delta: float | None, default_alpha: float) -> tuple[CalibrationSpec, dict[str, np.ndarray]]:
+    """The manifest's calibration block and the extra arrays for the fused calibration scores (m,): the marginal
+    guarantee, or with `delta` the calibration-conditional band (`oodserve.models.build.conditional`). Refuses a
+    band whose smallest p-value leaves `default_alpha` nothing to flag."""
+    count = len(fused)
+    if delta is None:
+        return CalibrationSpec(file=CALIBRATION_FILE, statement=marginal_statement(count), minimum_alpha=1.0 / (count + 1)), {}
+    band = conditional_band(count, delta)
+    if band[0] >= default_alpha:
+        raise ValueError(f"--guarantee conditional with delta {delta:g} over {count} fused calibration scores cannot flag anything at "
+                         f"alpha {default_alpha:g} (its smallest p-value is {band[0]:.4f}); use more rows, a larger delta or alpha")
+    spec = CalibrationSpec(file=CALIBRATION_FILE, guarantee="conditional", delta=delta,
+                           statement=conditional_statement(delta, count, band), minimum_alpha=float(band[0]))
+    return spec, {CONDITIONAL_KEY: band}
+
+
+def write_calibrated_bundle(
+    directory: Path, fitted: FittedSignals, calibrated: Calibrated, description: BundleDescription, delta: float | None = None
+) -> Manifest:
+    """Step 4: calibration.npz, the parameters files and a verified manifest.json (every file hashed) into `directory`;
+    with `delta`, the calibration-conditional guarantee (`calibration_spec`)."""
+    spec, extra = calibration_spec(calibrated.fused, delta, description.default_alpha)
     write_signal_data(
-        directory, {**calibrated.per_signal, FUSED_CALIBRATION_KEY: calibrated.fused}, {**fitted.parameter_files, **description.extra_files}
+        directory, {**calibrated.per_signal, FUSED_CALIBRATION_KEY: calibrated.fused, **extra},
+        {**fitted.parameter_files, **description.extra_files},
     )
     manifest_fields: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -158,7 +188,7 @@ def write_calibrated_bundle(directory: Path, fitted: FittedSignals, calibrated: 
         "models": description.models,
         "classifier": description.classifier,
         "signals": [SignalSpec.model_validate(entry) for entry in fitted.manifest_entries],
-        "calibration": CalibrationSpec(file=CALIBRATION_FILE),
+        "calibration": spec,
         "fusion": calibrated.fusion,
         "default_alpha": description.default_alpha,
         "provenance": description.provenance,
@@ -175,11 +205,13 @@ def calibrate_and_write(
     sets: CalibrationSets,
     fusion: FusionSpec | FusionSearch,
     describe: Callable[[Calibrated], BundleDescription],
+    delta: float | None = None,
 ) -> Manifest:
     """Calibrate the fitted signals on the held-out sets, settle the fusion rule and write the bundle into `directory`;
-    `describe` gives the rest of the manifest once the calibration is known (its fusion search goes into the provenance)."""
+    `describe` gives the rest of the manifest once the calibration is known (its fusion search goes into the provenance);
+    `delta` asks for the calibration-conditional guarantee."""
     calibrated = calibrate(models, fitted, sets, fusion)
-    return write_calibrated_bundle(directory, fitted, calibrated, describe(calibrated))
+    return write_calibrated_bundle(directory, fitted, calibrated, describe(calibrated), delta)
 
 
 def fresh_staging(out: Path) -> Path:

@@ -57,11 +57,19 @@ def fit_signals(
     for plan in plans:
         source = SignalSource(plan.model, plan.output)
         fitted = SIGNAL_KINDS[plan.kind].fit(reference_outputs, reference_images, source, plan.options, labels)
-        if fitted.arrays:
-            files[str(fitted.params[PARAMETERS_FILE_KEY])] = fitted.arrays
-        definitions.append(SignalDefinition(plan.name, plan.kind, source, dict(fitted.params), fitted.arrays))
+        arrays = as_loaded(fitted.arrays)
+        if arrays:
+            files[str(fitted.params[PARAMETERS_FILE_KEY])] = arrays
+        definitions.append(SignalDefinition(plan.name, plan.kind, source, dict(fitted.params), arrays))
         entries.append({"name": plan.name, "kind": plan.kind, "model": plan.model, "output": plan.output, "params": fitted.params})
     return FittedSignals(definitions, entries, files)
+
+
+def as_loaded(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parameter arrays laid out as the bundle loader hands them to the engine (C-contiguous): numpy's kernels (einsum,
+    matmul) may round differently for another memory layout, and calibration scores must be computed exactly as the
+    served ones (issue 30: a transposed Cholesky factor moved class-conditional densities by one unit in the last place)."""
+    return {name: np.ascontiguousarray(array) for name, array in arrays.items()}
 
 
 def fitted_from_entries(entries: Sequence[Mapping[str, Any]], parameter_files: Mapping[str, Mapping[str, np.ndarray]]) -> FittedSignals:
@@ -70,7 +78,7 @@ def fitted_from_entries(entries: Sequence[Mapping[str, Any]], parameter_files: M
     definitions = []
     for entry in entries:
         params = dict(entry.get("params", {}))
-        arrays = dict(parameter_files.get(params.get(PARAMETERS_FILE_KEY, ""), {}))
+        arrays = as_loaded(parameter_files.get(params.get(PARAMETERS_FILE_KEY, ""), {}))
         definitions.append(SignalDefinition(entry["name"], entry["kind"], SignalSource(entry["model"], entry["output"]), params, arrays))
     return FittedSignals(definitions, [dict(entry) for entry in entries], {name: dict(arrays) for name, arrays in parameter_files.items()})
 

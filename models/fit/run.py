@@ -27,6 +27,8 @@ class FitSettings:
     seed: int = 0
     work: Path | None = None
     default_alpha: float = 0.05
+    delta: float | None = None
+    """Vectors: the calibration-conditional guarantee, FPR <= alpha with probability >= 1 - delta over the calibration draw."""
     resize: str | None = None
     """Images: HxW to resize every image to (sides 8..64)."""
     image_options: ImageFitOptions | None = None
@@ -50,12 +52,17 @@ def fit(settings: FitSettings, class_names: list[str] | None = None) -> FitResul
         if settings.resize is not None:
             raise DataError(f"{settings.data}: --resize applies to images, and this file holds feature vectors")
         data = load_vectors(settings.data, settings.label_column, settings.labels)
-        return fit_vectors(data, settings.out, name=bundle_name(settings), minutes=settings.minutes, seed=settings.seed,
-                           work=settings.work, default_alpha=settings.default_alpha)
+        try:
+            return fit_vectors(data, settings.out, name=bundle_name(settings), minutes=settings.minutes, seed=settings.seed,
+                               work=settings.work, default_alpha=settings.default_alpha, delta=settings.delta)
+        except ValueError as error:
+            raise DataError(str(error)) from error
     if settings.label_column is not None:
         raise DataError(
             f"{settings.data}: --label-column names a CSV / Parquet column; image labels come from `y`, IDX label files or class folders"
         )
+    if settings.delta is not None:
+        raise DataError(f"{settings.data}: --guarantee conditional is offered for feature vectors; image bundles are calibrated marginally")
     images = load_image_dataset(settings.data, settings.labels, parse_resize(settings.resize), class_names)
     return fit_images(images, settings.out, name=bundle_name(settings), minutes=settings.minutes, seed=settings.seed, work=settings.work,
                       default_alpha=settings.default_alpha, options=settings.image_options)

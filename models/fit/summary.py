@@ -25,10 +25,14 @@ def figure_text(values: dict[str, Any]) -> str:
 
 def closing_rows(manifest: dict[str, Any], minimum_alpha: float, budget: Budget) -> list[tuple[str, str]]:
     """The rows every fit ends with: the fusion and why, the alphas, how the budget went."""
-    fusion = manifest["fusion"]
+    fusion, calibration = manifest["fusion"], manifest["calibration"]
+    conditional = calibration.get("guarantee") == "conditional"
+    smallest = calibration.get("minimum_alpha") or minimum_alpha
     return [
         ("fusion", f"{fusion['method']} over {fusion['signals']}"),
         ("why", fusion["reason"]),
-        ("alpha", f"default {manifest['default_alpha']:g}; minimum supported {minimum_alpha:.4f} (1 / (fusion calibration + 1))"),
+        ("method", calibration.get("statement") or "split conformal"),
+        ("alpha", f"default {manifest['default_alpha']:g}; minimum supported {smallest:.4f} "
+                  + ("(the smallest calibration-conditional p-value)" if conditional else "(1 / (fusion calibration + 1))")),
         ("budget", budget.split_text()),
     ]

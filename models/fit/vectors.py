@@ -37,11 +37,13 @@ from oodserve.models.build.calibrate import (
     publish_staging,
 )
 from oodserve.models.build.onnx_outputs import OnnxModels
-from oodserve.models.build.signals import SignalPlan, code_version, fit_signals
+from oodserve.models.build.signals import code_version, fit_signals
 from oodserve.models.closed_form import fit_vector_reference, vector_reference_model
 from oodserve.models.data import VectorSet
 from oodserve.models.fit.budget import Budget
+from oodserve.models.fit.cross_conformal import CROSS_CONFORMAL_BELOW, fit_vectors_cross_conformal
 from oodserve.models.fit.summary import FitResult, closing_rows, figure_text
+from oodserve.models.fit.vector_signals import FLOAT32_LIMIT, KNN_NEIGHBOURS, MAX_REFERENCE_ROWS, constant_columns, vector_signal_plans
 from oodserve.models.fit.work import WorkDirectory, data_fingerprint
 from oodserve.models.flows.tabular import build_tabular_flow, export_tabular_flow, train_tabular_flow
 from oodserve.models.perturbations import make_perturbed_vectors
@@ -50,48 +52,21 @@ from oodserve.models.splits import DataSplit, fit_split
 
 logger = logging.getLogger("oodserve.fit")
 
-FLOAT32_LIMIT = 3.0e38
-"""Vector inputs are refused only when not finite (or beyond float32): OOD rows must be scored, not refused."""
-KNN_NEIGHBOURS = 5
-MAX_REFERENCE_ROWS = 5000
-
-
-def constant_columns(features: np.ndarray) -> np.ndarray:
-    """Indices of the columns of `features` (N, D) that take one value only."""
-    return np.flatnonzero(np.ptp(features, axis=0) == 0)
-
-
-def vector_signal_plans(has_flow: bool, has_classifier: bool) -> list[SignalPlan]:
-    """The signals of a vector bundle (each kind's `fit` learns its parameters on the training split)."""
-    plans = [
-        SignalPlan("knn_distance", "model_output", "reference", "knn_distance", {"sign": 1.0}),
-        SignalPlan("knn_ratio", "model_output", "reference", "knn_ratio", {"sign": 1.0}),
-        SignalPlan("gaussian_density", "feature_density", "reference", "standardized",
-                   {"parameters_file": "gaussian.npz", "class_conditional": False}),
-    ]
-    if has_flow:
-        plans += [
-            SignalPlan("flow_nll", "model_output", "flow", "log_prob", {"sign": -1.0}),
-            SignalPlan("flow_typicality", "model_output", "flow", "log_prob", {"two_sided": True}),
-        ]
-    if has_classifier:
-        plans += [
-            SignalPlan("class_gaussian_density", "feature_density", "reference", "standardized",
-                       {"parameters_file": "class_gaussians.npz"}),
-            SignalPlan("sngp_variance", "model_output", "sngp", "variance", {"sign": 1.0}),
-            SignalPlan("sngp_max_softmax", "max_softmax", "sngp", "logits"),
-            SignalPlan("sngp_feature_density", "feature_density", "sngp", "features", {"parameters_file": "sngp_feature_density.npz"}),
-        ]
-    return plans
-
-
 def fit_vectors(
-    data: VectorSet, out: Path, *, name: str, minutes: float, seed: int = 0, work: Path | None = None, default_alpha: float = 0.05
+    data: VectorSet, out: Path, *, name: str, minutes: float, seed: int = 0, work: Path | None = None, default_alpha: float = 0.05,
+    delta: float | None = None,
 ) -> FitResult:
-    """Fit a bundle for `data` into `out` (replaced only once the new bundle is complete) within `minutes`."""
-    budget = Budget(minutes * 60.0)
+    """Fit a bundle for `data` into `out` (replaced only once the new bundle is complete) within `minutes`; below
+    `CROSS_CONFORMAL_BELOW` rows the bundle is calibrated cross-conformally (`oodserve.models.fit.cross_conformal`).
+    `delta`: the calibration-conditional guarantee (split calibration only)."""
     features, labels = data.features, data.labels
     count, dimensions = features.shape
+    if count < CROSS_CONFORMAL_BELOW and delta is not None:
+        raise ValueError(f"{data.source}: --guarantee conditional needs split calibration, which takes at least {CROSS_CONFORMAL_BELOW} "
+                         f"rows; {count} rows are calibrated cross-conformally, with the marginal (CV+) guarantee only")
+    if count < CROSS_CONFORMAL_BELOW:
+        return fit_vectors_cross_conformal(data, out, name=name, minutes=minutes, seed=seed, default_alpha=default_alpha)
+    budget = Budget(minutes * 60.0)
     split = fit_split(count, seed, labels)
     constant = constant_columns(features[split.train])
     kept = np.setdiff1d(np.arange(dimensions), constant)
@@ -122,7 +97,7 @@ def fit_vectors(
                                       reference, kept, dimensions, staging, seed)
     with budget.timed("calibration and fusion"):
         manifest = _calibrate_and_write(data, staging, split, kept, constant, has_flow, has_classifier, figures, budget,
-                                        name=name, seed=seed, default_alpha=default_alpha)
+                                        name=name, seed=seed, default_alpha=default_alpha, delta=delta)
     publish_staging(staging, out)
     return FitResult(out, _summary(data, split, manifest, figures, budget, constant), manifest)
 
@@ -171,7 +146,7 @@ def _sngp_stage(work: WorkDirectory, budget: Budget, standardized: np.ndarray, l
 
 def _calibrate_and_write(
     data: VectorSet, staging: Path, split: DataSplit, kept: np.ndarray, constant: np.ndarray, has_flow: bool, has_classifier: bool,
-    figures: dict[str, dict[str, Any]], budget: Budget, *, name: str, seed: int, default_alpha: float,
+    figures: dict[str, dict[str, Any]], budget: Budget, *, name: str, seed: int, default_alpha: float, delta: float | None,
 ) -> dict[str, Any]:
     """Fit the signals on the training split, calibrate them, choose the fusion on self-made perturbations of the
     validation rows and write the bundle into `staging` (`oodserve.models.build.calibrate`). Returns the manifest as JSON."""
@@ -213,7 +188,7 @@ def _calibrate_and_write(
         )
 
     sets = CalibrationSets(signal=features[split.signal_calibration], fusion=features[split.fusion_calibration])
-    return calibrate_and_write(staging, models, fitted, sets, search, describe).model_dump(mode="json")
+    return calibrate_and_write(staging, models, fitted, sets, search, describe, delta).model_dump(mode="json")
 
 
 def _summary(data: VectorSet, split: DataSplit, manifest: dict[str, Any], figures: dict[str, dict[str, Any]], budget: Budget,

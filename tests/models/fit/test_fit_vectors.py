@@ -1,5 +1,7 @@
 """`oodserve fit` on feature vectors: tiny bundles fitted in seconds from every vector format, labelled and
-not, served by the real app; bad data refused with a message naming the file, rows or columns."""
+not, served by the real app; bad data refused with a message naming the file, rows or columns. Sets of 1,000 rows and
+more are calibrated on separate splits (here with the calibration-conditional guarantee), smaller ones cross-conformally
+(tests/models/fit/test_cross_conformal.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from oodserve.cli import app as cli_app
 from oodserve.config import Settings
+from oodserve.engine import Engine
 from oodserve.models.data import DataError, load_vectors
 from oodserve.models.fit.budget import Budget
 from oodserve.models.fit.run import FitSettings, fit
@@ -21,6 +24,7 @@ from oodserve.models.splits import fit_split, split_sizes
 from oodserve.server.app import create_app
 
 ROWS, FEATURES = 400, 6
+SPLIT_ROWS = 1200
 
 
 def blobs(rows: int = ROWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,9 +39,9 @@ def blobs(rows: int = ROWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def labelled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fit")
-    features, labels = blobs()
+    features, labels = blobs(SPLIT_ROWS)
     np.savez(directory / "blobs.npz", x=features, y=labels)
-    result = fit(FitSettings(data=directory / "blobs.npz", out=directory / "blobs-bundle", minutes=0.15, seed=1))
+    result = fit(FitSettings(data=directory / "blobs.npz", out=directory / "blobs-bundle", minutes=0.15, seed=1, delta=0.1))
     return result.bundle
 
 
@@ -47,6 +51,7 @@ def test_a_labelled_npz_fits_into_a_bundle_the_service_serves(labelled_bundle: P
                                  "features": [f"x{i}" for i in range(FEATURES)]}
     assert manifest["labels"] == ["0", "1", "2"] and manifest["classifier"] == {"model": "sngp", "logits": "logits"}
     assert set(manifest["models"]) == {"reference", "flow", "sngp"}
+    assert manifest["calibration"]["method"] == "split" and manifest["calibration"]["guarantee"] == "conditional"
     assert manifest["provenance"]["constant_columns_dropped"] == [f"x{FEATURES - 1}"]
     assert manifest["provenance"]["minimum_alpha"] == pytest.approx(1 / (manifest["provenance"]["splits"]["fusion_calibration"] + 1))
     features, _ = blobs(seed=5)
@@ -67,6 +72,26 @@ def test_a_labelled_npz_fits_into_a_bundle_the_service_serves(labelled_bundle: P
     assert v2["parameters"]["feature_names"].startswith("x0,x1")
 
 
+def test_replaying_the_calibration_rows_through_the_served_engine_gives_the_stored_arrays_exactly(labelled_bundle: Path) -> None:
+    """The leak check of issue 30: rebuild the fit's split, score its calibration rows as a client would (float32,
+    through the engine) and compare with calibration.npz bit for bit; and the conditional p-value is the band's."""
+    features, labels = blobs(SPLIT_ROWS)
+    split = fit_split(SPLIT_ROWS, 1, labels)
+    engine = Engine.load(labelled_bundle)
+    calibration = engine.bundle.calibration
+    signal_rows = engine.score(features[split.signal_calibration].astype(np.float32))
+    for name, stored in calibration.per_signal.items():
+        np.testing.assert_array_equal(np.sort(signal_rows.signals[name]), stored, err_msg=name)
+    fusion_rows = engine.score(features[split.fusion_calibration].astype(np.float32))
+    np.testing.assert_array_equal(np.sort(fusion_rows.fused_score), calibration.fused)
+    assert calibration.conditional is not None
+    counts = len(calibration.fused) - np.searchsorted(calibration.fused, fusion_rows.fused_score, side="left")
+    np.testing.assert_array_equal(fusion_rows.fused_p_value, calibration.conditional[counts])
+    assert engine.minimum_alpha == calibration.conditional[0] > 1.0 / (len(calibration.fused) + 1)
+    no_overlap = np.intersect1d(np.concatenate([split.train, split.validation]), split.calibration)
+    assert no_overlap.size == 0
+
+
 def _npy(array: np.ndarray) -> bytes:
     import io
 
@@ -84,11 +109,12 @@ def test_a_csv_with_a_label_column_and_an_unlabelled_fit_from_the_cli(tmp_path: 
                                           "--label-column", "kind", "--minutes", "0.1"])
     assert result.exit_code == 0, result.output
     assert "3 classes" in result.output and "minimum supported" in result.output and "fusion" in result.output
+    assert "cross-conformal, 5 folds over 400 rows" in result.output and "small data costs" in result.output
     manifest = json.loads((tmp_path / "csv-bundle" / "manifest.json").read_text())
     assert manifest["labels"] == ["cat", "dog", "eel"] and manifest["input"]["features"] == [f"f{i}" for i in range(FEATURES)]
     np.save(tmp_path / "plain.npy", features)
     unlabelled = fit(FitSettings(data=tmp_path / "plain.npy", out=tmp_path / "plain-bundle", minutes=0.1, labels="none"))
-    assert unlabelled.manifest["classifier"] is None and "sngp" not in unlabelled.manifest["models"]
+    assert unlabelled.manifest["classifier"] is None and not any(model.startswith("sngp") for model in unlabelled.manifest["models"])
     with TestClient(create_app(Settings(bundle=unlabelled.bundle, warmup_batch_size=2))) as client:
         answer = client.post("/v1/score", json={"instances": [features[0].tolist()]}).json()
     assert "prediction" not in answer["results"][0]
@@ -110,7 +136,7 @@ def test_parquet_vectors_load_with_their_column_names_and_labels(tmp_path: Path)
 
 
 def test_a_second_fit_with_the_same_work_directory_reuses_the_trained_models(tmp_path: Path) -> None:
-    features, _ = blobs()
+    features, _ = blobs(SPLIT_ROWS)
     np.save(tmp_path / "data.npy", features)
     settings = FitSettings(data=tmp_path / "data.npy", out=tmp_path / "bundle", minutes=0.1, work=tmp_path / "work")
     first = fit(settings)
@@ -123,12 +149,11 @@ def test_a_second_fit_with_the_same_work_directory_reuses_the_trained_models(tmp
     ("write", "message"),
     [
         (lambda path: np.save(path / "d.npy", np.where(np.eye(300, 4, dtype=bool), np.nan, 1.0)), "non-finite cells"),
-        (lambda path: np.save(path / "d.npy", np.ones((150, 4))), "150 rows"),
+        (lambda path: np.save(path / "d.npy", np.ones((29, 4))), "29 rows; oodserve fit needs at least 30"),
         (lambda path: np.save(path / "d.npy", np.ones((300, 2))[:, :, None]), "2-D array"),
         (lambda path: (path / "d.csv").write_text("a,b,name\n" + "1,2,x\n" * 300), "['name'] are not numeric"),
         (lambda path: (path / "d.csv").write_text("a,b\n1,2\n3\n"), "cannot be read as CSV"),
         (lambda path: np.savez(path / "d.npz", features=np.ones((300, 3))), "array named `x`"),
-        (lambda path: np.savez(path / "d.npz", x=np.ones((300, 3)), y=np.r_[np.zeros(297), np.ones(3)]), "fewer than 5 examples"),
     ],
 )
 def test_bad_data_is_refused_naming_the_file_and_what_is_wrong(tmp_path: Path, write, message: str) -> None:
@@ -139,6 +164,14 @@ def test_bad_data_is_refused_naming_the_file_and_what_is_wrong(tmp_path: Path, w
     assert str(path) in str(refused.value) and message in str(refused.value)
     result = CliRunner().invoke(cli_app, ["fit", str(path), "--out", str(tmp_path / "never")])
     assert result.exit_code == 2 and str(path) in result.output and not (tmp_path / "never").exists()
+
+
+def test_labels_with_a_class_too_small_to_learn_are_set_aside_and_the_fit_goes_on_label_free(tmp_path: Path,
+                                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(300, 3)), y=np.r_[np.zeros(297), np.ones(3)])
+    loaded = load_vectors(tmp_path / "d.npz")
+    assert loaded.labels is None and loaded.class_names is None
+    assert "fewer than 5 examples" in caplog.text and "fitting without labels" in caplog.text
 
 
 def test_nan_rows_and_columns_are_named(tmp_path: Path) -> None:
