@@ -227,6 +227,9 @@ def fit_linear_gaussian_process(
 # ---------------------------------------------------------------------------------------------- vectors
 
 
+LOF_NEIGHBOURS = 20
+
+
 @dataclass(frozen=True, eq=False)
 class VectorReference:
     """Standardisation of feature vectors and a stored reference set for k-nearest-neighbour distances.
@@ -242,6 +245,12 @@ class VectorReference:
     reference: np.ndarray
     k: int
     reference_knn: np.ndarray
+    lof_k: int
+    """Neighbours of the local outlier factor (Breunig et al. 2000; 20 as in scikit-learn and PyOD)."""
+    reference_k_distance: np.ndarray
+    """(M,) each reference row's distance to its lof_k-th nearest other reference row."""
+    reference_lrd: np.ndarray
+    """(M,) each reference row's local reachability density among the other reference rows."""
 
 
 def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.ModelProto:
@@ -249,7 +258,9 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
     `knn_distance` (N,) = mean Euclidean distance to the k nearest reference rows (Ramaswamy et al. 2000
     score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0, and
     `knn_ratio` (N,) = knn_distance / the mean of those neighbours' own k-NN distances: a local density
-    ratio in the spirit of the local outlier factor (Breunig et al. 2000), 1 inside the data."""
+    ratio in the spirit of the local outlier factor (Breunig et al. 2000), 1 inside the data; and `lof` (N,), the local
+    outlier factor itself over `lof_k` neighbours: reach(x, o) = max(k-distance(o), d(x, o)), lrd(x) = 1 / mean_o
+    reach(x, o), lof(x) = mean_o lrd(o) / lrd(x) (Breunig et al. 2000)."""
     reference = np.asarray(model.reference, dtype=np.float64)
     nodes = [
         helper.make_node("Cast", ["x"], ["x_double"], to=TensorProto.DOUBLE),
@@ -272,6 +283,16 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         helper.make_node("Div", ["neighbour_sum", "k_double"], ["neighbour_mean"]),
         helper.make_node("Add", ["neighbour_mean", "tiny"], ["neighbour_floor"]),
         helper.make_node("Div", ["knn_distance", "neighbour_floor"], ["knn_ratio"]),
+        helper.make_node("TopK", ["clipped", "lof_k"], ["lof_nearest", "lof_index"], axis=1, largest=0, sorted=1),
+        helper.make_node("Sqrt", ["lof_nearest"], ["lof_distances"]),
+        helper.make_node("Gather", ["reference_k_distance", "lof_index"], ["neighbour_k_distance"], axis=0),
+        helper.make_node("Max", ["lof_distances", "neighbour_k_distance"], ["reach"]),
+        helper.make_node("ReduceSum", ["reach", "feature_axis"], ["reach_sum"], keepdims=0),
+        helper.make_node("Div", ["reach_sum", "lof_k_double"], ["mean_reach"]),
+        helper.make_node("Gather", ["reference_lrd", "lof_index"], ["neighbour_lrd"], axis=0),
+        helper.make_node("ReduceSum", ["neighbour_lrd", "feature_axis"], ["neighbour_lrd_sum"], keepdims=0),
+        helper.make_node("Div", ["neighbour_lrd_sum", "lof_k_double"], ["mean_neighbour_lrd"]),
+        helper.make_node("Mul", ["mean_neighbour_lrd", "mean_reach"], ["lof"]),
     ]
     initializers = [
         _constant("kept", np.asarray(model.kept, dtype=np.int64)),
@@ -286,12 +307,17 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         _constant("k_double", np.array(float(model.k), dtype=np.float64)),
         _constant("reference_knn", np.asarray(model.reference_knn, dtype=np.float64)),
         _constant("tiny", np.array(1e-12, dtype=np.float64)),
+        _constant("lof_k", np.array([model.lof_k], dtype=np.int64)),
+        _constant("lof_k_double", np.array(float(model.lof_k), dtype=np.float64)),
+        _constant("reference_k_distance", np.asarray(model.reference_k_distance, dtype=np.float64)),
+        _constant("reference_lrd", np.asarray(model.reference_lrd, dtype=np.float64)),
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dimensions])]
     outputs = [
         helper.make_tensor_value_info("standardized", TensorProto.DOUBLE, ["N", len(model.kept)]),
         helper.make_tensor_value_info("knn_distance", TensorProto.DOUBLE, ["N"]),
         helper.make_tensor_value_info("knn_ratio", TensorProto.DOUBLE, ["N"]),
+        helper.make_tensor_value_info("lof", TensorProto.DOUBLE, ["N"]),
     ]
     return _model(helper.make_graph(nodes, "vector_reference", inputs, outputs, initializers))
 
@@ -302,7 +328,28 @@ def vector_reference_outputs(model: VectorReference, features: np.ndarray) -> di
     standardized = (np.asarray(features, dtype=np.float64)[:, model.kept] - model.mean) / model.scale
     index, distance = _nearest(standardized, model.reference, model.k)
     neighbour_mean = model.reference_knn[index].mean(axis=1)
-    return {"standardized": standardized, "knn_distance": distance, "knn_ratio": distance / (neighbour_mean + 1e-12)}
+    return {"standardized": standardized, "knn_distance": distance, "knn_ratio": distance / (neighbour_mean + 1e-12),
+            "lof": _local_outlier_factor(standardized, model, skip_self=False)}
+
+
+def _local_outlier_factor(queries: np.ndarray, model: VectorReference, skip_self: bool) -> np.ndarray:
+    """lof (N,) of standardised queries (N, D') against the reference rows (see `vector_reference_model`)."""
+    index, distances = _neighbours(queries, model.reference, model.lof_k, skip_self)
+    reach = np.maximum(distances, model.reference_k_distance[index]).mean(axis=1)
+    return model.reference_lrd[index].mean(axis=1) * reach
+
+
+def _neighbours(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (N, k) of the k nearest reference rows and their distances (N, k), in 1,024-row chunks."""
+    indices, distances = [], []
+    for start in range(0, len(queries), 1024):
+        chunk = queries[start : start + 1024]
+        squared = np.sum(chunk**2, axis=1, keepdims=True) - 2.0 * chunk @ reference.T
+        squared = np.maximum(squared + np.sum(reference**2, axis=1)[None, :], 0.0)
+        order = np.argsort(squared, axis=1, kind="stable")[:, int(skip_self) : k + int(skip_self)]
+        indices.append(order)
+        distances.append(np.sqrt(np.take_along_axis(squared, order, axis=1)))
+    return np.concatenate(indices), np.concatenate(distances)
 
 
 def vector_reference_leave_one_out(model: VectorReference) -> dict[str, np.ndarray]:
@@ -312,7 +359,8 @@ def vector_reference_leave_one_out(model: VectorReference) -> dict[str, np.ndarr
     index = np.concatenate([_nearest(model.reference[start : start + 1024], model.reference, model.k, skip_self=True)[0]
                             for start in range(0, len(model.reference), 1024)])
     distance = model.reference_knn
-    return {"knn_distance": distance, "knn_ratio": distance / (model.reference_knn[index].mean(axis=1) + 1e-12)}
+    return {"knn_distance": distance, "knn_ratio": distance / (model.reference_knn[index].mean(axis=1) + 1e-12),
+            "lof": _local_outlier_factor(model.reference, model, skip_self=True)}
 
 
 def _nearest(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -335,6 +383,12 @@ def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: 
     neighbours = min(k, len(rows) - 1)
     own = np.concatenate([_nearest(reference[start : start + 1024], reference, neighbours, skip_self=True)[1]
                           for start in range(0, len(reference), 1024)])
+    lof_k = min(LOF_NEIGHBOURS, len(rows) - 1)
+    index, distances = _neighbours(reference, reference, lof_k, skip_self=True)
+    k_distance = distances[:, -1]
+    reach = np.maximum(distances, k_distance[index]).mean(axis=1)
+    lrd = 1.0 / np.maximum(reach, 1e-12)
     return VectorReference(
-        kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale, reference=reference, k=neighbours, reference_knn=own
+        kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale, reference=reference, k=neighbours, reference_knn=own,
+        lof_k=lof_k, reference_k_distance=k_distance, reference_lrd=lrd,
     )

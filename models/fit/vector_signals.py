@@ -22,6 +22,7 @@ def vector_signal_plans(has_flow: bool, has_classifier: bool) -> list[SignalPlan
     plans = [
         SignalPlan("knn_distance", "model_output", "reference", "knn_distance", {"sign": 1.0}),
         SignalPlan("knn_ratio", "model_output", "reference", "knn_ratio", {"sign": 1.0}),
+        SignalPlan("lof", "model_output", "reference", "lof", {"sign": 1.0}),
         SignalPlan("gaussian_density", "feature_density", "reference", "standardized",
                    {"parameters_file": "gaussian.npz", "class_conditional": False}),
     ]

@@ -44,7 +44,7 @@ def test_a_small_labelled_set_becomes_a_cross_conformal_bundle_the_service_serve
     assert calibration.method == "cross_conformal" and calibration.folds == FOLDS
     assert calibration.minimum_alpha == pytest.approx(1 / 121) and "CV+" in calibration.statement
     assert set(engine.manifest.models) == {fold_name("reference", fold) for fold in range(FOLDS)}  # no network below 200 rows
-    assert engine.reported_signals == ("knn_distance", "knn_ratio", "gaussian_density", "class_gaussian_density")
+    assert engine.reported_signals == ("knn_distance", "knn_ratio", "lof", "gaussian_density", "class_gaussian_density")
     assert engine.manifest.fusion.method == "fisher" and "fixed before any data" in engine.manifest.fusion.reason
     assert engine.minimum_alpha == pytest.approx(1 / 121)
     far = features[:3] + 30.0
