@@ -235,7 +235,7 @@ class VectorReference:
     """Standardisation of feature vectors and a stored reference set for k-nearest-neighbour distances.
 
     kept: indices (D',) of the input columns the models use (constant columns are left out); mean, scale
-    (D',) standardise them; reference (M, D') standardised training rows; k neighbours; reference_knn (M,)
+    (D',) standardise them; reference (M, D') training rows, standardised and bounded (`bounded_features`); k neighbours; reference_knn (M,)
     each reference row's own mean distance to its k nearest other reference rows.
     """
 
@@ -251,12 +251,14 @@ class VectorReference:
     """(M,) each reference row's distance to its lof_k-th nearest other reference row."""
     reference_lrd: np.ndarray
     """(M,) each reference row's local reachability density among the other reference rows."""
+    bound: float = 3.0
+    """The neighbour signals compare `bounded_features(standardized, bound)`."""
 
 
 def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.ModelProto:
     """ONNX graph on x (N, D) float32: `standardized` (N, D') = (x[:, kept] - mean) / scale in float64,
-    `knn_distance` (N,) = mean Euclidean distance to the k nearest reference rows (Ramaswamy et al. 2000
-    score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0, and
+    `knn_distance` (N,) = mean Euclidean distance, between bounded features (`bounded_features`), to the k nearest
+    reference rows (Ramaswamy et al. 2000 score the k-th; the mean is steadier), with ||a - b||^2 = |a|^2 - 2 a.b + |b|^2 clipped at 0, and
     `knn_ratio` (N,) = knn_distance / the mean of those neighbours' own k-NN distances: a local density
     ratio in the spirit of the local outlier factor (Breunig et al. 2000), 1 inside the data; and `lof` (N,), the local
     outlier factor itself over `lof_k` neighbours: reach(x, o) = max(k-distance(o), d(x, o)), lrd(x) = 1 / mean_o
@@ -267,9 +269,12 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         helper.make_node("Gather", ["x_double", "kept"], ["selected"], axis=1),
         helper.make_node("Sub", ["selected", "mean"], ["centered"]),
         helper.make_node("Div", ["centered", "scale"], ["standardized"]),
-        helper.make_node("Mul", ["standardized", "standardized"], ["squares"]),
+        helper.make_node("Div", ["standardized", "bound"], ["scaled_down"]),
+        helper.make_node("Tanh", ["scaled_down"], ["squashed"]),
+        helper.make_node("Mul", ["squashed", "bound"], ["bounded"]),
+        helper.make_node("Mul", ["bounded", "bounded"], ["squares"]),
         helper.make_node("ReduceSum", ["squares", "feature_axis"], ["row_norms"], keepdims=1),
-        helper.make_node("MatMul", ["standardized", "reference_t"], ["dots"]),
+        helper.make_node("MatMul", ["bounded", "reference_t"], ["dots"]),
         helper.make_node("Mul", ["dots", "minus_two"], ["cross"]),
         helper.make_node("Add", ["row_norms", "cross"], ["partial"]),
         helper.make_node("Add", ["partial", "reference_norms"], ["squared_distances"]),
@@ -307,6 +312,7 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         _constant("k_double", np.array(float(model.k), dtype=np.float64)),
         _constant("reference_knn", np.asarray(model.reference_knn, dtype=np.float64)),
         _constant("tiny", np.array(1e-12, dtype=np.float64)),
+        _constant("bound", np.array(model.bound, dtype=np.float64)),
         _constant("lof_k", np.array([model.lof_k], dtype=np.int64)),
         _constant("lof_k_double", np.array(float(model.lof_k), dtype=np.float64)),
         _constant("reference_k_distance", np.asarray(model.reference_k_distance, dtype=np.float64)),
@@ -326,10 +332,17 @@ def vector_reference_outputs(model: VectorReference, features: np.ndarray) -> di
     """numpy reference of `vector_reference_model`: features (N, D) -> standardized (N, D'), knn_distance (N,),
     knn_ratio (N,)."""
     standardized = (np.asarray(features, dtype=np.float64)[:, model.kept] - model.mean) / model.scale
-    index, distance = _nearest(standardized, model.reference, model.k)
+    index, distance = _nearest(bounded_features(standardized, model.bound), model.reference, model.k)
     neighbour_mean = model.reference_knn[index].mean(axis=1)
     return {"standardized": standardized, "knn_distance": distance, "knn_ratio": distance / (neighbour_mean + 1e-12),
-            "lof": _local_outlier_factor(standardized, model, skip_self=False)}
+            "lof": _local_outlier_factor(bounded_features(standardized, model.bound), model, skip_self=False)}
+
+
+def bounded_features(standardized: np.ndarray, bound: float) -> np.ndarray:
+    """bound * tanh(z / bound): standardised features as the neighbour signals compare them, about z inside +-bound
+    and never beyond it, so one rare value of a nearly constant column (a border pixel, a rare category) cannot
+    outweigh every other column's distance."""
+    return bound * np.tanh(standardized / bound)
 
 
 def _local_outlier_factor(queries: np.ndarray, model: VectorReference, skip_self: bool) -> np.ndarray:
@@ -372,14 +385,16 @@ def _nearest(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool
     return order, np.sqrt(np.take_along_axis(squared, order, axis=1)).mean(axis=1)
 
 
-def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: int, k: int, rng: np.random.Generator) -> VectorReference:
+def fit_vector_reference(
+    features: np.ndarray, kept: np.ndarray, max_reference: int, k: int, rng: np.random.Generator, bound: float = 3.0
+) -> VectorReference:
     """Mean and standard deviation of the kept columns of training features (N, D), and up to
     `max_reference` of its rows, standardised, as the neighbour set."""
     selected = np.asarray(features, dtype=np.float64)[:, kept]
     mean, scale = selected.mean(axis=0), selected.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     rows = rng.choice(len(selected), size=min(max_reference, len(selected)), replace=False)
-    reference = (selected[np.sort(rows)] - mean) / scale
+    reference = bounded_features((selected[np.sort(rows)] - mean) / scale, bound)
     neighbours = min(k, len(rows) - 1)
     own = np.concatenate([_nearest(reference[start : start + 1024], reference, neighbours, skip_self=True)[1]
                           for start in range(0, len(reference), 1024)])
@@ -390,5 +405,5 @@ def fit_vector_reference(features: np.ndarray, kept: np.ndarray, max_reference: 
     lrd = 1.0 / np.maximum(reach, 1e-12)
     return VectorReference(
         kept=np.asarray(kept, dtype=np.int64), mean=mean, scale=scale, reference=reference, k=neighbours, reference_knn=own,
-        lof_k=lof_k, reference_k_distance=k_distance, reference_lrd=lrd,
+        lof_k=lof_k, reference_k_distance=k_distance, reference_lrd=lrd, bound=bound,
     )

@@ -27,16 +27,16 @@ def test_reference_graph_matches_numpy_and_drops_constant_columns() -> None:
 
 def test_the_local_outlier_factor_is_scikit_learns_and_leaves_each_reference_row_out_of_its_own_neighbours() -> None:
     """Breunig et al. 2000, as scikit-learn's LocalOutlierFactor(n_neighbors=20, novelty=True) computes it on the same
-    standardised rows; for the reference rows themselves, the training LOF (each row not its own neighbour)."""
+    bounded standardised rows; for the reference rows themselves, the training LOF (each row not its own neighbour)."""
     from sklearn.neighbors import LocalOutlierFactor
 
-    from oodserve.models.closed_form import vector_reference_leave_one_out
+    from oodserve.models.closed_form import bounded_features, vector_reference_leave_one_out
 
     rng = np.random.default_rng(1)
     data = np.concatenate([rng.normal(size=(300, 3)), rng.normal(4.0, 0.3, size=(100, 3))])
     reference = fit_vector_reference(data, np.arange(3), max_reference=1000, k=5, rng=rng)
     queries = np.concatenate([rng.normal(size=(20, 3)), rng.normal(4.0, 0.3, size=(20, 3)), rng.normal(2.0, 3.0, size=(20, 3))])
     peer = LocalOutlierFactor(n_neighbors=20, novelty=True).fit(reference.reference)
-    expected = -peer.score_samples((queries - reference.mean) / reference.scale)
+    expected = -peer.score_samples(bounded_features((queries - reference.mean) / reference.scale, reference.bound))
     np.testing.assert_allclose(vector_reference_outputs(reference, queries)["lof"], expected, rtol=1e-6)
     np.testing.assert_allclose(vector_reference_leave_one_out(reference)["lof"], -peer.negative_outlier_factor_, rtol=1e-6)
