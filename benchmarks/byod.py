@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import orjson
@@ -36,6 +37,7 @@ from oodserve.models.fit.vectors import fit_vectors
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 SHIPPED_SNGP = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist" / "sngp.onnx"
 PEERS = ("KNN", "LOF", "IForest", "ECOD", "OCSVM")
+SetType = TypeVar("SetType")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ def benchmark_sets(names: list[str] | None = None) -> list[VectorBenchmarkSet]:
 
         makers.update({"fmnist_embeddings_vs_mnist": embeddings_vs_mnist, "fmnist_embeddings_holdout_shirt": embeddings_holdout,
                        "fmnist_pixels7x7_vs_mnist": pixels_vs_mnist})
+    return make_chosen(makers, names)
+
+
+def make_chosen(makers: dict[str, Callable[[], SetType]], names: list[str] | None) -> list[SetType]:
+    """Make the named sets (all by default); SystemExit naming the unknown ones and what is available."""
     chosen = names or list(makers)
     unknown = sorted(set(chosen) - set(makers))
     if unknown:
