@@ -220,6 +220,28 @@ def format_summaries(summaries: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(summaries: list[dict[str, object]]) -> str:
+    """The summary as the docs' table: one row per set and alpha."""
+    header = ("| set | mode | method | runs | m | held-out | alpha | mean FPR [95% CI] | Beta mean | met "
+              "| conditional FPR (share of runs above alpha) | detected: marginal / conditional | AUROC |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for summary in summaries:
+        for alpha in map(str, ALPHAS):
+            entry = summary[alpha]
+            assert isinstance(entry, dict)
+            half, mean = entry["half_width"], entry["mean_fpr"]
+            conditional = (f"{entry['conditional_mean_fpr']:.4f} ({entry['conditional_share_above_alpha']:.2f})"
+                           if "conditional_mean_fpr" in entry else "-")
+            detected = f"{entry['detection']:.3f}"
+            if "conditional_detection" in entry:
+                detected += f" / {entry['conditional_detection']:.3f}"
+            cells = [summary["set"], summary["mode"], summary["method"], summary["splits"], summary["calibration_rows"],
+                     summary["held_out"], alpha, f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]", f"{entry['beta_mean']:.4f}",
+                     "yes" if entry["met"] else "**no**", conditional, detected, f"{summary['auroc']:.3f}"]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", type=lambda text: [name for name in text.split(",") if name], default=None)
@@ -251,6 +273,7 @@ def main() -> None:
     table = format_summaries(summaries)
     (args.out / f"summary-{mode}.txt").write_text(table + "\n")
     (args.out / f"summary-{mode}.json").write_bytes(orjson.dumps(summaries, option=orjson.OPT_INDENT_2))
+    (args.out / f"summary-{mode}.md").write_text(format_markdown(summaries) + "\n")
     print(table)
 
 
