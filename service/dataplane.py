@@ -319,7 +319,8 @@ def describe_model(engine: Engine) -> ModelDescription:
         signals=[
             SignalDescription.model_construct(
                 name=signal.name, kind=signal.kind, description=SIGNAL_KINDS[signal.kind].description, model=signal.model,
-                output=signal.output, params=signal.params, calibration_size=int(calibration.per_signal[signal.name].size),
+                output=signal.output, params=signal.params,
+                calibration_size=int(calibration.held_out.get(signal.name, calibration.per_signal[signal.name]).size),
             )
             for signal in manifest.signals
         ],

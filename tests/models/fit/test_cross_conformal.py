@@ -60,6 +60,8 @@ def test_a_small_labelled_set_becomes_a_cross_conformal_bundle_the_service_serve
     assert all(result["p_value"] == pytest.approx(1 / 121) and result["score"] == 120 for result in results[3:])
     assert set(results[0]["p_values"]) == set(engine.reported_signals)
     assert described["calibration"]["method"] == "cross_conformal" and described["minimum_alpha"] == pytest.approx(1 / 121)
+    held_out_sizes = [signal["calibration_size"] for signal in described["signals"] if signal["name"].startswith("knn_distance.fold")]
+    assert len(held_out_sizes) == FOLDS and sum(held_out_sizes) == 120  # every row held out once
     assert {output["name"] for output in v2["outputs"]} >= {"is_ood", "p_value", "knn_distance", "class_gaussian_density"}
     assert too_small.status_code == 422 and "alpha" in too_small.json()["error"]["message"]
     assert set(histograms["signals"]) == set(engine.reported_signals) and histograms["fused"]["size"] == 120
