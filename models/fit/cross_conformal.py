@@ -159,7 +159,7 @@ def fit_vectors_cross_conformal(
         "calibration": CalibrationSpec(file=CALIBRATION_FILE, method="cross_conformal", folds=FOLDS, statement=statement,
                                        minimum_alpha=minimum_alpha),
         "fusion": fusion,
-        "default_alpha": max(default_alpha, 2.0 * minimum_alpha),
+        "default_alpha": default_alpha if default_alpha > minimum_alpha else min(0.5, 2.0 * minimum_alpha),
         "provenance": Provenance(
             data=f"{data.source}: {count} rows x {dimensions} columns", seed=seed, code_version=code_version(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),

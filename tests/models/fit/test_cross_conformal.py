@@ -119,3 +119,16 @@ def test_the_cross_conformal_false_positive_rate_over_many_refits_is_at_most_alp
         rates.append(float(np.mean(Engine.load(result.bundle).score(draw(4000).astype(np.float32)).fused_p_value < alpha)))
     mean, half = float(np.mean(rates)), 1.96 * float(np.std(rates, ddof=1)) / np.sqrt(len(rates))
     assert mean - half <= alpha, f"mean FPR {mean:.4f} +- {half:.4f} over {len(rates)} refits at alpha {alpha}"
+
+
+def test_the_cli_refuses_a_conditional_guarantee_on_a_small_table_and_an_unknown_guarantee(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oodserve.cli import app
+
+    features, _ = blobs(60, seed=2)
+    np.save(tmp_path / "rows.npy", features)
+    small = CliRunner().invoke(app, ["fit", str(tmp_path / "rows.npy"), "--out", str(tmp_path / "b"), "--guarantee", "conditional"])
+    assert small.exit_code == 2 and "needs split calibration" in small.output and not (tmp_path / "b").exists()
+    unknown = CliRunner().invoke(app, ["fit", str(tmp_path / "rows.npy"), "--out", str(tmp_path / "b"), "--guarantee", "always"])
+    assert unknown.exit_code == 2 and "--guarantee must be marginal or conditional" in unknown.output
