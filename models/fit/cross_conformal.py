@@ -21,7 +21,7 @@ The guarantee is the CV+ one: P(p <= alpha) <= 2 alpha + O(K/n) in the worst cas
 the fold models are stable; `benchmarks/fpr_audit.py` measures it. The smallest alpha is 1/(n + 1).
 
 The floor is `MIN_ROWS` = 30: with n rows no p-value falls below 1/(n + 1), so alpha 0.05 needs n >= 20 before any
-input can be flagged at all; at 30 rows every fold model still trains on 18 rows, enough for k = 5 neighbours and a
+input can be flagged at all; at 30 rows every fold model still trains on 24 rows, enough for k = 5 neighbours and a
 Gaussian, while a flow or SNGP needs `NETWORK_MIN_TRAIN` training rows per fold.
 """
 
