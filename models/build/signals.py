@@ -68,7 +68,7 @@ def fit_signals(
 def as_loaded(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Parameter arrays laid out as the bundle loader hands them to the engine (C-contiguous): numpy's kernels (einsum,
     matmul) may round differently for another memory layout, and calibration scores must be computed exactly as the
-    served ones (issue 30: a transposed Cholesky factor moved class-conditional densities by one unit in the last place)."""
+    served ones (a transposed Cholesky factor moved class-conditional densities by one unit in the last place)."""
     return {name: np.ascontiguousarray(array) for name, array in arrays.items()}
 
 
