@@ -25,9 +25,7 @@ def conformal_p_values(sorted_calibration_scores: np.ndarray, scores: np.ndarray
     Returns (N,) float64 in [1/(n+1), 1].
     """
     calibration = np.asarray(sorted_calibration_scores, dtype=np.float64)
-    values = as_non_conformity(scores)
-    count_at_least = calibration.size - np.searchsorted(calibration, values, side="left")
-    return (1.0 + count_at_least) / (calibration.size + 1.0)
+    return (1.0 + count_at_least(calibration, scores)) / (calibration.size + 1.0)
 
 
 class StackedCalibration:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from oodserve.scoring.conformal import as_non_conformity
+from oodserve.scoring.conformal import as_non_conformity, conformal_p_values, count_at_least
 
 
 def cross_conformal_counts(sorted_fold_scores: Sequence[np.ndarray], fold_statistics: Sequence[np.ndarray]) -> np.ndarray:
@@ -36,7 +36,7 @@ def cross_conformal_counts(sorted_fold_scores: Sequence[np.ndarray], fold_statis
         raise ValueError(f"need one statistic array per fold: {len(sorted_fold_scores)} folds, {len(fold_statistics)} arrays")
     counts = np.zeros(np.shape(fold_statistics[0]), dtype=np.int64)
     for calibration, statistic in zip(sorted_fold_scores, fold_statistics):
-        counts += calibration.size - np.searchsorted(calibration, as_non_conformity(statistic), side="left")
+        counts += count_at_least(calibration, statistic)
     return counts
 
 
@@ -79,8 +79,7 @@ def tail_extended_p_values(sorted_reference: np.ndarray, scores: np.ndarray, p_v
     reference = np.asarray(sorted_reference, dtype=np.float64)
     values = as_non_conformity(scores)
     if p_values is None:
-        count = reference.size - np.searchsorted(reference, values, side="left")
-        p_values = (1.0 + count) / (reference.size + 1.0)
+        p_values = conformal_p_values(reference, values)
     with np.errstate(invalid="ignore"):
         beyond = np.maximum(values - reference[-1], 0.0)
     return np.maximum(p_values * np.exp(-beyond / tail_scale(reference)), SMALLEST_P_VALUE)
