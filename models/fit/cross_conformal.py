@@ -47,7 +47,13 @@ from oodserve.models.data import MIN_VECTOR_ROWS as MIN_ROWS
 from oodserve.models.data import VectorSet
 from oodserve.models.fit.budget import Budget
 from oodserve.models.fit.summary import FitResult, figure_text
-from oodserve.models.fit.vector_signals import FLOAT32_LIMIT, KNN_NEIGHBOURS, MAX_REFERENCE_ROWS, vector_signal_plans
+from oodserve.models.fit.vector_signals import (
+    FLOAT32_LIMIT,
+    KNN_NEIGHBOURS,
+    MAX_REFERENCE_ROWS,
+    constant_columns,
+    vector_signal_plans,
+)
 from oodserve.models.flows.tabular import export_tabular_flow, train_tabular_flow
 from oodserve.models.sngp.tabular import export_tabular_sngp, train_tabular_sngp
 from oodserve.scoring.cross_conformal import worst_case_rate
@@ -112,7 +118,7 @@ def fit_vectors_cross_conformal(
     count, dimensions = features.shape
     folds = fold_rows(count, FOLDS, seed, labels)
     smallest_train = min(len(fold.network_train) for fold in folds)
-    constant = np.flatnonzero(np.ptp(features, axis=0) == 0)
+    constant = constant_columns(features)
     if constant.size == dimensions:
         raise ValueError(f"{data.source}: every column is constant; nothing to learn")
     has_flow = dimensions - constant.size >= 2 and smallest_train >= NETWORK_MIN_TRAIN
@@ -213,7 +219,7 @@ def _fit_fold(data: VectorSet, rows: FoldRows, index: int, plans: list[SignalPla
     features, labels = data.features, data.labels
     dimensions = features.shape[1]
     train = features[rows.train]
-    kept = np.flatnonzero(np.ptp(train, axis=0) > 0)
+    kept = np.setdiff1d(np.arange(dimensions), constant_columns(train))
     if kept.size == 0:
         kept = np.arange(dimensions)
     reference = fit_vector_reference(train, kept, MAX_REFERENCE_ROWS, KNN_NEIGHBOURS, np.random.default_rng([seed, index]))
