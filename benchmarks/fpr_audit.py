@@ -42,7 +42,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from benchmarks.byod import MNIST_DIR, _embeddings, make_chosen
+from benchmarks.byod import MNIST_DIR, _embeddings, _sklearn_holdout, make_chosen
 from oodserve.engine import Engine
 from oodserve.models.build.conditional import conditional_band
 from oodserve.models.data import DEFAULT_FASHION_MNIST_DIR, VectorSet, load_images
@@ -82,11 +82,9 @@ def _synthetic(name: str, fit_rows: int) -> AuditSet:
 
 
 def _holdout(loader: Callable[..., object], held_out: int, name: str, fit_rows: int, labelled: bool) -> AuditSet:
-    bunch = loader()
-    features, targets = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)  # type: ignore[attr-defined]
-    inside = targets != held_out
-    labels = np.unique(targets[inside], return_inverse=True)[1] if labelled else None
-    return AuditSet(name, features[inside], labels, features[~inside], fit_rows)
+    """A scikit-learn set with class `held_out` as the OOD rows (`benchmarks.byod._sklearn_holdout`), `fit_rows` fitting."""
+    data = _sklearn_holdout(loader, held_out, labelled, name)
+    return AuditSet(name, data.inliers, data.labels, data.ood, fit_rows)
 
 
 def audit_sets(names: list[str] | None) -> list[AuditSet]:
