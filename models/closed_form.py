@@ -255,6 +255,14 @@ class VectorReference:
     """The neighbour signals compare `bounded_features(standardized, bound)`."""
 
 
+def _row_mean(values: str, count: str, output: str) -> list[onnx.NodeProto]:
+    """Nodes for `output` (N,) = the sum of `values` (N, k) along axis 1 (the graph's `feature_axis`) over `count`."""
+    return [
+        helper.make_node("ReduceSum", [values, "feature_axis"], [f"{output}_sum"], keepdims=0),
+        helper.make_node("Div", [f"{output}_sum", count], [output]),
+    ]
+
+
 def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.ModelProto:
     """ONNX graph on x (N, D) float32: `standardized` (N, D') = (x[:, kept] - mean) / scale in float64,
     `knn_distance` (N,) = mean Euclidean distance, between bounded features (`bounded_features`), to the k nearest
@@ -281,22 +289,18 @@ def vector_reference_model(model: VectorReference, dimensions: int) -> onnx.Mode
         helper.make_node("Max", ["squared_distances", "zero"], ["clipped"]),
         helper.make_node("TopK", ["clipped", "k"], ["nearest", "nearest_index"], axis=1, largest=0, sorted=1),
         helper.make_node("Sqrt", ["nearest"], ["nearest_distances"]),
-        helper.make_node("ReduceSum", ["nearest_distances", "feature_axis"], ["distance_sum"], keepdims=0),
-        helper.make_node("Div", ["distance_sum", "k_double"], ["knn_distance"]),
+        *_row_mean("nearest_distances", "k_double", "knn_distance"),
         helper.make_node("Gather", ["reference_knn", "nearest_index"], ["neighbour_knn"], axis=0),
-        helper.make_node("ReduceSum", ["neighbour_knn", "feature_axis"], ["neighbour_sum"], keepdims=0),
-        helper.make_node("Div", ["neighbour_sum", "k_double"], ["neighbour_mean"]),
+        *_row_mean("neighbour_knn", "k_double", "neighbour_mean"),
         helper.make_node("Add", ["neighbour_mean", "tiny"], ["neighbour_floor"]),
         helper.make_node("Div", ["knn_distance", "neighbour_floor"], ["knn_ratio"]),
         helper.make_node("TopK", ["clipped", "lof_k"], ["lof_nearest", "lof_index"], axis=1, largest=0, sorted=1),
         helper.make_node("Sqrt", ["lof_nearest"], ["lof_distances"]),
         helper.make_node("Gather", ["reference_k_distance", "lof_index"], ["neighbour_k_distance"], axis=0),
         helper.make_node("Max", ["lof_distances", "neighbour_k_distance"], ["reach"]),
-        helper.make_node("ReduceSum", ["reach", "feature_axis"], ["reach_sum"], keepdims=0),
-        helper.make_node("Div", ["reach_sum", "lof_k_double"], ["mean_reach"]),
+        *_row_mean("reach", "lof_k_double", "mean_reach"),
         helper.make_node("Gather", ["reference_lrd", "lof_index"], ["neighbour_lrd"], axis=0),
-        helper.make_node("ReduceSum", ["neighbour_lrd", "feature_axis"], ["neighbour_lrd_sum"], keepdims=0),
-        helper.make_node("Div", ["neighbour_lrd_sum", "lof_k_double"], ["mean_neighbour_lrd"]),
+        *_row_mean("neighbour_lrd", "lof_k_double", "mean_neighbour_lrd"),
         helper.make_node("Mul", ["mean_neighbour_lrd", "mean_reach"], ["lof"]),
     ]
     initializers = [
