@@ -15,7 +15,7 @@ statistics from a second, disjoint one, so the fused p-value stays valid (Vovk e
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,10 +174,24 @@ def write_calibrated_bundle(
     """Step 4: calibration.npz, the parameters files and a verified manifest.json (every file hashed) into `directory`;
     with `delta`, the calibration-conditional guarantee (`calibration_spec`)."""
     spec, extra = calibration_spec(calibrated.fused, delta, description.default_alpha)
-    write_signal_data(
-        directory, {**calibrated.per_signal, FUSED_CALIBRATION_KEY: calibrated.fused, **extra},
-        {**fitted.parameter_files, **description.extra_files},
-    )
+    arrays = {**calibrated.per_signal, FUSED_CALIBRATION_KEY: calibrated.fused, **extra}
+    return write_described_bundle(directory, description, fitted.manifest_entries, fitted.parameter_files, arrays, spec,
+                                  calibrated.fusion)
+
+
+def write_described_bundle(
+    directory: Path,
+    description: BundleDescription,
+    signal_entries: Sequence[Mapping[str, Any]],
+    parameter_files: Mapping[str, Mapping[str, np.ndarray]],
+    arrays: Mapping[str, np.ndarray],
+    spec: CalibrationSpec,
+    fusion: FusionSpec,
+) -> Manifest:
+    """calibration.npz (`arrays`), the signals' and the description's parameters files and a verified manifest.json:
+    the one place a builder's description, signal entries, calibration and fusion become a bundle (split or
+    cross-conformal)."""
+    write_signal_data(directory, arrays, {**parameter_files, **description.extra_files})
     manifest_fields: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": description.name,
@@ -187,9 +201,9 @@ def write_calibrated_bundle(
         "labels": description.labels,
         "models": description.models,
         "classifier": description.classifier,
-        "signals": [SignalSpec.model_validate(entry) for entry in fitted.manifest_entries],
+        "signals": [SignalSpec.model_validate(entry) for entry in signal_entries],
         "calibration": spec,
-        "fusion": calibrated.fusion,
+        "fusion": fusion,
         "default_alpha": description.default_alpha,
         "provenance": description.provenance,
         "sampler": description.sampler,

@@ -37,11 +37,10 @@ import numpy as np
 import onnx
 
 from oodserve.bundle.calibration import FUSED_CALIBRATION_KEY, HELD_OUT_PREFIX, fold_name
-from oodserve.bundle.manifest import CalibrationSpec, ClassifierSpec, FusionSpec, InputSpec, Manifest, Provenance, SignalSpec
-from oodserve.bundle.writer import write_bundle
-from oodserve.models.build.calibrate import fresh_staging, publish_staging
+from oodserve.bundle.manifest import CalibrationSpec, ClassifierSpec, FusionSpec, InputSpec, ModelSpec, Provenance
+from oodserve.models.build.calibrate import BundleDescription, fresh_staging, publish_staging, write_described_bundle
 from oodserve.models.build.onnx_outputs import OnnxModels
-from oodserve.models.build.signals import CALIBRATION_FILE, SignalPlan, code_version, fit_signals, write_signal_data
+from oodserve.models.build.signals import CALIBRATION_FILE, SignalPlan, code_version, fit_signals
 from oodserve.models.closed_form import fit_vector_reference, vector_reference_leave_one_out, vector_reference_model
 from oodserve.models.data import MIN_VECTOR_ROWS as MIN_ROWS
 from oodserve.models.data import VectorSet
@@ -133,7 +132,7 @@ def fit_vectors_cross_conformal(
     calibration: dict[str, np.ndarray] = {}
     signal_entries: list[dict[str, Any]] = []
     parameter_files: dict[str, dict[str, np.ndarray]] = {}
-    model_specs: dict[str, Any] = {}
+    model_specs: dict[str, ModelSpec] = {}
     figures: dict[str, dict[str, Any]] = {}
     rule = FusionRule("fisher", tuple(plan.name for plan in plans))
     for index, rows in enumerate(folds):
@@ -144,29 +143,23 @@ def fit_vectors_cross_conformal(
         parameter_files.update(fold.parameter_files)
         model_specs.update(fold.models)
         figures[f"fold{index}"] = fold.figures
-    write_signal_data(staging, calibration, parameter_files)
     statement = guarantee_statement(count, FOLDS)
     minimum_alpha = 1.0 / (count + 1)
     fusion = FusionSpec(method="fisher", signals=list(rule.signals),
                         reason=f"Fisher over every signal, fixed before any data was seen: with {count} rows no row is spent on "
                                "choosing the fusion, and none is used twice")
-    manifest: Manifest = write_bundle(staging, {
-        "schema_version": 1,
-        "name": name,
-        "version": "1.0.0",
-        "description": f"oodserve fit of {Path(data.source).name}: {count} vectors of {dimensions} features, cross-conformal "
-                       f"({FOLDS} folds)" + (f", {len(data.class_names or [])} classes" if labels is not None else ", unlabelled"),
-        "input": InputSpec(shape=[dimensions], dtype="float32", min=-FLOAT32_LIMIT, max=FLOAT32_LIMIT, layout="features",
-                           features=list(data.feature_names)),
-        "labels": list(data.class_names) if has_classifier and data.class_names is not None else None,
-        "models": model_specs,
-        "classifier": ClassifierSpec(model=fold_name("sngp", 0), logits="logits") if has_classifier else None,
-        "signals": [SignalSpec.model_validate(entry) for entry in signal_entries],
-        "calibration": CalibrationSpec(file=CALIBRATION_FILE, method="cross_conformal", folds=FOLDS, statement=statement,
-                                       minimum_alpha=minimum_alpha),
-        "fusion": fusion,
-        "default_alpha": default_alpha if default_alpha > minimum_alpha else min(0.5, 2.0 * minimum_alpha),
-        "provenance": Provenance(
+    description = BundleDescription(
+        name=name,
+        version="1.0.0",
+        description=f"oodserve fit of {Path(data.source).name}: {count} vectors of {dimensions} features, cross-conformal "
+                    f"({FOLDS} folds)" + (f", {len(data.class_names or [])} classes" if labels is not None else ", unlabelled"),
+        input=InputSpec(shape=[dimensions], dtype="float32", min=-FLOAT32_LIMIT, max=FLOAT32_LIMIT, layout="features",
+                        features=list(data.feature_names)),
+        labels=list(data.class_names) if has_classifier and data.class_names is not None else None,
+        models=model_specs,
+        classifier=ClassifierSpec(model=fold_name("sngp", 0), logits="logits") if has_classifier else None,
+        default_alpha=default_alpha if default_alpha > minimum_alpha else min(0.5, 2.0 * minimum_alpha),
+        provenance=Provenance(
             data=f"{data.source}: {count} rows x {dimensions} columns", seed=seed, code_version=code_version(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             builder="oodserve fit (models/fit/cross_conformal.py)",
@@ -174,7 +167,10 @@ def fit_vectors_cross_conformal(
                    for index, rows in enumerate(folds)},
             minimum_alpha=minimum_alpha, training=figures, budget_seconds=budget.total_seconds,
         ),
-    })
+    )
+    spec = CalibrationSpec(file=CALIBRATION_FILE, method="cross_conformal", folds=FOLDS, statement=statement,
+                           minimum_alpha=minimum_alpha)
+    manifest = write_described_bundle(staging, description, signal_entries, parameter_files, calibration, spec, fusion)
     publish_staging(staging, out)
     rows_text = [
         ("data", f"{data.source}: {count} vectors x {dimensions} features, "
@@ -209,7 +205,7 @@ class FittedFold:
     calibration: dict[str, np.ndarray]
     entries: list[dict[str, Any]]
     parameter_files: dict[str, dict[str, np.ndarray]]
-    models: dict[str, Any]
+    models: dict[str, ModelSpec]
     figures: dict[str, Any]
 
 
