@@ -133,7 +133,7 @@ def load_calibration(data: bytes, file_name: str, manifest: Manifest) -> Calibra
     spec = manifest.calibration
     if spec.folds is not None:
         by_fold = tuple(sorted_arrays.pop(name) for name in spec.fold_names(FUSED_CALIBRATION_KEY))
-        held_out = {name: sorted_arrays.pop(HELD_OUT_PREFIX + name) for name in [signal.name for signal in manifest.signals]}
+        held_out = {signal.name: sorted_arrays.pop(HELD_OUT_PREFIX + signal.name) for signal in manifest.signals}
         return CalibrationScores(per_signal=sorted_arrays, fused=rank_calibration(sum(len(fold) for fold in by_fold)),
                                  folds=spec.folds, held_out=held_out, fused_by_fold=by_fold)
     fused = sorted_arrays.pop(FUSED_CALIBRATION_KEY)
